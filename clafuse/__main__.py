@@ -1,0 +1,3 @@
+from clafuse.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Cross-layer alignment: layer-to-layer costs and the order-preserving assignment (DP)."""

@@ -1,0 +1,57 @@
+"""Order-preserving unbalanced assignment of the shallow net's layers to the deep net's layers.
+
+A plain function in the style of POT's solvers: a cost matrix in, the optimal map out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from clafuse.errors import ClafuseError
+
+
+def solve_alignment(cost: np.ndarray, pin_first: bool = True, pin_last: bool = True) -> tuple[list[int], float]:
+    """Strictly increasing map phi from rows (shallow layers, n) to columns (deep layers, m >= n)
+    minimising sum_i cost[i, phi(i)], by dynamic programming in O(n*m).
+
+    ``pin_first`` forces phi(0) = 0 and ``pin_last`` forces phi(n-1) = m-1 (the paper's setting).
+    Returns (phi as 0-based column indices, total cost).
+    """
+    cost = np.asarray(cost, dtype=np.float64)
+    if cost.ndim != 2:
+        raise ClafuseError(f"cost matrix must be 2-D, got shape {cost.shape}")
+    n, m = cost.shape
+    if n == 0 or n > m:
+        raise ClafuseError(f"cannot align {n} layers into {m}: need 1 <= n <= m")
+    if not np.all(np.isfinite(cost)):
+        raise ClafuseError("cost matrix has non-finite entries")
+    if n == 1 and pin_first and pin_last and m > 1:
+        raise ClafuseError("a single layer cannot be pinned to both the first and the last deep layer")
+    allowed = np.ones((n, m), dtype=bool)
+    if pin_first:
+        allowed[0, 1:] = False
+    if pin_last:
+        allowed[n - 1, : m - 1] = False
+    c = np.where(allowed, cost, np.inf)
+    # F[i, j]: best cost of mapping the first i rows into the first j columns.
+    F = np.full((n + 1, m + 1), np.inf)
+    F[0, :] = 0.0
+    take = np.zeros((n + 1, m + 1), dtype=bool)
+    for i in range(1, n + 1):
+        for j in range(i, m + 1):
+            skip = F[i, j - 1]
+            use = F[i - 1, j - 1] + c[i - 1, j - 1]
+            if use <= skip:
+                F[i, j], take[i, j] = use, True
+            else:
+                F[i, j] = skip
+    if not np.isfinite(F[n, m]):
+        raise ClafuseError("no order-preserving alignment satisfies the pins")
+    phi = [0] * n
+    i, j = n, m
+    while i > 0:
+        if take[i, j]:
+            phi[i - 1] = j - 1
+            i -= 1
+        j -= 1
+    return phi, float(F[n, m])

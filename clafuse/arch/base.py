@@ -1,0 +1,163 @@
+"""What every architecture family provides, and the layer-chain view fusion works on.
+
+A family (MLP, VGG, ResNet, ...) knows how to recognise its state dicts, describe a network as a
+spec, build a plain-torch module whose state-dict keys are the checkpoint's own, and translate
+between a checkpoint and a :class:`Chain`: an ordered list of weight layers that alignment and
+fusion handle without knowing the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass
+class ChainLayer:
+    """One weight layer: a Linear or Conv2d, optionally followed by BatchNorm and ReLU.
+
+    ``weight`` has shape (out, in, *kernel). ``inserted`` marks an identity layer added by balancing,
+    which computes nothing new and should not dilute a real layer when averaged.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    bn: dict[str, torch.Tensor] | None = None
+    bn_eps: float = 1e-5
+    relu: bool = True
+    flatten_before: bool = False
+    pool_after: bool = False
+    stride: int = 1
+    padding: int = 0
+    inserted: bool = False
+
+    @property
+    def width(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_width(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.weight.dim() == 4
+
+    def with_(self, **changes: Any) -> "ChainLayer":
+        return replace(self, **changes)
+
+
+@dataclass
+class Chain:
+    """A feed-forward network as hidden layers followed by one classifier layer."""
+
+    hidden: list[ChainLayer]
+    classifier: ChainLayer
+    flatten_input: bool = True
+
+    @property
+    def layers(self) -> list[ChainLayer]:
+        return [*self.hidden, self.classifier]
+
+    def pre_activation(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Output of layer ``k``'s weights (and BN) on its input ``h``, before the ReLU."""
+        layer = self.layers[k]
+        if layer.flatten_before:
+            h = h.flatten(1)
+        if layer.is_conv:
+            z = F.conv2d(h, layer.weight, layer.bias, stride=layer.stride, padding=layer.padding)
+        else:
+            z = F.linear(h, layer.weight, layer.bias)
+        if layer.bn is not None:
+            z = F.batch_norm(z, layer.bn["running_mean"], layer.bn["running_var"], layer.bn["weight"],
+                             layer.bn["bias"], training=False, eps=layer.bn_eps)
+        return z
+
+    def post_activation(self, k: int, z: torch.Tensor) -> torch.Tensor:
+        """Layer ``k``'s output from its pre-activation: ReLU, then max-pool where the layer has one."""
+        layer = self.layers[k]
+        h = torch.relu(z) if layer.relu else z
+        if layer.pool_after:
+            h = F.max_pool2d(h, 2)
+        return h
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) if self.flatten_input else x
+
+    @torch.no_grad()
+    def forward_record(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Run the chain; return per hidden layer its pre- and post-activations, and the logits."""
+        h = self.input(x)
+        pre, post = [], []
+        for k in range(len(self.hidden)):
+            z = self.pre_activation(k, h)
+            h = self.post_activation(k, z)
+            pre.append(z)
+            post.append(h)
+        return pre, post, self.pre_activation(len(self.hidden), h)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_record(x)[2]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """An alignable layer as ``inspect`` and map files show it."""
+
+    name: str
+    width: int
+    params: int
+    kind: str = "linear"
+
+
+@dataclass(frozen=True)
+class Group:
+    """Layers aligned together by one DP (MLP hidden layers, a VGG chunk, a ResNet stage)."""
+
+    name: str
+    layers: tuple[LayerInfo, ...]
+
+
+@dataclass
+class Family:
+    """Base class of an architecture family; subclasses are registered in :mod:`clafuse.arch.registry`."""
+
+    name: ClassVar[str] = ""
+    spec_model: ClassVar[type[BaseModel]]
+    description: ClassVar[str] = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def detect(self, state_dict: Mapping[str, torch.Tensor]) -> BaseModel | None:
+        """A spec if ``state_dict`` looks like this family, else None. Raise SpecError if it
+        clearly is this family but ambiguous, saying what was found."""
+        raise NotImplementedError
+
+    def check(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Raise SpecError unless ``state_dict`` has exactly the keys and shapes ``spec`` implies."""
+        raise NotImplementedError
+
+    def build(self, spec: BaseModel) -> torch.nn.Module:
+        """A plain-torch module whose ``state_dict()`` keys and shapes are those of the checkpoint."""
+        raise NotImplementedError
+
+    def groups(self, spec: BaseModel) -> list[Group]:
+        """The alignment groups, in network order."""
+        raise NotImplementedError
+
+    def to_chain(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor]) -> Chain:
+        raise NotImplementedError
+
+    def from_chain(self, spec: BaseModel, chain: Chain, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The state dict of ``chain`` under ``spec``'s key names, with the dtypes of ``like``."""
+        raise NotImplementedError
+
+    def with_widths(self, spec: BaseModel, chain: Chain) -> BaseModel:
+        """``spec`` with the depth and widths of ``chain`` (for a fused model of a new shape)."""
+        raise NotImplementedError

@@ -1,0 +1,222 @@
+"""The ``clafuse`` command line: thin wrappers that parse options and call :mod:`clafuse.api`.
+
+Heavy modules (torch, POT) are imported inside the commands so that ``--help`` stays fast.
+Exit codes: 0 success, 1 internal error, 2 bad usage or bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import functools
+import typer
+
+app = typer.Typer(
+    name="clafuse",
+    help="Fuse trained neural-network checkpoints, including networks of different depth and width.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+
+
+def _emit(doc: Any, as_json: bool, render) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        render(doc)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(message.rstrip() + "\n")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _guard(command):
+    """Turn every failure inside a command into one line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        from clafuse.errors import ClafuseError
+
+        try:
+            command(*args, **kwargs)
+        except ClafuseError as exc:
+            _err(f"clafuse: error: {exc}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            _err("clafuse: interrupted")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.BadParameter):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
+            if os.environ.get("CLAFUSE_DEBUG"):
+                raise
+            _err(f"clafuse: internal error: {type(exc).__name__}: {exc} (set CLAFUSE_DEBUG=1 for a traceback)")
+            raise typer.Exit(1) from None
+
+    return run
+
+
+@app.command()
+@_guard
+def inspect(
+    ckpt: Path = typer.Argument(..., help="Checkpoint (.safetensors, .pt, .pth, .bin or a sharded index)."),
+    arch: Optional[Path] = typer.Option(None, help="Architecture spec file (JSON/YAML); detected when omitted."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show a checkpoint's family, depth, alignable layers, parameters and dtypes."""
+    from clafuse.api import inspect_checkpoint
+    from clafuse.report import render_inspect
+
+    _emit(inspect_checkpoint(ckpt, arch), as_json, render_inspect)
+
+
+@app.command()
+@_guard
+def align(
+    a: Path = typer.Argument(..., help="First checkpoint (model A)."),
+    b: Path = typer.Argument(..., help="Second checkpoint (model B); either may be the deeper one."),
+    out: Path = typer.Option(..., "-o", "--out", help="Map file to write (JSON)."),
+    data: Optional[str] = typer.Option(None, help="Calibration data: .npz file or built-in (digits, mnist, fashion-mnist)."),
+    samples: int = typer.Option(2000, min=2, help="Number of calibration samples (from the train split)."),
+    metric: str = typer.Option("cka", help="Layer cost: cka, euclidean, wd (from activations) or neuron (data-free)."),
+    seed: int = typer.Option(0, help="Seed for drawing the calibration samples."),
+    pin_first: bool = typer.Option(True, "--pin-first/--no-pin-first", help="Map first hidden layer to first."),
+    pin_last: bool = typer.Option(True, "--pin-last/--no-pin-last", help="Map last hidden layer to last."),
+    arch: Optional[List[Path]] = typer.Option(None, help="Spec file per model, in order (repeat for A and B)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Align the layers of two networks (cross-layer alignment by dynamic programming)."""
+    from clafuse.api import align as run_align
+    from clafuse.report import render_map
+
+    archs = _per_model(arch, 2)
+    doc = run_align([a, b], out, archs=archs, data=data, samples=samples, metric=metric, seed=seed,
+                    pin_first=pin_first, pin_last=pin_last)
+    _emit(doc.model_dump(mode="json"), as_json, lambda d: render_map(d, out))
+
+
+@app.command()
+@_guard
+def fuse(
+    map_file: Path = typer.Option(..., "--map", help="Map file written by 'clafuse align'."),
+    out: Path = typer.Option(..., "-o", "--out", help="Fused checkpoint (.safetensors, or .pt by extension)."),
+    balance: str = typer.Option("add", help="add: identity layers into the shallower net (deep architecture); "
+                                            "merge: fold the deeper net's unmatched layers (shallow architecture)."),
+    solver: str = typer.Option("emd", help="Transport solver: emd (exact) or sinkhorn (entropic)."),
+    reg: float = typer.Option(0.01, min=0.0, help="Sinkhorn regularisation, relative to the largest cost."),
+    signal_: Optional[str] = typer.Option(None, "--signal", help="activations or weights (default: activations when data is available)."),
+    weights: Optional[str] = typer.Option(None, help="Mixing weights of A and B in align order, e.g. 0.5,0.5."),
+    data: Optional[str] = typer.Option(None, help="Calibration data (default: the data recorded in the map)."),
+    samples: Optional[int] = typer.Option(None, min=2, help="Calibration samples (default: as in the map)."),
+    ground: str = typer.Option("correlation", help="Neuron cost from activations: correlation or euclidean."),
+    inserted: str = typer.Option("keep", help="keep: layers only one net has are taken from it; average: average with identities."),
+    correction: str = typer.Option("repair", help="repair: restore each fused neuron's activation statistics; none."),
+    allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Balance the depths and fuse the mapped networks with optimal transport."""
+    from clafuse.api import fuse as run_fuse
+    from clafuse.report import render_fuse
+
+    _choice("--signal", signal_, ("activations", "weights"), optional=True)
+    _choice("--solver", solver, ("emd", "sinkhorn"))
+    _choice("--ground", ground, ("correlation", "euclidean"))
+    _choice("--inserted", inserted, ("keep", "average"))
+    _choice("--correction", correction, ("repair", "none"))
+    report = run_fuse(map_file, out, balance=balance, solver=solver, reg=reg, signal=signal_, weights=weights,
+                      data=data, samples=samples, ground=ground, inserted=inserted, correction=correction,
+                      allow_nonfinite=allow_nonfinite)
+    _emit(report, as_json, render_fuse)
+
+
+@app.command("eval")
+@_guard
+def evaluate(
+    ckpts: List[Path] = typer.Argument(..., help="One or more checkpoints."),
+    data: str = typer.Option(..., help="Data: .npz or built-in with split, e.g. mnist:test."),
+    arch: Optional[List[Path]] = typer.Option(None, help="Spec file per checkpoint, in order."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Accuracy and loss of checkpoints, and of their prediction ensemble."""
+    from clafuse.api import evaluate_checkpoints
+    from clafuse.report import render_eval
+
+    _emit(evaluate_checkpoints(ckpts, data, archs=_per_model(arch, len(ckpts))), as_json, render_eval)
+
+
+@app.command()
+@_guard
+def finetune(
+    ckpt: Path = typer.Argument(..., help="Checkpoint to finetune."),
+    data: str = typer.Option(..., help="Training data: .npz or built-in (train split by default)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Where to write the best checkpoint (by validation accuracy)."),
+    val: Optional[str] = typer.Option(None, help="Validation data (default: the val split of a built-in source)."),
+    epochs: int = typer.Option(1, min=1, help="Number of epochs."),
+    lr: float = typer.Option(0.01, min=0.0, help="Peak learning rate."),
+    momentum: float = typer.Option(0.9, min=0.0, help="SGD momentum."),
+    batch_size: int = typer.Option(64, min=1, help="Mini-batch size."),
+    schedule: str = typer.Option("cosine", help="Learning-rate schedule: cosine, step or constant."),
+    weight_decay: float = typer.Option(0.0, min=0.0, help="Weight decay."),
+    seed: int = typer.Option(0, help="Seed for initial shuffling and any randomness."),
+    arch: Optional[Path] = typer.Option(None, help="Architecture spec file; detected when omitted."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Finetune a checkpoint with SGD, selecting the best epoch on validation data."""
+    from clafuse.api import finetune_checkpoint
+    from clafuse.report import render_finetune
+
+    _choice("--schedule", schedule, ("cosine", "step", "constant"))
+    report = finetune_checkpoint(ckpt, out, data=data, val=val, epochs=epochs, lr=lr, momentum=momentum,
+                                 batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
+                                 arch=arch, progress=not as_json and sys.stderr.isatty())
+    _emit(report, as_json, render_finetune)
+
+
+@app.command()
+@_guard
+def schema(what: str = typer.Argument("map", help="Which schema: map.")) -> None:
+    """Print the JSON Schema of the map file format."""
+    from clafuse.align.mapfile import map_schema
+
+    _choice("schema", what, ("map",))
+    sys.stdout.write(json.dumps(map_schema(), indent=2) + "\n")
+
+
+def _choice(option: str, value: Optional[str], allowed: tuple[str, ...], optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+
+
+def _per_model(arch: Optional[List[Path]], count: int) -> list[Optional[Path]]:
+    if not arch:
+        return [None] * count
+    if len(arch) != count:
+        raise typer.BadParameter(f"give one spec per checkpoint ({count}), got {len(arch)}", param_hint="--arch")
+    return list(arch)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
+    app(args=argv, prog_name="clafuse")

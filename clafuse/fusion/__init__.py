@@ -1,0 +1,1 @@
+"""Fusion: balancing depths, optimal-transport alignment of neurons, and averaging."""

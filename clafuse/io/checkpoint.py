@@ -1,0 +1,238 @@
+"""Load and save checkpoints as plain ``{name: tensor}`` mappings.
+
+Reads safetensors files, sharded safetensors indexes and torch files (``torch.save`` output,
+loaded with ``weights_only=True`` so a checkpoint can never run code). Common training wrappers
+(``state_dict`` / ``model_state_dict`` / ``model`` keys, a DataParallel ``module.`` prefix) are
+unwrapped. Every failure a user can cause is a one-line ``CheckpointError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from clafuse.errors import CheckpointError
+from clafuse.io.atomic import atomic_output
+
+SAFETENSORS_EXTS = (".safetensors",)
+TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
+INDEX_SUFFIX = ".safetensors.index.json"
+_TORCH_OUTPUT_EXTS = (".pt", ".pth", ".bin")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+_DDP_PREFIX = "module."
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()).split(". ")[0]
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return text or type(exc).__name__
+
+
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory, expected a checkpoint file")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    return p
+
+
+def _sniff(p: Path) -> str:
+    """Tell safetensors from torch by the file's first bytes, for files with an unknown extension."""
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read: {_one_line(exc)}") from exc
+    if head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO]):
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    raise CheckpointError(f"{p}: not a checkpoint (neither a safetensors header nor a torch zip/pickle)")
+
+
+def format_of(path: str | os.PathLike[str]) -> str:
+    """Return ``"safetensors"`` or ``"torch"``: by extension, else by sniffing the file's header."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith(SAFETENSORS_EXTS) or name.endswith(INDEX_SUFFIX):
+        return "safetensors"
+    if name.endswith(TORCH_EXTS):
+        return "torch"
+    return _sniff(_existing_file(p))
+
+
+def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(p, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{p}: not a valid safetensors file: {_one_line(exc)}") from exc
+
+
+def _read_weight_map(p: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(p.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{p}: not a valid safetensors index (needs a \"weight_map\" object)") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{p}: \"weight_map\" must map tensor names to shard file names")
+    return weight_map
+
+
+def _load_index(p: Path) -> dict[str, torch.Tensor]:
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, shard_name in _read_weight_map(p).items():
+        if shard_name not in shards:
+            shard = p.parent / shard_name
+            if not shard.is_file():
+                raise CheckpointError(f"{p}: shard {shard_name} listed in the index does not exist")
+            shards[shard_name] = _load_safetensors(shard)
+        if key not in shards[shard_name]:
+            raise CheckpointError(f"{p}: tensor {key!r} is not in its shard {shard_name}")
+        out[key] = shards[shard_name][key]
+    return out
+
+
+def _load_torch(p: Path) -> Any:
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot read: {_one_line(exc)}") from exc
+    if not (head.startswith(_ZIP_MAGIC) or head[:1] == bytes([_PICKLE_PROTO])):
+        raise CheckpointError(f"{p}: not a torch checkpoint (neither a zip archive nor a pickle)")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _UNSAFE_GLOBAL.search(str(exc))
+        if found is None and "Weights only load failed" not in str(exc):
+            raise CheckpointError(f"{p}: corrupt torch checkpoint: {_one_line(exc)}") from exc
+        what = found.group(1) if found else "torch weights_only load failed"
+        raise CheckpointError(
+            f"{p}: refusing to load: the pickle contains objects other than tensors ({what}); "
+            "clafuse never executes pickled code"
+        ) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{p}: corrupt or truncated torch checkpoint: {_one_line(exc)}") from exc
+
+
+def _all_tensors(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(p: Path, obj: Any) -> dict[str, torch.Tensor]:
+    """Reduce a loaded object to a flat, non-empty ``{str: Tensor}`` mapping, or refuse."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{p}: expected a mapping of names to tensors, got {type(obj).__name__}")
+    prefix = ""
+    if not _all_tensors(obj):
+        candidates = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+        chosen = next((k for k in candidates if _all_tensors(obj[k])), candidates[0] if candidates else None)
+        if chosen is not None:
+            obj, prefix = obj[chosen], f"{chosen}."
+    if not obj:
+        raise CheckpointError(f"{p}: checkpoint contains no tensors")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{p}: key {prefix}{key!r} is a {type(key).__name__}, expected a string")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{p}: entry {prefix}{key!r} is a {type(value).__name__}, not a tensor; "
+                "expected a plain mapping of names to tensors"
+            )
+    if all(k.startswith(_DDP_PREFIX) for k in obj):
+        return {k[len(_DDP_PREFIX):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint as ``{name: CPU tensor}``; raise ``CheckpointError`` on anything unusable."""
+    p = _existing_file(path)
+    if p.name.lower().endswith(INDEX_SUFFIX):
+        return _unwrap(p, _load_index(p))
+    if format_of(p) == "safetensors":
+        return _unwrap(p, _load_safetensors(p))
+    return _unwrap(p, _load_torch(p))
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file (of the first shard for an index); ``{}`` for torch."""
+    p = _existing_file(path)
+    if p.name.lower().endswith(INDEX_SUFFIX):
+        shards = list(_read_weight_map(p).values())
+        if not shards:
+            return {}
+        p = _existing_file(p.parent / shards[0])
+    elif format_of(p) != "safetensors":
+        return {}
+    try:
+        with safe_open(p, framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{p}: not a valid safetensors file: {_one_line(exc)}") from exc
+
+
+def _prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, each owning its whole storage (safetensors refuses sharing)."""
+    if not state_dict:
+        raise ValueError("refusing to save an empty state dict")
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state dict key {key!r} is a {type(key).__name__}, expected a string")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        t = value.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        whole = t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
+        if storage.data_ptr() in seen or not whole:
+            t = t.clone()
+            storage = t.untyped_storage()
+        seen.add(storage.data_ptr())
+        out[key] = t
+    return out
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``state_dict`` atomically as safetensors (with ``metadata``) or a plain torch dict.
+
+    The torch format (``.pt``/``.pth``/``.bin``) has no header, so ``metadata`` is not stored there;
+    the file holds exactly the given keys so ``load_state_dict(strict=True)`` works on it.
+    """
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith(SAFETENSORS_EXTS):
+        kind = "safetensors"
+    elif name.endswith(_TORCH_OUTPUT_EXTS):
+        kind = "torch"
+    else:
+        raise CheckpointError(f"{p}: unsupported output extension, use .safetensors or .pt")
+    tensors = _prepare(state_dict)
+    with atomic_output(p) as tmp:
+        if kind == "safetensors":
+            save_file(tensors, tmp, metadata=None if metadata is None else dict(metadata))
+        else:
+            torch.save(tensors, tmp)

@@ -1,0 +1,80 @@
+"""Human-readable rendering of command results as rich tables (the ``--json`` path skips this)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _console() -> Console:
+    return Console()
+
+
+def render_inspect(doc: dict[str, Any]) -> None:
+    console = _console()
+    console.print(f"[bold]{doc['path']}[/]  family [cyan]{doc['family']}[/]  depth {doc['depth']} hidden layers  "
+                  f"{doc['total_params']:,} parameters  dtypes {', '.join(doc['dtypes'])}")
+    table = Table("group", "#", "layer", "width", "params")
+    for group in doc["groups"]:
+        for i, layer in enumerate(group["layers"]):
+            table.add_row(group["name"] if i == 0 else "", str(i), layer["name"], str(layer["width"]),
+                          f"{layer['params']:,}")
+    console.print(table)
+    if doc["nonfinite"]:
+        console.print(f"[red]non-finite values in: {', '.join(doc['nonfinite'])}[/]")
+
+
+def render_map(doc: dict[str, Any], out: Path) -> None:
+    console = _console()
+    models = doc["models"]
+    for alignment in doc["alignments"]:
+        deep, shallow = models[alignment["deep"]], models[alignment["shallow"]]
+        console.print(f"deep [cyan]{deep['path']}[/]  shallow [cyan]{shallow['path']}[/]  "
+                      f"metric {doc['settings']['metric']}")
+        for g, gd, gs in zip(alignment["groups"], deep["groups"], shallow["groups"]):
+            table = Table(title=f"group {g['name']}: total cost {g['total_cost']:.4f}")
+            table.add_column("shallow \\ deep")
+            for layer in gd["layers"]:
+                table.add_column(f"{layer['name']} ({layer['width']})", justify="right")
+            for i, (row, layer) in enumerate(zip(g["cost"], gs["layers"])):
+                cells = [f"[bold green]{c:.3f}[/]" if j == g["mapping"][i] else f"{c:.3f}" for j, c in enumerate(row)]
+                table.add_row(f"{layer['name']} ({layer['width']})", *cells)
+            console.print(table)
+    console.print(f"map written to {out}")
+
+
+def render_fuse(doc: dict[str, Any]) -> None:
+    console = _console()
+    console.print(f"fused into the architecture of [cyan]{doc['target']}[/] ({doc['family']}, balance {doc['balance']}, "
+                  f"signal {doc['signal']}, weights {', '.join(f'{w:g}' for w in doc['weights'])})")
+    table = Table("layer", "width", "mixing (target, other)")
+    for layer, mix in zip(doc["layers"], doc["mixing"]):
+        table.add_row(layer["name"], str(layer["width"]), ", ".join(f"{m:.2f}" for m in mix))
+    console.print(table)
+    console.print(f"written to {doc['output']} in {doc['seconds']:.2f} s")
+
+
+def render_eval(doc: dict[str, Any]) -> None:
+    table = Table("model", "accuracy", "loss", title=f"{doc['data']} ({doc['num_samples']} samples)")
+    for row in doc["models"]:
+        table.add_row(row["path"], f"{100 * row['accuracy']:.2f}%", f"{row['loss']:.4f}")
+    if "ensemble" in doc:
+        table.add_row("ensemble", f"{100 * doc['ensemble']['accuracy']:.2f}%", f"{doc['ensemble']['loss']:.4f}")
+    _console().print(table)
+
+
+def render_finetune(doc: dict[str, Any]) -> None:
+    table = Table("epoch", "lr", "train loss", "train acc", "val loss", "val acc", "s")
+    for h in doc["history"]:
+        mark = " *" if h["epoch"] == doc["best_epoch"] else ""
+        table.add_row(f"{h['epoch']}{mark}", f"{h['lr']:.4g}", f"{h['train_loss']:.4f}",
+                      f"{100 * h['train_accuracy']:.2f}%",
+                      "-" if h.get("val_loss") is None else f"{h['val_loss']:.4f}",
+                      "-" if h.get("val_accuracy") is None else f"{100 * h['val_accuracy']:.2f}%",
+                      f"{h['seconds']:.1f}")
+    console = _console()
+    console.print(table)
+    console.print(f"best epoch {doc['best_epoch']} (by validation accuracy) written to {doc['output']}")

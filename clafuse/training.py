@@ -1,0 +1,301 @@
+"""Evaluate and finetune any ``torch.nn.Module`` classifier on a :class:`~clafuse.data.Dataset`.
+
+Inputs go to the model exactly as the dataset holds them; models that need flat vectors flatten
+themselves. Model selection during finetuning uses the validation set only, never test data.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clafuse.data import Dataset
+from clafuse.errors import DataError
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` on one batch, turning a shape mismatch into a one-line DataError."""
+    try:
+        out = model(batch)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"the model cannot take inputs of shape {list(batch.shape[1:])}: {first}") from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch.shape[0]:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(f"the model must return (batch, classes) logits, got {shape}")
+    return out
+
+
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in eval mode without gradients, batched; returned on the CPU.
+
+    The model's train/eval mode is restored afterwards.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if len(x) == 0:
+                return _forward(model, x.to(device)).cpu()
+            outs = [
+                _forward(model, x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)
+            ]
+    finally:
+        model.train(was_training)
+    return torch.cat(outs)
+
+
+def _labels(ds: Dataset, num_outputs: int) -> torch.Tensor:
+    if ds.y is None:
+        raise DataError(f"{ds.name} has no labels, so accuracy cannot be measured")
+    classes = ds.num_classes or 0
+    if classes > num_outputs:
+        raise DataError(f"{ds.name} has labels up to {classes - 1} but the model has only {num_outputs} outputs")
+    return ds.y
+
+
+def _metrics(log_probs: torch.Tensor, y: torch.Tensor) -> dict:
+    return {
+        "accuracy": float((log_probs.argmax(dim=1) == y).double().mean()),
+        "loss": float(F.nll_loss(log_probs.double(), y)),
+        "num_samples": int(len(y)),
+    }
+
+
+def evaluate(model: nn.Module, ds: Dataset, batch_size: int = 1024) -> dict:
+    """Accuracy (fraction correct), mean cross-entropy ``loss`` and ``num_samples`` of ``model`` on ``ds``."""
+    logits = predict_logits(model, ds.x, batch_size)
+    y = _labels(ds, logits.shape[1])
+    return _metrics(F.log_softmax(logits.double(), dim=1), y)
+
+
+def evaluate_ensemble(models: Sequence[nn.Module], ds: Dataset, batch_size: int = 1024) -> dict:
+    """Metrics of the prediction ensemble that averages the models' softmax probabilities.
+
+    ``loss`` is the negative log-likelihood of the averaged probabilities.
+    """
+    if len(models) == 0:
+        raise DataError("an ensemble needs at least one model")
+    log_probs = []
+    for model in models:
+        logits = predict_logits(model, ds.x, batch_size)
+        if log_probs and logits.shape[1] != log_probs[0].shape[1]:
+            raise DataError(
+                f"ensemble members disagree on the number of classes ({log_probs[0].shape[1]} vs {logits.shape[1]})"
+            )
+        log_probs.append(F.log_softmax(logits.double(), dim=1))
+    y = _labels(ds, log_probs[0].shape[1])
+    mean_log_prob = torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
+    return _metrics(mean_log_prob, y)
+
+
+@dataclass
+class FinetuneConfig:
+    """SGD finetuning settings. ``cosine`` decays per step to 0 over all steps; ``step`` multiplies the
+    rate by 0.1 at half and at three quarters of the epochs; ``warmup_steps`` ramps linearly first."""
+
+    epochs: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise DataError(f"epochs must be a positive integer, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DataError(f"learning rate must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise DataError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.momentum == 0:
+            raise DataError("nesterov momentum needs momentum > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise DataError(f"weight decay must be non-negative, got {self.weight_decay}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise DataError(f"batch size must be a positive integer, got {self.batch_size}")
+        if self.schedule not in SCHEDULES:
+            raise DataError(f"unknown schedule {self.schedule!r} (valid: {', '.join(SCHEDULES)})")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise DataError(f"warmup steps must be a non-negative integer, got {self.warmup_steps}")
+
+    def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
+        """Learning rate for global step ``step`` (0-based) of ``total_steps``."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "cosine":
+            span = max(total_steps - self.warmup_steps, 1)
+            return 0.5 * self.lr * (1 + math.cos(math.pi * (step - self.warmup_steps) / span))
+        if self.schedule == "step":
+            epoch = step // steps_per_epoch
+            if self.epochs == 1:
+                return self.lr
+            drops = int(epoch >= self.epochs // 2) + int(epoch >= (3 * self.epochs) // 4)
+            return self.lr * 0.1**drops
+        return self.lr
+
+
+@dataclass
+class FinetuneResult:
+    """``best_state``: CPU copy of the weights at ``best_epoch`` (1-based; best val accuracy, earliest on
+    ties; the last epoch without val). ``history``: one dict per epoch."""
+
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    count = -(-n // batch_size)
+    return count - 1 if count > 1 and n % batch_size == 1 else count
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a trailing batch of one sample is dropped (batch norm cannot train on it)."""
+    perm = torch.randperm(n, generator=gen)
+    return list(perm.split(batch_size))[: _num_batches(n, batch_size)]
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def finetune(
+    model: nn.Module,
+    train: Dataset,
+    val: Dataset | None,
+    config: FinetuneConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = False,
+) -> FinetuneResult:
+    """Train ``model`` in place with SGD + cross-entropy and keep the weights of the best validation epoch.
+
+    Runs are deterministic for a given ``config.seed``; the caller's global RNG state is restored after.
+    The model is left with its final-epoch weights; load ``result.best_state`` to use the best one.
+    Each epoch's dict (epoch, train_loss, train_accuracy, val_loss and val_accuracy or None without
+    val, lr of the epoch's last step, seconds) is passed to ``on_epoch`` while the model still holds
+    that epoch's weights; ``progress`` shows a per-epoch bar on stderr.
+    """
+    if train.y is None:
+        raise DataError(f"{train.name} has no labels, so it cannot be used for training")
+    if len(train) < 2:
+        raise DataError(f"{train.name} needs at least 2 samples for training")
+    device = _device_of(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise DataError("the model has no trainable parameters")
+    optimizer = torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    steps_per_epoch = _num_batches(len(train), config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    fork_devices = [device] if device.type == "cuda" else []
+
+    bar = None
+    if progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+
+    history: list[dict] = []
+    best_state: dict[str, torch.Tensor] = {}
+    best_epoch, best_acc = 0, -1.0
+    was_training = model.training
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(config.seed)
+        gen = torch.Generator().manual_seed(config.seed)
+        task = bar.add_task("", total=steps_per_epoch, loss=float("nan")) if bar is not None else None
+        if bar is not None:
+            bar.start()
+        try:
+            step = 0
+            for epoch in range(1, config.epochs + 1):
+                started = time.perf_counter()
+                if bar is not None:
+                    bar.reset(task, description=f"epoch {epoch}/{config.epochs}", loss=float("nan"))
+                model.train()
+                loss_sum, correct, seen, lr = 0.0, 0, 0, config.lr
+                for idx in _batches(len(train), config.batch_size, gen):
+                    lr = config.lr_at(step, total_steps, steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    xb, yb = train.x[idx].to(device), train.y[idx].to(device)
+                    logits = _forward(model, xb)
+                    if step == 0:
+                        _labels(train, logits.shape[1])
+                        if val is not None:
+                            _labels(val, logits.shape[1])
+                    loss = F.cross_entropy(logits, yb)
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise DataError(f"training diverged in epoch {epoch} (loss {value}); lower the learning rate")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    loss_sum += value * len(idx)
+                    correct += int((logits.detach().argmax(dim=1) == yb).sum())
+                    seen += len(idx)
+                    if bar is not None:
+                        bar.update(task, advance=1, loss=loss_sum / seen)
+                train_loss = loss_sum / seen
+                record = {
+                    "epoch": epoch,
+                    "train_loss": train_loss,
+                    "train_accuracy": correct / seen,
+                    "val_loss": None,
+                    "val_accuracy": None,
+                    "lr": lr,
+                    "seconds": 0.0,
+                }
+                if val is not None:
+                    metrics = evaluate(model, val)
+                    record["val_loss"], record["val_accuracy"] = metrics["loss"], metrics["accuracy"]
+                    if metrics["accuracy"] > best_acc:
+                        best_acc, best_epoch, best_state = metrics["accuracy"], epoch, _state_copy(model)
+                record["seconds"] = time.perf_counter() - started
+                history.append(record)
+                if on_epoch is not None:
+                    on_epoch(record)
+        finally:
+            if bar is not None:
+                bar.stop()
+            model.train(was_training)
+    if val is None:
+        best_epoch, best_state = config.epochs, _state_copy(model)
+    return FinetuneResult(best_state=best_state, best_epoch=best_epoch, history=history)
