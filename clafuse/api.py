@@ -253,14 +253,14 @@ def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]
     return values
 
 
-def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = "add", solver: str = "emd",
-         reg: float = 0.01, signal: str | None = None, weights: str | Sequence[float] | None = None,
-         data: str | None = None, samples: int | None = None, ground: str = "correlation",
-         inserted: str = "keep", correction: str = "repair", allow_nonfinite: bool = False) -> dict[str, Any]:
+def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = "add",
+         weights: str | Sequence[float] | None = None, data: str | None = None, samples: int | None = None,
+         signal: str | None = None, allow_nonfinite: bool = False, **options: Any) -> dict[str, Any]:
     """Balance and fuse the models of a map into one checkpoint written to ``out``.
 
     ``add`` gives the deep model's architecture, ``merge`` the shallow one's. Activations drive
-    the transport when calibration data is at hand (the map's, or ``data``), else weights.
+    the transport when calibration data is at hand (the map's, or ``data``), else weights;
+    ``options`` are further :class:`~clafuse.fusion.otfusion.FusionSettings` fields.
     """
     started = time.perf_counter()
     if balance not in BALANCE_METHODS:
@@ -290,8 +290,10 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = 
         signal = "activations" if x is not None else "weights"
     if signal == "activations" and x is None:
         raise ClafuseError("the activation signal needs calibration data: pass --data, or --signal weights")
-    settings = FusionSettings(solver=solver, reg=reg, signal=signal, ground=ground, inserted=inserted,
-                              correction=correction)
+    try:
+        settings = FusionSettings(signal=signal, **options)
+    except TypeError as exc:
+        raise ClafuseError(f"unknown fusion option: {exc}") from None
 
     deep_chain, shallow_chain = deep.chain(), shallow.chain()
     if balance == "add":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import functools
+import logging
 import typer
 
 app = typer.Typer(
@@ -122,14 +123,14 @@ def fuse(
     balance: str = typer.Option("add", help="add: identity layers into the shallower net (deep architecture); "
                                             "merge: fold the deeper net's unmatched layers (shallow architecture)."),
     solver: str = typer.Option("emd", help="Transport solver: emd (exact) or sinkhorn (entropic)."),
-    reg: float = typer.Option(0.01, min=0.0, help="Sinkhorn regularisation, relative to the largest cost."),
+    reg: float = typer.Option(0.05, min=0.0, help="Sinkhorn regularisation, relative to the largest cost."),
     signal_: Optional[str] = typer.Option(None, "--signal", help="activations or weights (default: activations when data is available)."),
     weights: Optional[str] = typer.Option(None, help="Mixing weights of A and B in align order, e.g. 0.5,0.5."),
     data: Optional[str] = typer.Option(None, help="Calibration data (default: the data recorded in the map)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Calibration samples (default: as in the map)."),
     ground: str = typer.Option("correlation", help="Neuron cost from activations: correlation or euclidean."),
-    inserted: str = typer.Option("keep", help="keep: layers only one net has are taken from it; average: average with identities."),
-    correction: str = typer.Option("repair", help="repair: restore each fused neuron's activation statistics; none."),
+    inserted: str = typer.Option("average", help="average: average real layers with inserted identities; keep: layers only one net has are taken from it."),
+    correction: str = typer.Option("regress", help="regress: refit layers to the parents' mixed activations; repair: restore each neuron's mean and std; none."),
     allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -141,10 +142,10 @@ def fuse(
     _choice("--solver", solver, ("emd", "sinkhorn"))
     _choice("--ground", ground, ("correlation", "euclidean"))
     _choice("--inserted", inserted, ("keep", "average"))
-    _choice("--correction", correction, ("repair", "none"))
-    report = run_fuse(map_file, out, balance=balance, solver=solver, reg=reg, signal=signal_, weights=weights,
-                      data=data, samples=samples, ground=ground, inserted=inserted, correction=correction,
-                      allow_nonfinite=allow_nonfinite)
+    _choice("--correction", correction, ("regress", "repair", "none"))
+    report = run_fuse(map_file, out, balance=balance, weights=weights, data=data, samples=samples, signal=signal_,
+                      allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
+                      correction=correction)
     _emit(report, as_json, render_fuse)
 
 
@@ -219,4 +220,5 @@ def _per_model(arch: Optional[List[Path]], count: int) -> list[Optional[Path]]:
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point."""
     signal.signal(signal.SIGTERM, _terminate)
+    logging.basicConfig(format="clafuse: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     app(args=argv, prog_name="clafuse")

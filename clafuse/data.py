@@ -25,7 +25,11 @@ import torch
 from clafuse.errors import ClafuseError, DataError
 from clafuse.io.atomic import atomic_output
 
-BUILTIN_SOURCES = ("digits", "mnist", "fashion-mnist")
+BUILTIN_SOURCES = ("digits", "mnist", "fashion-mnist", "mnist-raw", "fashion-mnist-raw")
+# Built-in image sets are standardised with the usual per-set pixel mean and std (the common
+# torchvision recipe, under which reference MLPs reach about 97-98% on MNIST); the ``-raw`` names
+# give pixels in [0, 1]. Digits are pixel values / 16, in [0, 1].
+_STANDARDISE = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "train"
 
@@ -74,9 +78,14 @@ def load_source(src: str, split: str | None = None) -> Dataset:
     if kind == "idx":
         x, y = _load_idx_folder(path, chosen)
         return _to_dataset(x, y, f"{path}:{chosen}")
-    loader = {"digits": _load_digits, "mnist": _load_mnist, "fashion-mnist": _load_fashion}[kind]
+    base = kind.removesuffix("-raw")
+    loader = {"digits": _load_digits, "mnist": _load_mnist, "fashion-mnist": _load_fashion}[base]
     x, y = loader(chosen)
-    return _to_dataset(x, y, f"{kind}:{chosen}")
+    ds = _to_dataset(x, y, f"{kind}:{chosen}")
+    if kind in _STANDARDISE:
+        mean, std = _STANDARDISE[kind]
+        ds.x = (ds.x - mean) / std
+    return ds
 
 
 def describe_source(src: str, split: str | None = None) -> dict:

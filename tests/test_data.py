@@ -312,7 +312,9 @@ def test_mnist_val_and_cache_reuse(shared_cache: Path, monkeypatch: pytest.Monke
     val = load_source("mnist:val")
     assert val.x.shape == (10000, 1, 28, 28) and val.x.dtype == torch.float32
     assert val.y.shape == (10000,) and val.num_classes == 10
-    assert 0.0 <= float(val.x.min()) and float(val.x.max()) <= 1.0
+    raw = load_source("mnist-raw:val")
+    assert 0.0 <= float(raw.x.min()) and float(raw.x.max()) <= 1.0
+    assert torch.allclose(val.x, (raw.x - 0.1307) / 0.3081)
 
     def no_gzip(*args: object, **kwargs: object) -> None:
         raise AssertionError("the .gz was read again")
@@ -339,7 +341,9 @@ def test_fashion_mnist_splits(shared_cache: Path, monkeypatch: pytest.MonkeyPatc
     test = load_source("fashion-mnist:test")
     assert val.x.shape == (10000, 1, 28, 28) and test.x.shape == (10000, 1, 28, 28)
     assert len(load_source("fashion-mnist")) == 50000
-    assert val.num_classes == 10 and float(val.x.max()) == 1.0
+    raw = load_source("fashion-mnist-raw:val")
+    assert val.num_classes == 10 and float(raw.x.max()) == 1.0
+    assert torch.allclose(val.x, (raw.x - 0.2860) / 0.3530)
 
 
 def test_fashion_mnist_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from clafuse.fusion.transport import transport_plan
 SIGNALS = ("activations", "weights")
 GROUNDS = ("correlation", "euclidean")
 INSERTED_MODES = ("keep", "average")
-CORRECTIONS = ("repair", "none")
+CORRECTIONS = ("regress", "repair", "none")
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,20 @@ class FusionSettings:
     z-scored post-ReLU activations, ``euclidean`` raw ones. ``inserted="keep"`` takes a layer that
     only some models really have from those models (averaging a real layer with an inserted
     identity would halve it); ``average`` averages over all models with the given weights.
+    ``correction`` (needs calibration inputs) undoes what averaging does to the activations:
+    ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
+    own activations, it reproduces the weighted average of the parents' aligned pre-activations
+    (layers with BatchNorm fall back to ``repair``); ``repair`` only restores each neuron's mean
+    and std.
     """
 
     solver: str = "emd"
-    reg: float = 0.01
+    reg: float = 0.05
     signal: str = "activations"
     ground: str = "correlation"
-    inserted: str = "keep"
-    correction: str = "repair"
+    inserted: str = "average"
+    correction: str = "regress"
+    ridge: float = 1e-3
 
 
 @dataclass
@@ -47,7 +53,7 @@ class AlignedChain:
 
     chain: Chain
     plans: list[np.ndarray]
-    pre_stats: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pre: list[torch.Tensor] = field(default_factory=list)
 
 
 def neuron_features(h: torch.Tensor) -> torch.Tensor:
@@ -71,16 +77,18 @@ def activation_ground_cost(h_src: torch.Tensor, h_tgt: torch.Tensor, ground: str
     return torch.cdist(fs, ft)
 
 
-def _rows(layer: ChainLayer) -> torch.Tensor:
+def _rows(layer: ChainLayer, with_bias: bool) -> torch.Tensor:
     rows = layer.weight.flatten(1).double()
-    if layer.bias is not None:
-        rows = torch.cat([rows, layer.bias.double()[:, None]], 1)
+    if with_bias:
+        bias = layer.bias.double() if layer.bias is not None else torch.zeros(len(rows), dtype=rows.dtype)
+        rows = torch.cat([rows, bias[:, None]], 1)
     return rows
 
 
 def weight_ground_cost(src: ChainLayer, tgt: ChainLayer) -> torch.Tensor:
-    """(n_src, n_tgt) distances between the layers' weight rows (bias appended)."""
-    return torch.cdist(_rows(src), _rows(tgt))
+    """(n_src, n_tgt) distances between the layers' weight rows (bias appended; a missing one is zero)."""
+    with_bias = src.bias is not None or tgt.bias is not None
+    return torch.cdist(_rows(src, with_bias), _rows(tgt, with_bias))
 
 
 def align_inputs(weight: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
@@ -113,6 +121,11 @@ def _pre_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return f.mean(1), f.std(1, unbiased=False)
 
 
+def transport_activations(z: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
+    """A layer's activations (N, n_src, ...) as the anchor's neurons would see them (N, n_tgt, ...)."""
+    return align_outputs(z.transpose(0, 1), plan).transpose(0, 1)
+
+
 def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: FusionSettings) -> AlignedChain:
     """``source`` transported into ``anchor``'s neuron order, layer by layer."""
     if len(source.hidden) != len(anchor.hidden):
@@ -121,20 +134,21 @@ def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: 
     if use_acts and x is None:
         raise ValueError("the activation signal needs calibration inputs")
     if x is not None:
-        src_pre, src_post, _ = source.forward_record(x)
+        src_pre, src_post, src_logits = source.forward_record(x)
         _, tgt_post, _ = anchor.forward_record(x)
     plans: list[np.ndarray] = []
-    stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pre: list[torch.Tensor] = []
     layers: list[ChainLayer] = []
     prev: np.ndarray | None = None
     for k, layer in enumerate(source.layers):
         weight = layer.weight if prev is None else align_inputs(layer.weight, prev)
         moved = layer.with_(weight=weight)
         if k < len(source.hidden):
+            cost = weight_ground_cost(moved, anchor.hidden[k])
             if use_acts:
-                cost = activation_ground_cost(src_post[k], tgt_post[k], settings.ground)
-            else:
-                cost = weight_ground_cost(moved, anchor.hidden[k])
+                # Neurons silent on every calibration sample look alike; their weights break the tie.
+                acts = activation_ground_cost(src_post[k], tgt_post[k], settings.ground)
+                cost = acts + 1e-6 * acts.max().clamp_min(1e-12) * cost / cost.max().clamp_min(1e-12)
             plan = transport_plan(cost, settings.solver, settings.reg)
             moved = moved.with_(
                 weight=align_outputs(weight, plan),
@@ -142,12 +156,13 @@ def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: 
                 bn={key: align_outputs(layer.bn[key], plan) for key in BN_KEYS} if layer.bn is not None else None,
             )
             if x is not None:
-                mean, std = _pre_stats(src_pre[k])
-                stats.append((align_outputs(mean, plan), align_outputs(std, plan)))
+                pre.append(transport_activations(src_pre[k], plan))
             plans.append(plan)
             prev = plan
         layers.append(moved)
-    return AlignedChain(Chain(layers[:-1], layers[-1], source.flatten_input), plans, stats)
+    if x is not None:
+        pre.append(src_logits)
+    return AlignedChain(Chain(layers[:-1], layers[-1], source.flatten_input), plans, pre)
 
 
 def layer_weights(layers: list[ChainLayer], weights: list[float], inserted: str) -> list[float]:
@@ -182,33 +197,65 @@ def average_layers(layers: list[ChainLayer], betas: list[float]) -> ChainLayer:
     )
 
 
+def _rescaled(layer: ChainLayer, scale: torch.Tensor, shift: torch.Tensor) -> ChainLayer:
+    """``layer`` with its pre-activation z replaced by scale * z + shift (per neuron); the shift
+    needs a bias or BatchNorm to live in and is dropped otherwise."""
+    if layer.bn is not None:
+        bn = dict(layer.bn)
+        bn["weight"] = (bn["weight"].double() * scale).float()
+        bn["bias"] = (bn["bias"].double() * scale + shift).float()
+        return layer.with_(bn=bn)
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    weight = (layer.weight.double() * scale.view(shape)).float()
+    bias = (layer.bias.double() * scale + shift).float() if layer.bias is not None else None
+    return layer.with_(weight=weight, bias=bias)
+
+
+def repair_layer(layer: ChainLayer, z: torch.Tensor, target: torch.Tensor) -> ChainLayer:
+    """Rescale (and shift, where possible) each neuron so that its pre-activation ``z`` on the
+    calibration inputs gets the mean and std of ``target``: undoes averaging's variance collapse."""
+    mean, std = _pre_stats(z)
+    t_mean, t_std = _pre_stats(target)
+    scale = torch.where(std > 1e-8, t_std / std.clamp_min(1e-8), torch.ones_like(std))
+    return _rescaled(layer, scale, t_mean - scale * mean)
+
+
+def regress_layer(layer: ChainLayer, h: torch.Tensor, target: torch.Tensor, ridge: float) -> ChainLayer:
+    """Refit a Linear layer by ridge least squares: the weights (and bias, if it has one) whose
+    output on inputs ``h`` is closest to ``target``, shrunk towards the current weights."""
+    inputs = h.flatten(1).double()
+    if layer.bias is not None:
+        inputs = torch.cat([inputs, torch.ones(len(inputs), 1, dtype=inputs.dtype)], 1)
+        start = torch.cat([layer.weight.double(), layer.bias.double()[:, None]], 1)
+    else:
+        start = layer.weight.double()
+    gram = inputs.T @ inputs
+    lam = ridge * torch.trace(gram) / gram.shape[0]
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    solved = torch.linalg.solve(gram + lam * eye, inputs.T @ target.double() + lam * start.T).T
+    if layer.bias is not None:
+        return layer.with_(weight=solved[:, :-1].float().contiguous(), bias=solved[:, -1].float().contiguous())
+    return layer.with_(weight=solved.float().contiguous())
+
+
 @torch.no_grad()
-def repair(fused: Chain, targets: list[tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor) -> Chain:
-    """Rescale (and, where a bias or BatchNorm can absorb it, shift) each fused hidden neuron so
-    its pre-activation mean and std on ``x`` match ``targets``: undoes the variance collapse
-    that averaging causes. Layers are corrected in order, each seeing the corrected earlier ones."""
-    hidden = list(fused.hidden)
+def correct(fused: Chain, targets: list[torch.Tensor], x: torch.Tensor, method: str, ridge: float = 1e-3) -> Chain:
+    """Correct every layer of ``fused`` in order, each seeing the corrected earlier ones, towards
+    ``targets`` (per layer, incl. the classifier: the mixed pre-activations of the parents)."""
+    layers = list(fused.layers)
     h = fused.input(x)
-    for k, (t_mean, t_std) in enumerate(targets):
-        chain = Chain(hidden, fused.classifier, fused.flatten_input)
-        mean, std = _pre_stats(chain.pre_activation(k, h))
-        scale = torch.where(std > 1e-8, t_std / std.clamp_min(1e-8), torch.ones_like(std))
-        shift = t_mean - scale * mean
-        layer = hidden[k]
-        if layer.bn is not None:
-            bn = dict(layer.bn)
-            bn["weight"] = (bn["weight"].double() * scale).float()
-            bn["bias"] = (bn["bias"].double() * scale + shift).float()
-            layer = layer.with_(bn=bn)
-        else:
-            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-            weight = (layer.weight.double() * scale.view(shape)).float()
-            bias = (layer.bias.double() * scale + shift).float() if layer.bias is not None else None
-            layer = layer.with_(weight=weight, bias=bias)
-        hidden[k] = layer
-        chain = Chain(hidden, fused.classifier, fused.flatten_input)
-        h = chain.post_activation(k, chain.pre_activation(k, h))
-    return Chain(hidden, fused.classifier, fused.flatten_input)
+    for k, target in enumerate(targets):
+        layer = layers[k]
+        if method == "regress" and not layer.is_conv and layer.bn is None:
+            layer = regress_layer(layer, h.flatten(1) if layer.flatten_before else h, target, ridge)
+        elif k < len(fused.hidden):
+            chain = Chain(layers[:-1], layers[-1], fused.flatten_input)
+            layer = repair_layer(layer, chain.pre_activation(k, h), target)
+        layers[k] = layer
+        if k < len(fused.hidden):
+            chain = Chain(layers[:-1], layers[-1], fused.flatten_input)
+            h = chain.post_activation(k, chain.pre_activation(k, h))
+    return Chain(layers[:-1], layers[-1], fused.flatten_input)
 
 
 @dataclass
@@ -234,13 +281,10 @@ def fuse_chains(anchor: Chain, sources: list[Chain], weights: list[float], x: to
         mixing.append(betas)
         fused_layers.append(average_layers(at_k, betas))
     fused = Chain(fused_layers[:-1], fused_layers[-1], anchor.flatten_input)
-    if settings.correction == "repair" and x is not None and anchor.hidden:
-        anchor_pre, _, _ = anchor.forward_record(x)
-        anchor_stats = [_pre_stats(z) for z in anchor_pre]
-        targets = []
-        for k in range(len(anchor.hidden)):
-            per_model = [anchor_stats[k], *(a.pre_stats[k] for a in aligned)]
-            targets.append((sum(b * s[0] for b, s in zip(mixing[k], per_model)),
-                            sum(b * s[1] for b, s in zip(mixing[k], per_model))))
-        fused = repair(fused, targets, x)
+    if settings.correction != "none" and x is not None:
+        anchor_pre, _, anchor_logits = anchor.forward_record(x)
+        anchor_pre.append(anchor_logits)
+        targets = [sum(b * z.double() for b, z in zip(mixing[k], [anchor_pre[k], *(a.pre[k] for a in aligned)]))
+                   for k in range(len(anchor.layers))]
+        fused = correct(fused, targets, x, settings.correction, settings.ridge)
     return FusionResult(fused, [a.plans for a in aligned], mixing)

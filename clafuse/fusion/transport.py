@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from types import ModuleType
 
 import numpy as np
 import torch
 
 SOLVERS = ("emd", "sinkhorn")
+log = logging.getLogger("clafuse")
 _ot: ModuleType | None = None
 
 
@@ -33,7 +36,7 @@ def uniform(n: int) -> np.ndarray:
     return np.full(n, 1.0 / n)
 
 
-def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: float = 0.01) -> np.ndarray:
+def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: float = 0.05) -> np.ndarray:
     """Plan T (n_src x n_tgt) minimising <T, cost> with uniform marginals on both sides.
 
     ``emd`` is exact (a permutation scaled by 1/n when the sizes are equal); ``sinkhorn`` is the
@@ -46,7 +49,12 @@ def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: fl
         return ot.emd(a, b, m, numItermax=10_000_000)
     if solver == "sinkhorn":
         scale = float(m.max()) if m.size and m.max() > 0 else 1.0
-        return ot.sinkhorn(a, b, m / scale, reg, method="sinkhorn_log", numItermax=10_000, stopThr=1e-10)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan = ot.sinkhorn(a, b, m / scale, reg, method="sinkhorn_log", numItermax=100_000, stopThr=1e-9)
+        if any("converge" in str(w.message) for w in caught):
+            log.warning("sinkhorn did not converge at reg %g; a larger --reg converges faster", reg)
+        return plan
     raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
 
 

