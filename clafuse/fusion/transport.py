@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
+import threading
 import warnings
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -13,23 +16,64 @@ import torch
 SOLVERS = ("emd", "sinkhorn")
 log = logging.getLogger("clafuse")
 _ot: ModuleType | None = None
+_pot_lock = threading.Lock()
+
+
+_OPTIONAL_FOR_POT = ("sklearn.cluster", "networkx")
+
+
+class _DeferredModule(ModuleType):
+    """Stands in for a module until one of its attributes is used, then loads the real one.
+
+    Used for ``ot.datasets``: toy-data generators that import all of scipy.stats (half a second)
+    and that clafuse never calls; anyone who does use them gets the real module transparently.
+    """
+
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(name)
+        self.__spec__ = importlib.util.spec_from_file_location(name, path)
+        self.__file__ = path
+
+    def __getattr__(self, attr: str) -> object:
+        real = importlib.util.module_from_spec(self.__spec__)
+        sys.modules[self.__name__] = real
+        self.__spec__.loader.exec_module(real)
+        parent, _, child = self.__name__.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, real)
+        self.__dict__.update(real.__dict__)
+        return getattr(real, attr)
+
+
+def _defer(name: str) -> None:
+    parent, _, child = name.rpartition(".")
+    spec = importlib.util.find_spec(parent)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / f"{child}.py" if locations else None
+    if name not in sys.modules and path is not None and path.is_file():
+        sys.modules[name] = _DeferredModule(name, str(path))
 
 
 def _pot() -> ModuleType:
-    """Import POT once. POT imports scikit-learn's clustering eagerly for solvers clafuse never
-    uses, which costs about a second of start-up; it is kept out of that import."""
+    """Import POT once, keeping off the start-up path what clafuse never uses (about 0.7 s of
+    every ``fuse``): scikit-learn's clustering and networkx, which POT imports only when installed
+    and falls back cleanly without (low-rank and quantized Gromov solvers), and ``ot.datasets``,
+    which is deferred until first use."""
     global _ot
-    if _ot is None:
-        blocked = "sklearn.cluster" not in sys.modules
-        if blocked:
-            sys.modules["sklearn.cluster"] = None  # type: ignore[assignment]
+    with _pot_lock:
+        if _ot is not None:
+            return _ot
+        blocked = [name for name in _OPTIONAL_FOR_POT if name not in sys.modules]
+        for name in blocked:
+            sys.modules[name] = None  # type: ignore[assignment]
         try:
+            _defer("ot.datasets")
             import ot
         finally:
-            if blocked:
-                del sys.modules["sklearn.cluster"]
+            for name in blocked:
+                del sys.modules[name]
         _ot = ot
-    return _ot
+        return _ot
 
 
 def uniform(n: int) -> np.ndarray:
