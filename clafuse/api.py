@@ -37,8 +37,8 @@ from clafuse.arch.base import Chain, Family, Group
 from clafuse.arch.registry import parse_spec, resolve
 from clafuse.data import Dataset, calibration_inputs, load_source
 from clafuse.errors import ClafuseError, DataError, MapError
-from clafuse.fusion.balance import BALANCE_METHODS, insert_identities, merge_layers, relu_gates
-from clafuse.fusion.otfusion import FusionSettings, fuse_chains
+from clafuse.fusion.engines import ENGINES, Member
+from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.atomic import sha256_file, write_text_atomic
 from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
 
@@ -230,16 +230,6 @@ def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
     return model
 
 
-def _global_mapping(alignment: Alignment) -> list[int]:
-    """Concatenate per-group mappings into one over all hidden layers."""
-    mapping: list[int] = []
-    offset = 0
-    for g in alignment.groups:
-        mapping += [offset + j for j in g.mapping]
-        offset += len(g.cost[0])
-    return mapping
-
-
 def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]:
     """Mixing weights, one per model in align order; equal weights when not given."""
     if text is None:
@@ -263,8 +253,6 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = 
     ``options`` are further :class:`~clafuse.fusion.otfusion.FusionSettings` fields.
     """
     started = time.perf_counter()
-    if balance not in BALANCE_METHODS:
-        raise ClafuseError(f"unknown balance {balance!r}; choose from {', '.join(BALANCE_METHODS)}")
     doc = read_map(map_path)
     base = Path(map_path).parent
     models = [_map_model(entry, base) for entry in doc.models]
@@ -276,7 +264,6 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = 
     alpha = parse_weights(weights, len(models))
     alignment = doc.alignments[0]
     deep, shallow = models[alignment.deep], models[alignment.shallow]
-    mapping = _global_mapping(alignment)
 
     x = None
     if data is not None or (doc.data is not None and signal != "weights"):
@@ -295,19 +282,13 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = 
     except TypeError as exc:
         raise ClafuseError(f"unknown fusion option: {exc}") from None
 
-    deep_chain, shallow_chain = deep.chain(), shallow.chain()
-    if balance == "add":
-        target, anchor = deep, deep_chain
-        source = insert_identities(shallow_chain, mapping, deep_chain)
-        order = [alignment.deep, alignment.shallow]
-    else:
-        if x is None:
-            raise ClafuseError("merge balancing needs calibration data to approximate the folded ReLUs: pass --data")
-        target, anchor = shallow, shallow_chain
-        source = merge_layers(deep_chain, mapping, relu_gates(deep_chain, x))
-        order = [alignment.shallow, alignment.deep]
-    result = fuse_chains(anchor, [source], [alpha[i] for i in order], x, settings)
-    state = target.family.from_chain(target.spec, result.chain, target.state_dict)
+    engine = ENGINES[deep.family.engine]
+    result = engine(Member(deep.family, deep.spec, deep.state_dict),
+                    Member(shallow.family, shallow.spec, shallow.state_dict),
+                    [g.mapping for g in alignment.groups], balance,
+                    (alpha[alignment.deep], alpha[alignment.shallow]), x, settings)
+    target = deep if result.target == "deep" else shallow
+    state = result.state_dict
     metadata = {
         "clafuse_version": clafuse.__version__,
         "map_sha256": map_digest(map_path),
@@ -324,7 +305,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = 
         "weights": alpha,
         "signal": signal,
         "calibration_samples": int(x.shape[0]) if x is not None else 0,
-        "mapping": mapping,
+        "mapping": [g.mapping for g in alignment.groups],
         "layers": [{"name": l.name, "width": l.width} for g in target.groups for l in g.layers],
         "mixing": result.mixing,
         "seconds": round(time.perf_counter() - started, 3),

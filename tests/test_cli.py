@@ -527,7 +527,7 @@ def test_fuse_add_gives_the_deep_architecture(ws: Workspace) -> None:
     run = ok(ws.runs["fuse_add"])
     report = json.loads(run.stdout)
     assert report["balance"] == "add" and report["weights"] == [0.5, 0.5]
-    assert report["mapping"] == [0, 3]
+    assert report["mapping"] == [[0, 3]]
     assert [layer["width"] for layer in report["layers"]] == DEEP_WIDTHS
     module = strict_module(ws.root / "fused_add.safetensors", ws.deep_state)
     x = load_source("digits:test").x

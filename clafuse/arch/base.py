@@ -132,6 +132,7 @@ class Family:
     name: ClassVar[str] = ""
     spec_model: ClassVar[type[BaseModel]]
     description: ClassVar[str] = ""
+    engine: ClassVar[str] = "chain"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> BaseModel | None:

@@ -35,7 +35,8 @@ class FusionSettings:
     ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
     own activations, it reproduces the weighted average of the parents' aligned pre-activations
     (layers with BatchNorm fall back to ``repair``); ``repair`` only restores each neuron's mean
-    and std.
+    and std. ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
+    calibration inputs (the averaged parents' statistics do not describe the fused network).
     """
 
     solver: str = "emd"
@@ -45,6 +46,7 @@ class FusionSettings:
     inserted: str = "average"
     correction: str = "regress"
     ridge: float = 1e-3
+    bn_reset: bool = True
 
 
 @dataclass
@@ -239,6 +241,30 @@ def regress_layer(layer: ChainLayer, h: torch.Tensor, target: torch.Tensor, ridg
 
 
 @torch.no_grad()
+def reset_batchnorm(chain: Chain, x: torch.Tensor) -> Chain:
+    """``chain`` with every BatchNorm's running mean and variance recomputed, layer by layer, from
+    what its conv or linear layer outputs on ``x`` (each seeing the reset earlier layers)."""
+    layers = list(chain.layers)
+    h = chain.input(x)
+    for k, layer in enumerate(layers):
+        if layer.bn is not None:
+            f = neuron_features(_linear_part(layer, h)).double()
+            bn = dict(layer.bn)
+            bn["running_mean"] = f.mean(1).float()
+            bn["running_var"] = f.var(1, unbiased=True).float()
+            layers[k] = layer.with_(bn=bn)
+        if k < len(layers) - 1:
+            current = Chain(layers[:-1], layers[-1], chain.flatten_input)
+            h = current.post_activation(k, current.pre_activation(k, h))
+    return Chain(layers[:-1], layers[-1], chain.flatten_input)
+
+
+def _linear_part(layer: ChainLayer, h: torch.Tensor) -> torch.Tensor:
+    """The layer's conv or linear output on its input ``h``, before BatchNorm."""
+    return Chain([], layer.with_(bn=None), False).pre_activation(0, h)
+
+
+@torch.no_grad()
 def correct(fused: Chain, targets: list[torch.Tensor], x: torch.Tensor, method: str, ridge: float = 1e-3) -> Chain:
     """Correct every layer of ``fused`` in order, each seeing the corrected earlier ones, towards
     ``targets`` (per layer, incl. the classifier: the mixed pre-activations of the parents)."""
@@ -281,6 +307,8 @@ def fuse_chains(anchor: Chain, sources: list[Chain], weights: list[float], x: to
         mixing.append(betas)
         fused_layers.append(average_layers(at_k, betas))
     fused = Chain(fused_layers[:-1], fused_layers[-1], anchor.flatten_input)
+    if settings.bn_reset and x is not None and any(layer.bn is not None for layer in fused.layers):
+        fused = reset_batchnorm(fused, x)
     if settings.correction != "none" and x is not None:
         anchor_pre, _, anchor_logits = anchor.forward_record(x)
         anchor_pre.append(anchor_logits)
