@@ -33,7 +33,7 @@ from clafuse.align.mapfile import (
     map_digest,
     read_map,
 )
-from clafuse.arch.base import Chain, Family, Group
+from clafuse.arch.base import Family, Group
 from clafuse.arch.registry import parse_spec, resolve
 from clafuse.data import Dataset, calibration_inputs, load_source
 from clafuse.errors import ClafuseError, DataError, MapError
@@ -66,8 +66,8 @@ class LoadedModel:
     def depth(self) -> int:
         return sum(len(g.layers) for g in self.groups)
 
-    def chain(self) -> Chain:
-        return self.family.to_chain(self.spec, self.state_dict)
+    def layer_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.family.layer_outputs(self.spec, self.state_dict, x)
 
     def module(self) -> torch.nn.Module:
         """The plain-torch model with the checkpoint loaded strictly."""
@@ -119,10 +119,11 @@ def check_fits(model: LoadedModel, x: torch.Tensor, what: str) -> None:
     """Raise DataError unless ``model`` accepts inputs shaped like ``x``."""
     try:
         with torch.no_grad():
-            model.chain()(x[:2])
-    except RuntimeError:
+            model.family.forward(model.spec, model.state_dict, x[:2])
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{what}: inputs of shape {tuple(x.shape[1:])} per sample do not fit {model.path} "
-                        f"(its first layer takes {model.chain().layers[0].in_width} features)") from None
+                        f"({reason})") from None
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -184,7 +185,7 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
             data_entry.source = _rel(Path(data), base)
         for m in models:
             check_fits(m, x, f"data {data}")
-        acts = [m.chain().forward_record(x)[1] for m in models]
+        acts = [m.layer_outputs(x) for m in models]
     groups = []
     offset_d = offset_s = 0
     for gd, gs in zip(models[deep].groups, models[shallow].groups):
@@ -193,9 +194,13 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
             cost = neuron_cost([l.width for l in gs.layers], [l.width for l in gd.layers])
         else:
             cost = activation_cost(acts[shallow][offset_s:offset_s + ns], acts[deep][offset_d:offset_d + nd], metric)
-        # One shallow layer cannot be pinned to both ends; it keeps the last pin.
-        first = pin_first and not (ns == 1 and pin_last and nd > 1)
-        mapping, total = solve_alignment(cost, pin_first=first, pin_last=pin_last)
+        # A forced first pin (a stage's strided block) wins; otherwise one shallow layer cannot be
+        # pinned to both ends and keeps the last pin.
+        if gd.pin_first:
+            first, last = True, pin_last and ns > 1
+        else:
+            first, last = pin_first and not (ns == 1 and pin_last and nd > 1), pin_last
+        mapping, total = solve_alignment(cost, pin_first=first, pin_last=last)
         groups.append(GroupAlignment(name=gd.name, cost=[[round(float(c), 10) for c in row] for row in cost],
                                      mapping=mapping, total_cost=round(total, 10)))
         offset_d += nd

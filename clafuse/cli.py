@@ -129,8 +129,10 @@ def fuse(
     data: Optional[str] = typer.Option(None, help="Calibration data (default: the data recorded in the map)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Calibration samples (default: as in the map)."),
     ground: str = typer.Option("correlation", help="Neuron cost from activations: correlation or euclidean."),
-    inserted: str = typer.Option("average", help="average: average real layers with inserted identities; keep: layers only one net has are taken from it."),
+    inserted: Optional[str] = typer.Option(None, help="average: average real layers with inserted identities; keep: layers only one net has are taken from it (default: average for MLP/VGG, keep for ResNet blocks)."),
     correction: str = typer.Option("regress", help="regress: refit layers to the parents' mixed activations; repair: restore each neuron's mean and std; none."),
+    bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset",
+                                  help="Recompute BatchNorm running statistics of the fused network on the calibration data."),
     allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -141,11 +143,11 @@ def fuse(
     _choice("--signal", signal_, ("activations", "weights"), optional=True)
     _choice("--solver", solver, ("emd", "sinkhorn"))
     _choice("--ground", ground, ("correlation", "euclidean"))
-    _choice("--inserted", inserted, ("keep", "average"))
+    _choice("--inserted", inserted, ("keep", "average"), optional=True)
     _choice("--correction", correction, ("regress", "repair", "none"))
     report = run_fuse(map_file, out, balance=balance, weights=weights, data=data, samples=samples, signal=signal_,
                       allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
-                      correction=correction)
+                      correction=correction, bn_reset=bn_reset)
     _emit(report, as_json, render_fuse)
 
 

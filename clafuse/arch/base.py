@@ -23,7 +23,9 @@ class ChainLayer:
     """One weight layer: a Linear or Conv2d, optionally followed by BatchNorm and ReLU.
 
     ``weight`` has shape (out, in, *kernel). ``inserted`` marks an identity layer added by balancing,
-    which computes nothing new and should not dilute a real layer when averaged.
+    which computes nothing new and should not dilute a real layer when averaged. ``avgpool_before``
+    (an adaptive average pool to that (h, w), as in torchvision's VGG) and ``flatten_before`` turn a
+    conv feature map into the layer's input.
     """
 
     weight: torch.Tensor
@@ -36,6 +38,7 @@ class ChainLayer:
     stride: int = 1
     padding: int = 0
     inserted: bool = False
+    avgpool_before: tuple[int, int] | None = None
 
     @property
     def width(self) -> int:
@@ -51,6 +54,12 @@ class ChainLayer:
 
     def with_(self, **changes: Any) -> "ChainLayer":
         return replace(self, **changes)
+
+    def layer_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The previous layer's output ``h`` as this layer's weights see it (pooled, flattened)."""
+        if self.avgpool_before is not None:
+            h = F.adaptive_avg_pool2d(h, self.avgpool_before)
+        return h.flatten(1) if self.flatten_before else h
 
 
 @dataclass
@@ -68,8 +77,7 @@ class Chain:
     def pre_activation(self, k: int, h: torch.Tensor) -> torch.Tensor:
         """Output of layer ``k``'s weights (and BN) on its input ``h``, before the ReLU."""
         layer = self.layers[k]
-        if layer.flatten_before:
-            h = h.flatten(1)
+        h = layer.layer_input(h)
         if layer.is_conv:
             z = F.conv2d(h, layer.weight, layer.bias, stride=layer.stride, padding=layer.padding)
         else:
@@ -123,6 +131,8 @@ class Group:
 
     name: str
     layers: tuple[LayerInfo, ...]
+    pin_first: bool | None = None
+    """True where the architecture forces the first layers to match (a stage's strided block)."""
 
 
 @dataclass
@@ -154,6 +164,15 @@ class Family:
 
     def to_chain(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor]) -> Chain:
         raise NotImplementedError
+
+    def layer_outputs(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor],
+                      x: torch.Tensor) -> list[torch.Tensor]:
+        """Post-activation outputs of the alignable layers on ``x``, in group order."""
+        return self.to_chain(spec, state_dict).forward_record(x)[1]
+
+    def forward(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The network's logits on ``x``."""
+        return self.to_chain(spec, state_dict)(x)
 
     def from_chain(self, spec: BaseModel, chain: Chain, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The state dict of ``chain`` under ``spec``'s key names, with the dtypes of ``like``."""

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 from clafuse.arch.base import Family
 from clafuse.arch.mlp import MLPFamily
+from clafuse.arch.resnet import ResNetFamily
+from clafuse.arch.vgg import VGGFamily
 from clafuse.errors import SpecError
 
 FAMILIES: dict[str, Family] = {}
@@ -27,6 +29,8 @@ def register(family: Family) -> Family:
     return family
 
 
+register(ResNetFamily())
+register(VGGFamily())
 register(MLPFamily())
 
 

@@ -85,3 +85,7 @@ def fuse_chain_pair(deep: Member, shallow: Member, mappings: list[list[int]], ba
         target, name = shallow, "shallow"
     state = target.family.from_chain(target.spec, result.chain, target.state_dict)
     return PairResult(name, state, result.mixing)
+
+
+# Engines of other families register themselves on import.
+from clafuse.fusion import resnet as _resnet  # noqa: E402,F401  (registers "resnet")

@@ -21,6 +21,7 @@ SIGNALS = ("activations", "weights")
 GROUNDS = ("correlation", "euclidean")
 INSERTED_MODES = ("keep", "average")
 CORRECTIONS = ("regress", "repair", "none")
+MAX_FEATURES = 200_000
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class FusionSettings:
     ``ground`` is the neuron-to-neuron cost for the activation signal: ``correlation`` compares
     z-scored post-ReLU activations, ``euclidean`` raw ones. ``inserted="keep"`` takes a layer that
     only some models really have from those models (averaging a real layer with an inserted
-    identity would halve it); ``average`` averages over all models with the given weights.
+    identity would halve it); ``average`` averages over all models with the given weights; None
+    lets the engine choose (``average`` for chains, ``keep`` for residual blocks).
     ``correction`` (needs calibration inputs) undoes what averaging does to the activations:
     ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
     own activations, it reproduces the weighted average of the parents' aligned pre-activations
@@ -43,7 +45,7 @@ class FusionSettings:
     reg: float = 0.05
     signal: str = "activations"
     ground: str = "correlation"
-    inserted: str = "average"
+    inserted: str | None = None
     correction: str = "regress"
     ridge: float = 1e-3
     bn_reset: bool = True
@@ -72,8 +74,19 @@ def _standardise(f: torch.Tensor) -> torch.Tensor:
 
 
 def activation_ground_cost(h_src: torch.Tensor, h_tgt: torch.Tensor, ground: str = "correlation") -> torch.Tensor:
-    """(n_src, n_tgt) distances between the neurons' activation vectors."""
-    fs, ft = neuron_features(h_src).double(), neuron_features(h_tgt).double()
+    """(n_src, n_tgt) distances between the neurons' activation vectors.
+
+    Conv maps of different spatial size are compared through their per-sample channel means;
+    long feature vectors are thinned to at most ``MAX_FEATURES`` evenly spaced entries (the same
+    ones on both sides) to bound memory.
+    """
+    if h_src.dim() > 2 and h_src.shape[2:] != h_tgt.shape[2:]:
+        h_src, h_tgt = h_src.flatten(2).mean(-1), h_tgt.flatten(2).mean(-1)
+    fs, ft = neuron_features(h_src), neuron_features(h_tgt)
+    if fs.shape[1] > MAX_FEATURES:
+        keep = torch.linspace(0, fs.shape[1] - 1, MAX_FEATURES).long()
+        fs, ft = fs[:, keep], ft[:, keep]
+    fs, ft = fs.double(), ft.double()
     if ground == "correlation":
         fs, ft = _standardise(fs), _standardise(ft)
     return torch.cdist(fs, ft)
@@ -167,7 +180,7 @@ def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: 
     return AlignedChain(Chain(layers[:-1], layers[-1], source.flatten_input), plans, pre)
 
 
-def layer_weights(layers: list[ChainLayer], weights: list[float], inserted: str) -> list[float]:
+def layer_weights(layers: list[ChainLayer], weights: list[float], inserted: str | None) -> list[float]:
     """Mixing weights for one position: with ``keep``, inserted identities give their weight to
     the models that really have the layer, unless those models all have weight zero."""
     if inserted == "keep":
@@ -273,7 +286,7 @@ def correct(fused: Chain, targets: list[torch.Tensor], x: torch.Tensor, method: 
     for k, target in enumerate(targets):
         layer = layers[k]
         if method == "regress" and not layer.is_conv and layer.bn is None:
-            layer = regress_layer(layer, h.flatten(1) if layer.flatten_before else h, target, ridge)
+            layer = regress_layer(layer, layer.layer_input(h), target, ridge)
         elif k < len(fused.hidden):
             chain = Chain(layers[:-1], layers[-1], fused.flatten_input)
             layer = repair_layer(layer, chain.pre_activation(k, h), target)
