@@ -95,9 +95,12 @@ def fuse_resnet_pair(deep: Member, shallow: Member, mappings: list[list[int]], b
     def mix(key: str, moved: torch.Tensor, ca: float = a, cb: float = b) -> None:
         out[key] = ca * t[key] + cb * moved
 
+    pairs_bn: list[tuple[str, str | None, np.ndarray | None, float]] = []
+
     def mix_bn(prefix_t: str, prefix_o: str, plan: np.ndarray | None) -> None:
         for leaf in BN_PARAMS:
             mix(f"{prefix_t}.{leaf}", _moved(o[f"{prefix_o}.{leaf}"], None, plan))
+        pairs_bn.append((prefix_t, prefix_o, plan, a))
 
     # The stem, and the plan of the stream it writes.
     stem_rows = (o["conv1.weight"], t["conv1.weight"])
@@ -134,6 +137,8 @@ def fuse_resnet_pair(deep: Member, shallow: Member, mappings: list[list[int]], b
                 scale = 1.0 if keep else a
                 out[f"{last_bn}.weight"] = scale * t[f"{last_bn}.weight"]
                 out[f"{last_bn}.bias"] = scale * t[f"{last_bn}.bias"]
+                pairs_bn.extend((f"{tname}.bn{c + 1}", None, None, 1.0 if c < len(convs) - 1 else scale)
+                                for c in range(len(convs)))
                 mixing.append([scale, 1.0 - scale])
                 continue
             oname = f"layer{pair[0] + 1}.{pair[1]}"
@@ -161,12 +166,17 @@ def fuse_resnet_pair(deep: Member, shallow: Member, mappings: list[list[int]], b
                 mix(f"{tname}.downsample.0.weight", _moved(w_o, p_in, streams[s]))
                 for leaf in BN_PARAMS:
                     mix(f"{tname}.downsample.1.{leaf}", _moved(bn_o[leaf], None, streams[s]))
+                has_o = os_.has_downsample(pair[0], pair[1])
+                pairs_bn.append((f"{tname}.downsample.1", f"{oname}.downsample.1" if has_o else None,
+                                 streams[s] if has_o else None, a if has_o else 1.0))
             mixing.append([a, b])
     out["fc.weight"] = a * t["fc.weight"] + b * align_inputs(o["fc.weight"], streams[-1])
     out["fc.bias"] = a * t["fc.bias"] + b * o["fc.bias"]
 
     if x is not None and settings.bn_reset:
         out = reset_batchnorm_stats(target, out, x)
+    if x is not None and settings.correction == "repair":
+        out = _repair_batchnorm(target, other, al, out, pairs_bn, x)
     if x is not None and settings.correction == "regress":
         out = _refit_classifier(target, out, x, a * al.t_logits + b * al.o_logits, settings.ridge)
     state = {k: v.to(target.state_dict[k].dtype) for k, v in out.items()}
@@ -190,6 +200,49 @@ def reset_batchnorm_stats(member: Member, state: dict[str, torch.Tensor], x: tor
     model.eval()
     fresh = model.state_dict()
     return {k: fresh[k].detach().clone() if k.endswith(("running_mean", "running_var")) else v for k, v in state.items()}
+
+
+def _bn_output_stats(member: Member, state: Mapping[str, torch.Tensor], x: torch.Tensor,
+                     names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and std of the named BatchNorms' outputs on ``x`` (eval mode)."""
+    model = member.family.build(member.spec)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.eval()
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for name in names:
+        def hook(_module: torch.nn.Module, _inp: object, output: torch.Tensor, name: str = name) -> None:
+            f = output.transpose(0, 1).flatten(1).double()
+            stats[name] = (f.mean(1), f.std(1, unbiased=False))
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        model(x.float())
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+def _repair_batchnorm(target: Member, other: Member, al: "_Aligner", state: dict[str, torch.Tensor],
+                      pairs_bn: list[tuple[str, str | None, np.ndarray | None, float]],
+                      x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """REPAIR for BatchNorm networks: rescale and shift each fused BN's output channels, in network
+    order, to the mix of the parents' matched channels' mean and std on ``x``."""
+    t_stats = _bn_output_stats(target, al.t, x, [p[0] for p in pairs_bn])
+    o_stats = _bn_output_stats(other, al.o, x, [p[1] for p in pairs_bn if p[1] is not None])
+    state = dict(state)
+    for t_name, o_name, plan, weight in pairs_bn:
+        t_mean, t_std = t_stats[t_name]
+        if o_name is not None:
+            o_mean, o_std = o_stats[o_name]
+            t_mean = weight * t_mean + (1 - weight) * align_outputs(o_mean, plan)
+            t_std = weight * t_std + (1 - weight) * align_outputs(o_std, plan)
+        elif weight != 1.0:
+            t_mean, t_std = weight * t_mean, weight * t_std
+        mean, std = _bn_output_stats(target, state, x, [t_name])[t_name]
+        scale = torch.where(std > 1e-8, t_std / std.clamp_min(1e-8), torch.ones_like(std))
+        state[f"{t_name}.weight"] = (state[f"{t_name}.weight"].double() * scale).float()
+        state[f"{t_name}.bias"] = (scale * (state[f"{t_name}.bias"].double() - mean) + t_mean).float()
+    return state
 
 
 @torch.no_grad()
