@@ -51,7 +51,9 @@ def insert_identities(shallow: Chain, mapping: list[int], deep: Chain) -> Chain:
     ``mapping[i]`` is the deep position of shallow hidden layer i (strictly increasing). The
     inserted layer has the width of its predecessor, so the result computes exactly the shallow
     chain's function (identity layers see post-ReLU, hence non-negative, inputs; before the first
-    real layer they are exact only when the network inputs are non-negative).
+    real layer they are exact only when the network inputs are non-negative). Max-pools go where
+    the deep chain has them, which is exact because identities commute with max-pooling, provided
+    every shallow layer keeps the number of pools before it (layers map within their chunk).
     """
     _check_mapping(mapping, len(shallow.hidden), len(deep.hidden))
     by_position = dict(zip(mapping, shallow.hidden))
@@ -61,9 +63,36 @@ def insert_identities(shallow: Chain, mapping: list[int], deep: Chain) -> Chain:
         layer = by_position.get(j)
         if layer is None:
             layer = identity_layer(width, deep_layer)
+        if layer.flatten_before != deep_layer.flatten_before:
+            raise ClafuseError(f"deep hidden layer {j} {'flattens' if deep_layer.flatten_before else 'does not flatten'} "
+                               f"the feature maps but the shallow layer mapped there does not match: the first "
+                               f"fully-connected layers of both networks must map to each other")
         hidden.append(layer)
         width = layer.width
+    if any(layer.pool_after for layer in (*shallow.hidden, *deep.hidden)):
+        hidden = _pools_like(hidden, shallow, mapping, deep)
     return Chain(hidden=hidden, classifier=shallow.classifier, flatten_input=shallow.flatten_input)
+
+
+def _pools_like(hidden: list[ChainLayer], shallow: Chain, mapping: list[int], deep: Chain) -> list[ChainLayer]:
+    """``hidden`` with the max-pools at the deep chain's positions, if that keeps its function."""
+
+    def before(layers: list[ChainLayer]) -> list[int]:
+        counts = [0]
+        for layer in layers:
+            counts.append(counts[-1] + int(layer.pool_after))
+        return counts
+
+    s_pools, d_pools = before(shallow.hidden), before(deep.hidden)
+    if s_pools[-1] != d_pools[-1]:
+        raise ClafuseError(f"the shallow network has {s_pools[-1]} max-pools, the deep one {d_pools[-1]}: "
+                           f"they must pool equally often")
+    for i, j in enumerate(mapping):
+        if s_pools[i] != d_pools[j]:
+            raise ClafuseError(f"shallow hidden layer {i} follows {s_pools[i]} max-pools but would follow "
+                               f"{d_pools[j]} at deep position {j}: layers must map within their chunk")
+    return [layer if layer.pool_after == d.pool_after else layer.with_(pool_after=d.pool_after)
+            for layer, d in zip(hidden, deep.hidden)]
 
 
 @torch.no_grad()
