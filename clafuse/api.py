@@ -71,9 +71,7 @@ class LoadedModel:
 
     def module(self) -> torch.nn.Module:
         """The plain-torch model with the checkpoint loaded strictly."""
-        module = self.family.build(self.spec)
-        module.load_state_dict({k: v.float() for k, v in self.state_dict.items()}, strict=True)
-        return module.float().eval()
+        return self.family.instantiate(self.spec, {k: v.clone() for k, v in self.state_dict.items()})
 
 
 def load_model(path: str | os.PathLike, arch: str | os.PathLike | None = None,
@@ -90,7 +88,10 @@ def load_model(path: str | os.PathLike, arch: str | os.PathLike | None = None,
 
 
 def nonfinite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    """Keys of floating-point tensors holding NaN or Inf: exactly those whose float64 sum is not
+    finite (it cannot overflow), which is cheaper than an element-wise test."""
+    return [k for k, v in state_dict.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v.sum(dtype=torch.float64)))]
 
 
 def inspect_checkpoint(path: str | os.PathLike, arch: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -158,6 +158,16 @@ class Family:
         """A plain-torch module whose ``state_dict()`` keys and shapes are those of the checkpoint."""
         raise NotImplementedError
 
+    def instantiate(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """The network with ``state_dict`` loaded strictly, in float32 and eval mode. It is built on
+        the meta device, so no memory or time goes into initial weights that are replaced at once;
+        the module shares the (float32) tensors of ``state_dict``."""
+        with torch.device("meta"):
+            module = self.build(spec)
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+        module.load_state_dict(tensors, strict=True, assign=True)
+        return module.eval()
+
     def groups(self, spec: BaseModel) -> list[Group]:
         """The alignment groups, in network order."""
         raise NotImplementedError

@@ -206,9 +206,7 @@ class ResNetFamily(Family):
                batch_size: int = 256) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Activations of the stem, every block (inner layers and output) and the pooled
         features, and the logits, on ``x`` (eval mode)."""
-        model = self.build(spec)
-        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-        model.eval()
+        model = self.instantiate(spec, state_dict)
         parts: list[dict[str, torch.Tensor]] = []
         logits = []
         for start in range(0, len(x), batch_size):

@@ -90,7 +90,7 @@ def fuse_resnet_pair(deep: Member, shallow: Member, mappings: list[list[int]], b
     a, b = w_t / total, w_o / total
     al = _Aligner(target, other, x, settings)
     t, o = al.t, al.o
-    out = {k: v.clone() for k, v in t.items()}
+    out = dict(t)
 
     def mix(key: str, moved: torch.Tensor, ca: float = a, cb: float = b) -> None:
         out[key] = ca * t[key] + cb * moved
@@ -188,8 +188,9 @@ def reset_batchnorm_stats(member: Member, state: dict[str, torch.Tensor], x: tor
                           batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Recompute every BatchNorm's running statistics of a network from calibration inputs
     (cumulative averages over batches of ``x``, the network in training mode)."""
-    model = member.family.build(member.spec)
-    model.load_state_dict(state, strict=True)
+    state = {k: v.clone() if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else v
+             for k, v in state.items()}
+    model = member.family.instantiate(member.spec, state)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
@@ -199,15 +200,13 @@ def reset_batchnorm_stats(member: Member, state: dict[str, torch.Tensor], x: tor
         model(x[start:start + batch_size].float())
     model.eval()
     fresh = model.state_dict()
-    return {k: fresh[k].detach().clone() if k.endswith(("running_mean", "running_var")) else v for k, v in state.items()}
+    return {k: fresh[k].detach() if k.endswith(("running_mean", "running_var")) else v for k, v in state.items()}
 
 
 def _bn_output_stats(member: Member, state: Mapping[str, torch.Tensor], x: torch.Tensor,
                      names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and std of the named BatchNorms' outputs on ``x`` (eval mode)."""
-    model = member.family.build(member.spec)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    model.eval()
+    model = member.family.instantiate(member.spec, state)
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = []
     for name in names:
