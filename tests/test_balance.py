@@ -13,14 +13,6 @@ from clafuse.errors import ClafuseError
 from clafuse.fusion.balance import identity_layer, insert_identities, merge_layers, relu_gates
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

@@ -27,15 +27,6 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
         yield
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def marginal_errors(plan: np.ndarray) -> tuple[float, float]:
     n, m = plan.shape
     return float(np.abs(plan.sum(1) - 1 / n).max()), float(np.abs(plan.sum(0) - 1 / m).max())

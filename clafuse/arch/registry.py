@@ -86,5 +86,8 @@ def resolve(state_dict: Mapping[str, torch.Tensor], arch: str | Path | None = No
     if arch is None:
         return detect(state_dict)
     family, spec = load_spec(arch)
-    family.check(spec, state_dict)
+    try:
+        family.check(spec, state_dict)
+    except SpecError as exc:
+        raise SpecError(f"{arch} does not fit the checkpoint: {exc}") from None
     return family, spec

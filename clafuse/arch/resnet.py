@@ -172,7 +172,8 @@ class ResNetFamily(Family):
         return spec
 
     def check(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
-        expected = {k: tuple(v.shape) for k, v in self.build(spec).state_dict().items()}
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in self.build(spec).state_dict().items()}
         missing = [k for k in expected if k not in state_dict]
         extra = [k for k in state_dict if k not in expected]
         if missing or extra:

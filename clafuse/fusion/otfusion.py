@@ -113,9 +113,9 @@ def align_inputs(weight: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
     which preserves the layer's output when matched neurons carry the same activation. A
     flattened conv input (channels x positions) is aligned channel-wise.
     """
-    p = torch.as_tensor(plan, dtype=torch.float64) * plan.shape[0]
+    p = (torch.as_tensor(plan, dtype=torch.float64) * plan.shape[0]).to(_compute_dtype(weight))
     n_src, n_tgt = p.shape
-    w = weight.double()
+    w = weight.to(p.dtype)
     if w.shape[1] == n_src:
         out = torch.einsum("oi...,it->ot...", w, p)
     else:
@@ -127,8 +127,13 @@ def align_inputs(weight: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
 def align_outputs(t: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
     """Move per-neuron rows (dim 0) onto the anchor's neurons: each anchor neuron gets the
     plan-weighted average of the source neurons sent to it."""
-    p = torch.as_tensor(plan, dtype=torch.float64) * plan.shape[1]
-    return torch.einsum("it,i...->t...", p, t.double()).to(t.dtype)
+    p = (torch.as_tensor(plan, dtype=torch.float64) * plan.shape[1]).to(_compute_dtype(t))
+    return torch.einsum("it,i...->t...", p, t.to(p.dtype)).to(t.dtype)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors, else float32: half-precision weights are moved in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _pre_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

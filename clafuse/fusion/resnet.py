@@ -25,7 +25,7 @@ BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
 def _cost_rows(rows_src: torch.Tensor, rows_tgt: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(rows_src.flatten(1).double(), rows_tgt.flatten(1).double())
+    return torch.cdist(rows_src.flatten(1).float(), rows_tgt.flatten(1).float()).double()
 
 
 def _bn_rows(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
