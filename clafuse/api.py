@@ -236,6 +236,20 @@ def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
     return model
 
 
+def resolve_balance(balance: str | None, target: str | None, alignment: Alignment) -> str:
+    """The balancing method from ``--balance`` and/or ``--target`` (they must agree)."""
+    if target is None:
+        return balance or "add"
+    names = {"deep": alignment.deep, "shallow": alignment.shallow, "A": 0, "B": 1}
+    if target not in names:
+        raise ClafuseError(f"--target must be one of deep, shallow, A, B; got {target!r}")
+    wanted = "add" if names[target] == alignment.deep else "merge"
+    if balance is not None and balance != wanted:
+        raise ClafuseError(f"--target {target} needs --balance {wanted} (the {'deeper' if wanted == 'add' else 'shallower'} "
+                           f"architecture), not --balance {balance}")
+    return wanted
+
+
 def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]:
     """Mixing weights, one per model in align order; equal weights when not given."""
     if text is None:
@@ -249,12 +263,15 @@ def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]
     return values
 
 
-def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = "add",
-         weights: str | Sequence[float] | None = None, data: str | None = None, samples: int | None = None,
-         signal: str | None = None, allow_nonfinite: bool = False, **options: Any) -> dict[str, Any]:
+def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | None = None,
+         target: str | None = None, weights: str | Sequence[float] | None = None, data: str | None = None,
+         samples: int | None = None, signal: str | None = None, allow_nonfinite: bool = False,
+         **options: Any) -> dict[str, Any]:
     """Balance and fuse the models of a map into one checkpoint written to ``out``.
 
-    ``add`` gives the deep model's architecture, ``merge`` the shallow one's. Activations drive
+    ``add`` gives the deep model's architecture, ``merge`` the shallow one's; ``target`` says the
+    same by the output architecture (``deep``, ``shallow``, or ``A``/``B`` by align order), e.g. to
+    fuse a deep teacher into a shallow student's architecture. Activations drive
     the transport when calibration data is at hand (the map's, or ``data``), else weights;
     ``options`` are further :class:`~clafuse.fusion.otfusion.FusionSettings` fields.
     """
@@ -270,6 +287,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str = 
     alpha = parse_weights(weights, len(models))
     alignment = doc.alignments[0]
     deep, shallow = models[alignment.deep], models[alignment.shallow]
+    balance = resolve_balance(balance, target, alignment)
 
     x = None
     if data is not None or (doc.data is not None and signal != "weights"):
@@ -344,13 +362,31 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
     return doc
 
 
+def train_state_path(out: str | os.PathLike) -> Path:
+    """Where ``finetune_checkpoint`` keeps the training state of a run writing ``out``: ``OUT.state.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".state.pt")
+
+
 def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data: str, val: str | None = None,
                         epochs: int = 1, lr: float = 0.01, momentum: float = 0.9, batch_size: int = 64,
                         schedule: str = "cosine", weight_decay: float = 0.0, seed: int = 0,
-                        arch: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
-    """Finetune a checkpoint with SGD and write the epoch with the best validation accuracy
-    (never selected on test data) to ``out``, in the input's key names and dtypes."""
-    from clafuse.training import FinetuneConfig, finetune
+                        arch: str | os.PathLike | None = None, progress: bool = False,
+                        optimizer: str = "sgd", nesterov: bool = False, warmup_steps: int = 0,
+                        label_smoothing: float = 0.0, augment: str = "none",
+                        teacher: str | os.PathLike | None = None, teacher_arch: str | os.PathLike | None = None,
+                        kd_alpha: float = 0.5, kd_temperature: float = 4.0,
+                        metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+                        resume: bool = False) -> dict[str, Any]:
+    """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
+    test data) to ``out``, in the input's key names and dtypes.
+
+    With ``teacher`` the student is distilled from that checkpoint (same classes, same inputs).
+    The training state is saved to :func:`train_state_path` after every epoch and removed once
+    ``out`` is written; ``resume`` continues an interrupted run from it (same settings required).
+    ``metrics_out`` gets one JSON line per epoch as training goes; ``plot`` a PNG of the curves.
+    """
+    from clafuse.training import FinetuneConfig, finetune, load_train_state, save_train_state
 
     model = load_model(path, arch)
     train = _source_dataset(data, "train")
@@ -362,10 +398,67 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
             raise DataError(f"data {name}: finetuning needs labels (array 'y')")
         check_fits(model, ds.x, f"data {name}")
     config = FinetuneConfig(epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size, schedule=schedule,
-                            weight_decay=weight_decay, seed=seed)
-    module = model.module()
-    result = finetune(module, train, val_ds, config, progress=progress)
+                            weight_decay=weight_decay, seed=seed, optimizer=optimizer, nesterov=nesterov,
+                            warmup_steps=warmup_steps, label_smoothing=label_smoothing, augment=augment,
+                            kd_alpha=kd_alpha, kd_temperature=kd_temperature)
+    teacher_model = teacher_module = None
+    if teacher is not None:
+        teacher_model = load_model(teacher, teacher_arch)
+        check_fits(teacher_model, train.x, f"teacher {teacher} on data {data}")
+        with torch.no_grad():
+            probe = train.x[:2]
+            student_classes = model.family.forward(model.spec, model.state_dict, probe).shape[-1]
+            teacher_classes = teacher_model.family.forward(teacher_model.spec, teacher_model.state_dict,
+                                                           probe).shape[-1]
+        if student_classes != teacher_classes:
+            raise DataError(f"teacher {teacher} has {teacher_classes} classes but the student {path} has "
+                            f"{student_classes}")
+        teacher_module = teacher_model.module()
+
+    state_file = train_state_path(out)
+    identity = {"input_sha256": model.sha256,
+                "teacher_sha256": teacher_model.sha256 if teacher_model is not None else None}
+    resume_from = None
+    if resume:
+        resume_from = load_train_state(state_file)
+        if resume_from.get("identity") != identity:
+            raise ClafuseError(f"{state_file} was saved for a different checkpoint or teacher; "
+                               "run without --resume to start afresh")
+
+    def on_state(state: dict) -> None:
+        save_train_state(state_file, {**state, "identity": identity})
+
+    metrics_fh = None
+    if metrics_out is not None:
+        try:
+            metrics_fh = open(metrics_out, "w", encoding="utf-8")
+        except OSError as exc:
+            raise ClafuseError(f"cannot write {metrics_out}: {exc.strerror or exc}") from None
+
+    def on_epoch(record: dict) -> None:
+        if metrics_fh is not None:
+            metrics_fh.write(json.dumps(record) + "\n")
+            metrics_fh.flush()
+
+    try:
+        if metrics_fh is not None and resume_from is not None:
+            for record in resume_from["history"]:
+                on_epoch(record)
+        module = model.module()
+        result = finetune(module, train, val_ds, config, on_epoch=on_epoch, progress=progress,
+                          teacher=teacher_module, on_state=on_state, resume_from=resume_from)
+    finally:
+        if metrics_fh is not None:
+            metrics_fh.close()
     state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
-    save_checkpoint(out, state, {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
-                                 "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)})
+    metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
+                "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
+    if teacher_model is not None:
+        metadata["distilled_from"] = teacher_model.sha256
+    save_checkpoint(out, state, metadata)
+    if plot is not None:
+        from clafuse.plots import plot_history
+
+        plot_history(result.history, plot)
+    state_file.unlink(missing_ok=True)
     return {"input": str(path), "output": str(out), "best_epoch": result.best_epoch, "history": result.history}

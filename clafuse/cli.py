@@ -120,7 +120,9 @@ def align(
 def fuse(
     map_file: Path = typer.Option(..., "--map", help="Map file written by 'clafuse align'."),
     out: Path = typer.Option(..., "-o", "--out", help="Fused checkpoint (.safetensors, or .pt by extension)."),
-    balance: str = typer.Option("add", help="add: identity layers into the shallower net (deep architecture); "
+    target: Optional[str] = typer.Option(None, help="Output architecture: deep, shallow, or A/B by align order "
+                                                   "(deep = --balance add, shallow = --balance merge)."),
+    balance: Optional[str] = typer.Option(None, help="add (default): identity layers into the shallower net (deep architecture); "
                                             "merge: fold the deeper net's unmatched layers (shallow architecture)."),
     solver: str = typer.Option("emd", help="Transport solver: emd (exact) or sinkhorn (entropic)."),
     reg: float = typer.Option(0.05, min=0.0, help="Sinkhorn regularisation, relative to the largest cost."),
@@ -141,11 +143,13 @@ def fuse(
     from clafuse.report import render_fuse
 
     _choice("--signal", signal_, ("activations", "weights"), optional=True)
+    _choice("--balance", balance, ("add", "merge"), optional=True)
+    _choice("--target", target, ("deep", "shallow", "A", "B"), optional=True)
     _choice("--solver", solver, ("emd", "sinkhorn"))
     _choice("--ground", ground, ("correlation", "euclidean"))
     _choice("--inserted", inserted, ("keep", "average"), optional=True)
     _choice("--correction", correction, ("regress", "repair", "none"))
-    report = run_fuse(map_file, out, balance=balance, weights=weights, data=data, samples=samples, signal=signal_,
+    report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples, signal=signal_,
                       allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
                       correction=correction, bn_reset=bn_reset)
     _emit(report, as_json, render_fuse)
