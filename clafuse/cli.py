@@ -185,16 +185,37 @@ def finetune(
     weight_decay: float = typer.Option(0.0, min=0.0, help="Weight decay."),
     seed: int = typer.Option(0, help="Seed for initial shuffling and any randomness."),
     arch: Optional[Path] = typer.Option(None, help="Architecture spec file; detected when omitted."),
+    optimizer: str = typer.Option("sgd", help="Optimizer: sgd or adamw (momentum and nesterov apply to sgd)."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (sgd)."),
+    warmup_steps: int = typer.Option(0, min=0, help="Steps of linear learning-rate warm-up before the schedule."),
+    label_smoothing: float = typer.Option(0.0, min=0.0, help="Label smoothing of the cross-entropy, in [0, 1)."),
+    augment: str = typer.Option("none", help="Image augmentation: none, crop or crop-flip (random crop after "
+                                             "zero padding of 2 pixels, 4 for inputs of 28 pixels or more)."),
+    teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint to distil from (same classes)."),
+    teacher_arch: Optional[Path] = typer.Option(None, help="Architecture spec file of the teacher."),
+    kd_alpha: float = typer.Option(0.5, min=0.0, max=1.0, help="Weight of the distillation term (with --teacher)."),
+    kd_temperature: float = typer.Option(4.0, help="Softmax temperature of distillation (with --teacher)."),
+    metrics_out: Optional[Path] = typer.Option(None, help="Write one JSON line of metrics per epoch to this file."),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG of the loss and accuracy curves."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Finetune a checkpoint with SGD, selecting the best epoch on validation data."""
+    """Finetune a checkpoint (SGD or AdamW, optionally distilling a teacher), selecting the best epoch on
+    validation data. The training state is kept in OUT.state.pt until the run completes."""
     from clafuse.api import finetune_checkpoint
     from clafuse.report import render_finetune
 
     _choice("--schedule", schedule, ("cosine", "step", "constant"))
+    _choice("--optimizer", optimizer, ("sgd", "adamw"))
+    _choice("--augment", augment, ("none", "crop", "crop-flip"))
+    if teacher_arch is not None and teacher is None:
+        raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
     report = finetune_checkpoint(ckpt, out, data=data, val=val, epochs=epochs, lr=lr, momentum=momentum,
                                  batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
-                                 arch=arch, progress=not as_json and sys.stderr.isatty())
+                                 arch=arch, progress=not as_json and sys.stderr.isatty(), optimizer=optimizer,
+                                 nesterov=nesterov, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
+                                 augment=augment, teacher=teacher, teacher_arch=teacher_arch, kd_alpha=kd_alpha,
+                                 kd_temperature=kd_temperature, metrics_out=metrics_out, plot=plot, resume=resume)
     _emit(report, as_json, render_finetune)
 
 
@@ -212,7 +233,9 @@ def _choice(option: str, value: Optional[str], allowed: tuple[str, ...], optiona
     if value is None and optional:
         return
     if value not in allowed:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+        from clafuse.errors import ClafuseError
+
+        raise ClafuseError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
 
 
 def _per_model(arch: Optional[List[Path]], count: int) -> list[Optional[Path]]:
