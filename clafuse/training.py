@@ -6,10 +6,11 @@ themselves. Model selection during finetuning uses the validation set only, neve
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from clafuse.data import Dataset
 from clafuse.errors import DataError
 
 SCHEDULES = ("cosine", "step", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+AUGMENTATIONS = ("none", "crop", "crop-flip")
+STATE_VERSION = 1
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -110,8 +114,14 @@ def evaluate_ensemble(models: Sequence[nn.Module], ds: Dataset, batch_size: int 
 
 @dataclass
 class FinetuneConfig:
-    """SGD finetuning settings. ``cosine`` decays per step to 0 over all steps; ``step`` multiplies the
-    rate by 0.1 at half and at three quarters of the epochs; ``warmup_steps`` ramps linearly first."""
+    """Finetuning settings. ``cosine`` decays per step to 0 over all steps; ``step`` multiplies the
+    rate by 0.1 at half and at three quarters of the epochs; ``warmup_steps`` ramps linearly first.
+
+    ``optimizer`` is ``sgd`` (with ``momentum``/``nesterov``) or ``adamw`` (default betas; momentum
+    and nesterov do not apply). ``kd_alpha`` and ``kd_temperature`` only matter when a teacher is
+    given: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y).
+    ``augment``: ``none``, ``crop`` (random crop after zero padding of 2 pixels, 4 for inputs of 28
+    pixels or more) or ``crop-flip`` (plus random horizontal flips), for (N, C, H, W) images."""
 
     epochs: int
     lr: float = 0.01
@@ -122,6 +132,11 @@ class FinetuneConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     seed: int = 0
+    optimizer: str = "sgd"
+    label_smoothing: float = 0.0
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -140,6 +155,18 @@ class FinetuneConfig:
             raise DataError(f"unknown schedule {self.schedule!r} (valid: {', '.join(SCHEDULES)})")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise DataError(f"warmup steps must be a non-negative integer, got {self.warmup_steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise DataError(f"unknown optimizer {self.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
+        if self.nesterov and self.optimizer != "sgd":
+            raise DataError("nesterov momentum applies to the sgd optimizer only")
+        if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise DataError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not (math.isfinite(self.kd_alpha) and 0 <= self.kd_alpha <= 1):
+            raise DataError(f"distillation alpha must be in [0, 1], got {self.kd_alpha}")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise DataError(f"distillation temperature must be positive, got {self.kd_temperature}")
+        if self.augment not in AUGMENTATIONS:
+            raise DataError(f"unknown augmentation {self.augment!r} (valid: {', '.join(AUGMENTATIONS)})")
 
     def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         """Learning rate for global step ``step`` (0-based) of ``total_steps``."""
@@ -182,6 +209,69 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """Randomly crop (after zero padding) and, for ``crop-flip``, horizontally flip each image of an
+    (N, C, H, W) batch. Random numbers come from the CPU generator ``gen``; ``none`` draws nothing."""
+    if mode == "none":
+        return x
+    if mode not in AUGMENTATIONS:
+        raise DataError(f"unknown augmentation {mode!r} (valid: {', '.join(AUGMENTATIONS)})")
+    if x.ndim != 4:
+        raise DataError(f"augmentation needs image batches shaped (N, C, H, W), got {list(x.shape)}")
+    n, _, h, w = x.shape
+    pad = 4 if min(h, w) >= 28 else 2
+    off_y = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    off_x = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = off_y[:, None] + torch.arange(h, device=x.device)  # (N, H)
+    cols = off_x[:, None] + torch.arange(w, device=x.device)  # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if mode == "crop-flip":
+        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out.contiguous()
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, alpha: float,
+                      temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y)``."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), log_target=True,
+                  reduction="batchmean")
+    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student, y, label_smoothing=label_smoothing)
+
+
+def _make_optimizer(params: list[torch.Tensor], config: FinetuneConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+                           weight_decay=config.weight_decay)
+
+
+def save_train_state(path, state: dict) -> None:
+    """Write a training state (from ``finetune``'s ``on_state``) atomically with ``torch.save``."""
+    from clafuse.io.atomic import atomic_output
+
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_train_state(path) -> dict:
+    """Read a training state written by :func:`save_train_state` (plain tensors and containers only)."""
+    from clafuse.errors import ClafuseError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ClafuseError(f"no training state to resume at {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
+        raise ClafuseError(f"cannot read training state {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ClafuseError(f"{path} is not a clafuse training state (version {STATE_VERSION})")
+    return state
+
+
 def finetune(
     model: nn.Module,
     train: Dataset,
@@ -189,14 +279,25 @@ def finetune(
     config: FinetuneConfig,
     on_epoch: Callable[[dict], None] | None = None,
     progress: bool = False,
+    teacher: nn.Module | None = None,
+    on_state: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
 ) -> FinetuneResult:
-    """Train ``model`` in place with SGD + cross-entropy and keep the weights of the best validation epoch.
+    """Train ``model`` in place (cross-entropy, or distillation from ``teacher``) and keep the weights of
+    the best validation epoch.
 
     Runs are deterministic for a given ``config.seed``; the caller's global RNG state is restored after.
     The model is left with its final-epoch weights; load ``result.best_state`` to use the best one.
     Each epoch's dict (epoch, train_loss, train_accuracy, val_loss and val_accuracy or None without
     val, lr of the epoch's last step, seconds) is passed to ``on_epoch`` while the model still holds
     that epoch's weights; ``progress`` shows a per-epoch bar on stderr.
+
+    ``teacher`` (kept in eval mode, without gradients, its mode restored after) turns the loss into
+    :func:`distillation_loss` with ``config.kd_alpha`` and ``config.kd_temperature``.
+    ``on_state`` receives, after every epoch and before ``on_epoch``, the full training state (weights,
+    optimizer, RNG states, best so far, history; plain tensors and containers, see
+    :func:`save_train_state`). Passing such a state as ``resume_from`` continues that run: the result
+    equals that of an uninterrupted run with the same config, which must match the saved one.
     """
     if train.y is None:
         raise DataError(f"{train.name} has no labels, so it cannot be used for training")
@@ -206,13 +307,17 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DataError("the model has no trainable parameters")
-    optimizer = torch.optim.SGD(
-        params,
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.nesterov,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = _make_optimizer(params, config)
+    if config.augment != "none" and train.x.ndim != 4:
+        raise DataError(f"augmentation needs images shaped (N, C, H, W), {train.name} has {list(train.x.shape[1:])}")
+    if resume_from is not None:
+        saved = resume_from.get("config")
+        if saved != asdict(config):
+            diff = sorted(k for k in asdict(config) if not isinstance(saved, dict) or saved.get(k) != asdict(config)[k])
+            raise DataError(f"the training state was saved with different settings ({', '.join(diff)}); "
+                            "resume with the same settings")
+        if resume_from.get("num_train") != len(train) or resume_from.get("distill") != (teacher is not None):
+            raise DataError("the training state was saved for different training data or teacher")
     steps_per_epoch = _num_batches(len(train), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     fork_devices = [device] if device.type == "cuda" else []
@@ -235,16 +340,30 @@ def finetune(
     history: list[dict] = []
     best_state: dict[str, torch.Tensor] = {}
     best_epoch, best_acc = 0, -1.0
+    first_epoch, step = 1, 0
     was_training = model.training
+    teacher_was_training = teacher.training if teacher is not None else False
+    if teacher is not None:
+        teacher.eval()
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
         gen = torch.Generator().manual_seed(config.seed)
+        if resume_from is not None:
+            model.load_state_dict(resume_from["model"])
+            optimizer.load_state_dict(resume_from["optimizer"])
+            torch.set_rng_state(resume_from["rng_cpu"])
+            gen.set_state(resume_from["rng_generator"])
+            if device.type == "cuda" and resume_from.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(resume_from["rng_cuda"], device)
+            history = [dict(h) for h in resume_from["history"]]
+            best_state = dict(resume_from["best_state"])
+            best_epoch, best_acc = int(resume_from["best_epoch"]), float(resume_from["best_acc"])
+            first_epoch, step = int(resume_from["epoch"]) + 1, int(resume_from["step"])
         task = bar.add_task("", total=steps_per_epoch, loss=float("nan")) if bar is not None else None
         if bar is not None:
             bar.start()
         try:
-            step = 0
-            for epoch in range(1, config.epochs + 1):
+            for epoch in range(first_epoch, config.epochs + 1):
                 started = time.perf_counter()
                 if bar is not None:
                     bar.reset(task, description=f"epoch {epoch}/{config.epochs}", loss=float("nan"))
@@ -255,12 +374,22 @@ def finetune(
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     xb, yb = train.x[idx].to(device), train.y[idx].to(device)
+                    xb = augment_batch(xb, config.augment, gen)
                     logits = _forward(model, xb)
-                    if step == 0:
+                    if epoch == first_epoch and seen == 0:
                         _labels(train, logits.shape[1])
                         if val is not None:
                             _labels(val, logits.shape[1])
-                    loss = F.cross_entropy(logits, yb)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = _forward(teacher, xb.to(_device_of(teacher))).to(logits.device)
+                        if t_logits.shape[1] != logits.shape[1]:
+                            raise DataError(f"the teacher has {t_logits.shape[1]} classes but the student "
+                                            f"has {logits.shape[1]}")
+                        loss = distillation_loss(logits, t_logits.float(), yb, config.kd_alpha,
+                                                 config.kd_temperature, config.label_smoothing)
+                    else:
+                        loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise DataError(f"training diverged in epoch {epoch} (loss {value}); lower the learning rate")
@@ -290,12 +419,32 @@ def finetune(
                         best_acc, best_epoch, best_state = metrics["accuracy"], epoch, _state_copy(model)
                 record["seconds"] = time.perf_counter() - started
                 history.append(record)
+                if on_state is not None:
+                    on_state({
+                        "version": STATE_VERSION,
+                        "config": asdict(config),
+                        "num_train": len(train),
+                        "distill": teacher is not None,
+                        "epoch": epoch,
+                        "step": step,
+                        "model": _state_copy(model),
+                        "optimizer": copy.deepcopy(optimizer.state_dict()),
+                        "rng_cpu": torch.get_rng_state(),
+                        "rng_generator": gen.get_state(),
+                        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                        "best_state": best_state,
+                        "best_epoch": best_epoch,
+                        "best_acc": best_acc,
+                        "history": [dict(h) for h in history],
+                    })
                 if on_epoch is not None:
                     on_epoch(record)
         finally:
             if bar is not None:
                 bar.stop()
             model.train(was_training)
+            if teacher is not None:
+                teacher.train(teacher_was_training)
     if val is None:
         best_epoch, best_state = config.epochs, _state_copy(model)
     return FinetuneResult(best_state=best_state, best_epoch=best_epoch, history=history)
