@@ -8,7 +8,7 @@ fusion handle without knowing the family.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -143,7 +143,6 @@ class Family:
     spec_model: ClassVar[type[BaseModel]]
     description: ClassVar[str] = ""
     engine: ClassVar[str] = "chain"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> BaseModel | None:
         """A spec if ``state_dict`` looks like this family, else None. Raise SpecError if it
@@ -188,6 +187,3 @@ class Family:
         """The state dict of ``chain`` under ``spec``'s key names, with the dtypes of ``like``."""
         raise NotImplementedError
 
-    def with_widths(self, spec: BaseModel, chain: Chain) -> BaseModel:
-        """``spec`` with the depth and widths of ``chain`` (for a fused model of a new shape)."""
-        raise NotImplementedError
