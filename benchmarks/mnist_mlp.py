@@ -188,6 +188,7 @@ def accuracies(paths: list[Path]) -> dict[str, Any]:
 
 def run_pair(index: int, seed: int, train, val) -> dict[str, Any]:
     log(f"\n== pair {index}: A seed {seed}, B seed {seed + 1} ==")
+    commit_start, code_start = git_commit(), code_digest()
     pa, info_a = parent("A", DEEP, seed, train, val)
     pb, info_b = parent("B", SHALLOW, seed + 1, train, val)
     work = WORK / f"pair{index}"
@@ -234,7 +235,12 @@ def run_pair(index: int, seed: int, train, val) -> dict[str, Any]:
 
     for key, row in models.items():
         log(f"    {key:<22} test {100 * row['test']:.2f}%  val {100 * row['val']:.2f}%")
-    return {"pair": index, "seeds": {"A": seed, "B": seed + 1}, "parents_training": {"A": info_a, "B": info_b},
+    code_end = git_commit(), code_digest()
+    if code_end[1] != code_start:
+        log(f"    warning: the clafuse sources changed during this pair ({code_start} -> {code_end[1]})")
+    return {"pair": index, "seeds": {"A": seed, "B": seed + 1}, "commit": [commit_start, code_end[0]],
+            "code_digest": [code_start, code_end[1]],
+            "parents_training": {"A": info_a, "B": info_b},
             "layer_map": mapping, "accuracy": models, "commands": commands}
 
 
@@ -313,6 +319,8 @@ def pkg_version(name: str) -> str | None:
 
 
 def git_commit() -> str | None:
+    """HEAD, with "+dirty" when the working tree's clafuse/ differs from it (the subprocesses run
+    the working tree)."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "clafuse"], cwd=ROOT, capture_output=True,
@@ -320,6 +328,17 @@ def git_commit() -> str | None:
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def code_digest() -> str:
+    """SHA-256 (first 12 hex digits) of the clafuse package's sources as the subprocesses see them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "clafuse").rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".json"):
+            h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -356,11 +375,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist_mlp: stopped: {exc}", file=sys.stderr)
         return 1
     rows, timing = summarise(pairs)
+    commits = sorted({c for p in pairs for c in p["commit"]}, key=str)
+    digests = sorted({d for p in pairs for d in p["code_digest"]})
+    if len(digests) > 1:
+        log(f"warning: the clafuse sources changed during the run ({', '.join(digests)}); rerun it")
     timing_loads = [x for key in timing for x in timing[key]["load_avg_1m"]]
     doc = {
         "benchmark": "mnist_mlp",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": commits[0] if len(commits) == 1 else commits,
+        "code_digest": digests[0] if len(digests) == 1 else digests,
+        "code_changed_during_run": len(digests) > 1,
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch_threads": opts.threads, "load_avg_start": [round(x, 2) for x in load_start],
                     "load_avg_end": [round(x, 2) for x in os.getloadavg()],

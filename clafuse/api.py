@@ -7,6 +7,7 @@ be used from Python as well as from the shell.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from clafuse.io.atomic import sha256_file, write_text_atomic
 from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
 
 DEFAULT_SAMPLES = 2000
+log = logging.getLogger("clafuse")
 
 
 @dataclass
@@ -289,8 +291,10 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
     deep, shallow = models[alignment.deep], models[alignment.shallow]
     balance = resolve_balance(balance, target, alignment)
 
+    # Calibration data serves the activation signal, the corrections, BN reset and merge's ReLU
+    # gates, so it is used whenever there is some, whatever the signal.
     x = None
-    if data is not None or (doc.data is not None and signal != "weights"):
+    if data is not None or doc.data is not None:
         source = data if data is not None else doc.data.source
         n = samples or (doc.data.samples if doc.data else DEFAULT_SAMPLES)
         seed = doc.data.seed if doc.data else 0
@@ -301,6 +305,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
         signal = "activations" if x is not None else "weights"
     if signal == "activations" and x is None:
         raise ClafuseError("the activation signal needs calibration data: pass --data, or --signal weights")
+    if x is None and options.get("correction", "regress") != "none":
+        log.warning("no calibration data: fusing without correction or BatchNorm reset (pass --data to enable them)")
+        options["correction"] = "none"
     try:
         settings = FusionSettings(signal=signal, **options)
     except TypeError as exc:
@@ -328,6 +335,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
         "balance": balance,
         "weights": alpha,
         "signal": signal,
+        "correction": settings.correction,
         "calibration_samples": int(x.shape[0]) if x is not None else 0,
         "mapping": [g.mapping for g in alignment.groups],
         "layers": [{"name": l.name, "width": l.width} for g in target.groups for l in g.layers],

@@ -63,3 +63,11 @@ def test_teacher_weight_one_into_student_width_differs_from_student(pair) -> Non
     api.fuse(root / "map.json", out, target="shallow", weights="0,1")
     fused = load_checkpoint(out)
     assert any(not torch.equal(fused[k], v) for k, v in student.state_dict().items())
+
+
+def test_weights_signal_still_uses_the_maps_calibration_data(pair) -> None:
+    """The signal only chooses how neurons are matched; the correction still needs and gets the data."""
+    root, _, _ = pair
+    report = api.fuse(root / "map.json", root / "w.safetensors", signal="weights", target="deep")
+    assert report["signal"] == "weights"
+    assert report["calibration_samples"] == 200 and report["correction"] == "regress"
