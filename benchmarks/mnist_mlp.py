@@ -57,11 +57,11 @@ TIME_BIN = shutil.which("time", path="/usr/bin:/bin")
 FUSIONS: list[tuple[str, str, list[str]]] = [
     ("add", "add, activations (default)", []),
     ("merge", "merge, activations", ["--balance", "merge"]),
-    # With --signal weights, fuse ignores the map's calibration data (so no correction is applied
-    # and merge refuses to run); --data brings the same 2,000 samples back for the correction.
-    ("add_weights", "add, weights", ["--signal", "weights", "--data", "mnist"]),
-    ("merge_weights", "merge, weights", ["--balance", "merge", "--signal", "weights", "--data", "mnist"]),
-    ("add_weights_nodata", "add, weights, data-free (no correction)", ["--signal", "weights"]),
+    # The weights signal matches neurons by their weights; the correction still uses the map's
+    # 2,000 calibration samples. With --correction none an MLP fusion uses no data at all.
+    ("add_weights", "add, weights", ["--signal", "weights"]),
+    ("merge_weights", "merge, weights", ["--balance", "merge", "--signal", "weights"]),
+    ("add_weights_nodata", "add, weights, data-free (no correction)", ["--signal", "weights", "--correction", "none"]),
     ("add_none", "add, correction none", ["--correction", "none"]),
     ("merge_none", "merge, correction none", ["--balance", "merge", "--correction", "none"]),
     ("add_repair", "add, correction repair", ["--correction", "repair"]),
