@@ -131,7 +131,7 @@ def fuse(
     data: Optional[str] = typer.Option(None, help="Calibration data (default: the data recorded in the map)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Calibration samples (default: as in the map)."),
     ground: str = typer.Option("correlation", help="Neuron cost from activations: correlation or euclidean."),
-    inserted: Optional[str] = typer.Option(None, help="average: average real layers with inserted identities; keep: layers only one net has are taken from it (default: average for MLP/VGG, keep for ResNet blocks)."),
+    inserted: Optional[str] = typer.Option(None, help="average: average real layers with inserted identities; keep: layers only one net has are taken from it (default: keep for networks with BatchNorm, average otherwise)."),
     correction: str = typer.Option("regress", help="regress: refit layers to the parents' mixed activations; repair: restore each neuron's mean and std; none."),
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset",
                                   help="Recompute BatchNorm running statistics of the fused network on the calibration data."),

@@ -32,7 +32,8 @@ class FusionSettings:
     z-scored post-ReLU activations, ``euclidean`` raw ones. ``inserted="keep"`` takes a layer that
     only some models really have from those models (averaging a real layer with an inserted
     identity would halve it); ``average`` averages over all models with the given weights; None
-    lets the engine choose (``average`` for chains, ``keep`` for residual blocks).
+    lets the engine choose (``keep`` for BatchNorm networks and residual blocks, ``average`` for
+    MLPs).
     ``correction`` (needs calibration inputs) undoes what averaging does to the activations:
     ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
     own activations, it reproduces the weighted average of the parents' aligned pre-activations
@@ -185,6 +186,13 @@ def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: 
     return AlignedChain(Chain(layers[:-1], layers[-1], source.flatten_input), plans, pre)
 
 
+def default_inserted(chain: Chain) -> str:
+    """``keep`` for networks with BatchNorm, ``average`` otherwise: chosen on validation data
+    (MNIST MLPs with the regression correction: average +0.2 points; Fashion-MNIST VGG with BN:
+    keep +0.6 points)."""
+    return "keep" if any(layer.bn is not None for layer in chain.layers) else "average"
+
+
 def layer_weights(layers: list[ChainLayer], weights: list[float], inserted: str | None) -> list[float]:
     """Mixing weights for one position: with ``keep``, inserted identities give their weight to
     the models that really have the layer, unless those models all have weight zero."""
@@ -319,9 +327,10 @@ def fuse_chains(anchor: Chain, sources: list[Chain], weights: list[float], x: to
     models = [anchor, *(a.chain for a in aligned)]
     fused_layers: list[ChainLayer] = []
     mixing: list[list[float]] = []
+    inserted = settings.inserted or default_inserted(anchor)
     for k in range(len(anchor.layers)):
         at_k = [m.layers[k] for m in models]
-        betas = layer_weights(at_k, weights, settings.inserted)
+        betas = layer_weights(at_k, weights, inserted)
         mixing.append(betas)
         fused_layers.append(average_layers(at_k, betas))
     fused = Chain(fused_layers[:-1], fused_layers[-1], anchor.flatten_input)
