@@ -204,21 +204,23 @@ class ResNetFamily(Family):
 
     @torch.no_grad()
     def record(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor,
-               batch_size: int = 256) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+               batch_size: int = 256, pooled: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Activations of the stem, every block (inner layers and output) and the pooled
-        features, and the logits, on ``x`` (eval mode)."""
+        features, and the logits, on ``x`` (eval mode). With ``pooled``, feature maps are
+        averaged over space batch by batch, which bounds memory when only channel means matter."""
         model = self.instantiate(spec, state_dict)
         parts: list[dict[str, torch.Tensor]] = []
         logits = []
         for start in range(0, len(x), batch_size):
             rec: dict[str, torch.Tensor] = {}
             logits.append(model(x[start:start + batch_size].float(), rec))
-            parts.append(rec)
+            parts.append({k: v.mean((2, 3)) if pooled and v.dim() == 4 else v for k, v in rec.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, torch.cat(logits)
 
     def layer_outputs(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor],
                       x: torch.Tensor) -> list[torch.Tensor]:
-        rec, _ = self.record(spec, state_dict, x)
+        """Block outputs averaged over space: the layer costs compare channel means anyway."""
+        rec, _ = self.record(spec, state_dict, x, pooled=True)
         return [rec[f"{name}.out"] for _, _, name in spec.blocks()]
 
     def forward(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
