@@ -36,7 +36,7 @@ from clafuse.align.mapfile import (
 )
 from clafuse.arch.base import Family, Group
 from clafuse.arch.registry import parse_spec, resolve
-from clafuse.data import Dataset, calibration_inputs, load_source
+from clafuse.data import calibration_inputs, load_source
 from clafuse.errors import ClafuseError, DataError, MapError
 from clafuse.fusion.engines import ENGINES, Member
 from clafuse.fusion.otfusion import FusionSettings
@@ -136,13 +136,12 @@ def _rel(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def _calibration(source: str, samples: int, seed: int, base: Path | None = None) -> tuple[torch.Tensor, DataEntry, Dataset]:
-    ds = load_source(str(base / source) if base and _is_path(source) and not Path(source).is_absolute() else source)
-    x = calibration_inputs(ds, samples, seed)
-    entry = DataEntry(source=source, split="train", samples=samples, seed=seed,
-                      sha256=sha256_file(base / source if base and not Path(source).is_absolute() else source)
-                      if _is_path(source) else None)
-    return x, entry, ds
+def _calibration(source: str, samples: int, seed: int, base: Path | None = None) -> torch.Tensor:
+    """``samples`` calibration inputs from ``source``'s train split; a relative file path is taken
+    relative to ``base`` (the map's folder) when given."""
+    if base is not None and _is_path(source) and not Path(source).is_absolute():
+        source = str(base / source)
+    return calibration_inputs(load_source(source), samples, seed)
 
 
 def _is_path(source: str) -> bool:
@@ -183,9 +182,10 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
     if metric != "neuron":
         if data is None:
             raise ClafuseError(f"metric {metric!r} needs calibration data: pass --data (or use --metric neuron)")
-        x, data_entry, _ = _calibration(data, samples, seed)
-        if data_entry.sha256 is not None:
-            data_entry.source = _rel(Path(data), base)
+        x = _calibration(data, samples, seed)
+        is_file = _is_path(data)
+        data_entry = DataEntry(source=_rel(Path(data), base) if is_file else data, split="train", samples=samples,
+                               seed=seed, sha256=sha256_file(data) if is_file else None)
         for m in models:
             check_fits(m, x, f"data {data}")
         acts = [m.layer_outputs(x) for m in models]
@@ -298,7 +298,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
         source = data if data is not None else doc.data.source
         n = samples or (doc.data.samples if doc.data else DEFAULT_SAMPLES)
         seed = doc.data.seed if doc.data else 0
-        x, _, _ = _calibration(source, n, seed, base=None if data is not None else base)
+        x = _calibration(source, n, seed, base=None if data is not None else base)
         for m in models:
             check_fits(m, x, f"data {source}")
     if signal is None:
@@ -344,10 +344,6 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
     }
 
 
-def _source_dataset(source: str, split: str) -> Dataset:
-    return load_source(source, split=split)
-
-
 def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
                          archs: Sequence[str | os.PathLike | None] | None = None) -> dict[str, Any]:
     """Accuracy and loss of each checkpoint on ``data`` (test split by default), and of their
@@ -356,7 +352,7 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
 
     archs = list(archs) if archs else [None] * len(paths)
     models = [load_model(p, a) for p, a in zip(paths, archs)]
-    ds = _source_dataset(data, "test")
+    ds = load_source(data, split="test")
     if ds.y is None:
         raise DataError(f"data {data}: evaluation needs labels (array 'y')")
     modules = []
@@ -397,10 +393,10 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
     from clafuse.training import FinetuneConfig, finetune, load_train_state, save_train_state
 
     model = load_model(path, arch)
-    train = _source_dataset(data, "train")
+    train = load_source(data, split="train")
     if val is None and _is_path(data):
         raise DataError("a .npz training file has no validation split: pass --val")
-    val_ds = _source_dataset(val if val is not None else data, "val")
+    val_ds = load_source(val if val is not None else data, split="val")
     for ds, name in ((train, data), (val_ds, val or data)):
         if ds.y is None:
             raise DataError(f"data {name}: finetuning needs labels (array 'y')")

@@ -15,7 +15,27 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
+from clafuse.errors import SpecError
+
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor],
+                 context: str = "") -> None:
+    """Raise SpecError naming the first missing, unexpected or mis-shaped key; ``context`` (e.g. the
+    spec in brief) is appended to the message."""
+    missing = [k for k in expected if k not in state_dict]
+    if missing:
+        raise SpecError(f"the spec expects {missing[0]!r}, which the checkpoint lacks"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + context)
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        raise SpecError(f"the checkpoint has {extra[0]!r}, which the spec does not describe"
+                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + context)
+    for key, shape in expected.items():
+        got = tuple(state_dict[key].shape)
+        if got != shape:
+            raise SpecError(f"{key} has shape {got}, the spec implies {shape}{context}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
-from clafuse.arch.base import Chain, ChainLayer, Family, Group, LayerInfo
+from clafuse.arch.base import Chain, ChainLayer, Family, Group, LayerInfo, check_shapes
 from clafuse.arch.modules import LinearChain
 from clafuse.errors import SpecError
 
@@ -105,7 +105,7 @@ class MLPFamily(Family):
             expected[f"{layer.name}.weight"] = (layer.out_features, layer.in_features)
             if layer.bias:
                 expected[f"{layer.name}.bias"] = (layer.out_features,)
-        _check_shapes(expected, state_dict)
+        check_shapes(expected, state_dict)
 
     def build(self, spec: MLPSpec) -> nn.Module:
         return LinearChain([(layer.name, nn.Linear(layer.in_features, layer.out_features, bias=layer.bias))
@@ -143,19 +143,3 @@ class MLPFamily(Family):
                 bias = cl.bias if cl.bias is not None else torch.zeros(layer.out_features)
                 out[f"{layer.name}.bias"] = bias.to(like[f"{layer.name}.bias"].dtype).contiguous()
         return out
-
-
-def _check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Raise SpecError naming the first missing, unexpected or mis-shaped key."""
-    missing = [k for k in expected if k not in state_dict]
-    if missing:
-        raise SpecError(f"the spec expects {missing[0]!r}, which the checkpoint lacks"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    extra = [k for k in state_dict if k not in expected]
-    if extra:
-        raise SpecError(f"the checkpoint has {extra[0]!r}, which the spec does not describe"
-                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-    for key, shape in expected.items():
-        got = tuple(state_dict[key].shape)
-        if got != shape:
-            raise SpecError(f"{key} has shape {got}, the spec implies {shape}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, model_validator
 from torch import nn
 
-from clafuse.arch.base import Family, Group, LayerInfo
+from clafuse.arch.base import Family, Group, LayerInfo, check_shapes
 from clafuse.errors import SpecError
 
 EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -174,15 +174,7 @@ class ResNetFamily(Family):
     def check(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in self.build(spec).state_dict().items()}
-        missing = [k for k in expected if k not in state_dict]
-        extra = [k for k in state_dict if k not in expected]
-        if missing or extra:
-            what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which the spec does not describe"
-            raise SpecError(f"the checkpoint {what} (resnet {spec.block} {spec.layers}, widths {spec.widths})")
-        for key, shape in expected.items():
-            got = tuple(state_dict[key].shape)
-            if got != shape:
-                raise SpecError(f"{key} has shape {got}, the resnet spec implies {shape}")
+        check_shapes(expected, state_dict, f" (resnet {spec.block} {spec.layers}, widths {spec.widths})")
 
     def build(self, spec: ResNetSpec) -> nn.Module:
         return ResNet(spec)

@@ -18,8 +18,7 @@ import torch
 from pydantic import BaseModel, Field, PositiveInt, ValidationError, model_validator
 from torch import nn
 
-from clafuse.arch.base import BN_KEYS, Chain, ChainLayer, Family, Group, LayerInfo
-from clafuse.arch.mlp import _check_shapes
+from clafuse.arch.base import BN_KEYS, Chain, ChainLayer, Family, Group, LayerInfo, check_shapes
 from clafuse.errors import SpecError
 
 POOL = "M"
@@ -282,7 +281,7 @@ class VGGFamily(Family):
         return out
 
     def check(self, spec: VGGSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
-        _check_shapes(self.expected_shapes(spec), state_dict)
+        check_shapes(self.expected_shapes(spec), state_dict)
 
     def build(self, spec: VGGSpec) -> nn.Module:
         pools = spec.pools_after

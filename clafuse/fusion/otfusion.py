@@ -93,6 +93,12 @@ def activation_ground_cost(h_src: torch.Tensor, h_tgt: torch.Tensor, ground: str
     return torch.cdist(fs, ft)
 
 
+def with_tie_break(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """An activation cost with a weight cost added at a millionth of its scale: neurons silent on
+    every calibration sample look alike, and their weights break the tie."""
+    return acts + 1e-6 * acts.max().clamp_min(1e-12) * weights / weights.max().clamp_min(1e-12)
+
+
 def _rows(layer: ChainLayer, with_bias: bool) -> torch.Tensor:
     rows = layer.weight.flatten(1).double()
     if with_bias:
@@ -167,9 +173,7 @@ def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: 
         if k < len(source.hidden):
             cost = weight_ground_cost(moved, anchor.hidden[k])
             if use_acts:
-                # Neurons silent on every calibration sample look alike; their weights break the tie.
-                acts = activation_ground_cost(src_post[k], tgt_post[k], settings.ground)
-                cost = acts + 1e-6 * acts.max().clamp_min(1e-12) * cost / cost.max().clamp_min(1e-12)
+                cost = with_tie_break(activation_ground_cost(src_post[k], tgt_post[k], settings.ground), cost)
             plan = transport_plan(cost, settings.solver, settings.reg)
             moved = moved.with_(
                 weight=align_outputs(weight, plan),

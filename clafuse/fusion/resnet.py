@@ -18,7 +18,8 @@ import torch
 from clafuse.arch.resnet import ResNetSpec
 from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import Member, PairResult, register_engine
-from clafuse.fusion.otfusion import FusionSettings, activation_ground_cost, align_inputs, align_outputs
+from clafuse.fusion.otfusion import (FusionSettings, activation_ground_cost, align_inputs, align_outputs,
+                                     with_tie_break)
 from clafuse.fusion.transport import transport_plan
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
@@ -51,8 +52,8 @@ class _Aligner:
     def plan(self, act_key_o: str, act_key_t: str, rows_o: torch.Tensor, rows_t: torch.Tensor) -> np.ndarray:
         cost = _cost_rows(rows_o, rows_t)
         if self.acts:
-            acts = activation_ground_cost(self.o_rec[act_key_o], self.t_rec[act_key_t], self.settings.ground)
-            cost = acts + 1e-6 * acts.max().clamp_min(1e-12) * cost / cost.max().clamp_min(1e-12)
+            cost = with_tie_break(activation_ground_cost(self.o_rec[act_key_o], self.t_rec[act_key_t],
+                                                         self.settings.ground), cost)
         return transport_plan(cost, self.settings.solver, self.settings.reg)
 
 
