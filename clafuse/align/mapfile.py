@@ -150,6 +150,8 @@ def read_map(path: str | Path) -> MapFile:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MapError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # a number too long to convert, nesting too deep
+        raise MapError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     if not isinstance(data, dict) or data.get("format") != MAP_FORMAT:
         raise MapError(f"{path}: not a clafuse map file (missing \"format\": \"{MAP_FORMAT}\")")
     if data.get("version") != MAP_VERSION:

@@ -69,14 +69,16 @@ def load_spec(path: str | Path) -> tuple[Family, BaseModel]:
     """Read a JSON or YAML spec file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not a text file (not valid UTF-8 at byte {exc.start})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
-                        f"({str(exc).splitlines()[0]})") from None
+    except (json.JSONDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
     return parse_spec(data, str(path))
 
 
