@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel
@@ -36,12 +36,14 @@ from clafuse.align.mapfile import (
 )
 from clafuse.arch.base import Family, Group
 from clafuse.arch.registry import parse_spec, resolve
-from clafuse.data import calibration_inputs, load_source
+from clafuse.data import calibration_inputs, has_val_split, load_source
 from clafuse.errors import ClafuseError, DataError, MapError
-from clafuse.fusion.engines import ENGINES, Member
+from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.atomic import sha256_file, write_text_atomic
-from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
+from clafuse.io.checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
+from clafuse.io.lazy import LazyStateDict
+from clafuse.io.writer import parse_size
 
 DEFAULT_SAMPLES = 2000
 log = logging.getLogger("clafuse")
@@ -52,7 +54,7 @@ class LoadedModel:
     """A checkpoint with its family and spec."""
 
     path: Path
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]
     family: Family
     spec: BaseModel
 
@@ -77,10 +79,11 @@ class LoadedModel:
 
 
 def load_model(path: str | os.PathLike, arch: str | os.PathLike | None = None,
-               allow_nonfinite: bool = True) -> LoadedModel:
-    """Read a checkpoint and find its architecture (from ``arch`` if given, else detected)."""
-    state_dict = load_checkpoint(path)
-    family, spec = resolve(state_dict, arch)
+               allow_nonfinite: bool = True, lazy: bool = False) -> LoadedModel:
+    """Read a checkpoint and find its architecture (from ``arch`` if given, else detected).
+    With ``lazy``, a safetensors checkpoint is only opened: tensors are read when used."""
+    state_dict = open_checkpoint(path) if lazy else load_checkpoint(path)
+    family, spec = resolve(state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict, arch)
     if not allow_nonfinite:
         bad = nonfinite_keys(state_dict)
         if bad:
@@ -89,7 +92,7 @@ def load_model(path: str | os.PathLike, arch: str | os.PathLike | None = None,
     return LoadedModel(Path(path), state_dict, family, spec)
 
 
-def nonfinite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+def nonfinite_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Keys of floating-point tensors holding NaN or Inf: exactly those whose float64 sum is not
     finite (it cannot overflow), which is cheaper than an element-wise test."""
     return [k for k, v in state_dict.items()
@@ -148,47 +151,54 @@ def _is_path(source: str) -> bool:
     return source.endswith(".npz") or os.sep in source or Path(source).exists()
 
 
-def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
-          archs: Sequence[str | os.PathLike | None] | None = None, data: str | None = None,
-          samples: int = DEFAULT_SAMPLES, metric: str = "cka", seed: int = 0,
-          pin_first: bool = True, pin_last: bool = True) -> MapFile:
-    """Align the layers of two checkpoints (in either order) and write the map to ``out``.
+def model_letter(index: int) -> str:
+    """Models are named A, B, C, ... in align order (AA, AB, ... past Z)."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
 
-    The deeper model is found automatically; per alignment group, the shallow x deep cost matrix
-    is computed (``metric``) and the optimal order-preserving mapping solved by DP.
-    """
-    if len(paths) != 2:
-        raise ClafuseError(f"align takes exactly two checkpoints, got {len(paths)}")
-    if metric not in METRICS:
-        raise ClafuseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    archs = list(archs) if archs else [None] * len(paths)
-    models = [load_model(p, a) for p, a in zip(paths, archs)]
-    if models[0].family.name != models[1].family.name:
-        raise ClafuseError(f"cannot align a {models[0].family.name} with a {models[1].family.name}")
-    g0, g1 = models[0].groups, models[1].groups
-    if len(g0) != len(g1):
-        raise ClafuseError(f"{paths[0]} has {len(g0)} alignment groups ({', '.join(g.name for g in g0)}) "
-                           f"but {paths[1]} has {len(g1)}")
-    deep = 0 if models[0].depth >= models[1].depth else 1
-    shallow = 1 - deep
-    for gd, gs in zip(models[deep].groups, models[shallow].groups):
+
+def _model_index(choice: str | int, paths: Sequence[str | os.PathLike], depths: Sequence[int], what: str) -> int:
+    """A model chosen by letter (A, B, ...), 0-based index, path as given, or ``deep``/``shallow``."""
+    if isinstance(choice, int) or (isinstance(choice, str) and choice.isdigit()):
+        index = int(choice)
+        if 0 <= index < len(paths):
+            return index
+    else:
+        if choice == "deep":
+            return max(range(len(depths)), key=lambda i: (depths[i], -i))
+        if choice == "shallow":
+            return min(range(len(depths)), key=lambda i: (depths[i], i))
+        letters = [model_letter(i) for i in range(len(paths))]
+        if choice.upper() in letters:
+            return letters.index(choice.upper())
+        matches = [i for i, p in enumerate(paths) if str(p) == choice]
+        if len(matches) == 1:
+            return matches[0]
+    names = ", ".join(model_letter(i) for i in range(len(paths)))
+    raise ClafuseError(f"{what} {choice!r} names no model: use deep, shallow, a letter ({names}) or an index")
+
+
+def _check_pair(models: Sequence[LoadedModel], deep: int, shallow: int) -> None:
+    """The shallower model must fit into the deeper one group by group."""
+    gd_all, gs_all = models[deep].groups, models[shallow].groups
+    if len(gd_all) != len(gs_all):
+        raise ClafuseError(f"{models[shallow].path} has {len(gs_all)} alignment groups "
+                           f"({', '.join(g.name for g in gs_all)}) but {models[deep].path} has {len(gd_all)}")
+    for gd, gs in zip(gd_all, gs_all):
         if len(gs.layers) > len(gd.layers):
-            raise ClafuseError(f"group {gd.name!r}: {paths[shallow]} has more layers ({len(gs.layers)}) than "
-                               f"{paths[deep]} ({len(gd.layers)}), although it is shallower overall")
+            raise ClafuseError(f"group {gd.name!r}: {models[shallow].path} has more layers ({len(gs.layers)}) than "
+                               f"{models[deep].path} ({len(gd.layers)}), although it is not deeper overall")
         if not gs.layers:
-            raise ClafuseError(f"group {gd.name!r} of {paths[shallow]} has no hidden layer to align")
-    base = Path(out).parent if out else Path.cwd()
-    data_entry = None
-    if metric != "neuron":
-        if data is None:
-            raise ClafuseError(f"metric {metric!r} needs calibration data: pass --data (or use --metric neuron)")
-        x = _calibration(data, samples, seed)
-        is_file = _is_path(data)
-        data_entry = DataEntry(source=_rel(Path(data), base) if is_file else data, split="train", samples=samples,
-                               seed=seed, sha256=sha256_file(data) if is_file else None)
-        for m in models:
-            check_fits(m, x, f"data {data}")
-        acts = [m.layer_outputs(x) for m in models]
+            raise ClafuseError(f"group {gd.name!r} of {models[shallow].path} has no hidden layer to align")
+
+
+def _align_pair(models: Sequence[LoadedModel], deep: int, shallow: int, metric: str,
+                acts: Sequence[list[torch.Tensor]] | None, pin_first: bool, pin_last: bool) -> Alignment:
+    """Layer costs and the optimal order-preserving mapping of ``shallow``'s layers into ``deep``'s."""
     groups = []
     offset_d = offset_s = 0
     for gd, gs in zip(models[deep].groups, models[shallow].groups):
@@ -208,17 +218,67 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
                                      mapping=mapping, total_cost=round(total, 10)))
         offset_d += nd
         offset_s += ns
+    return Alignment(shallow=shallow, deep=deep, groups=groups)
+
+
+def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
+          archs: Sequence[str | os.PathLike | None] | None = None, data: str | None = None,
+          samples: int = DEFAULT_SAMPLES, metric: str = "cka", seed: int = 0,
+          pin_first: bool = True, pin_last: bool = True, anchor: str | int | None = None) -> MapFile:
+    """Align the layers of every checkpoint to an anchor's and write the map to ``out``.
+
+    The anchor is the deepest model unless ``anchor`` names another (letter, index, path, deep or
+    shallow); it is the architecture ``fuse`` targets by default. For each other model, per
+    alignment group, the layer cost matrix between it and the anchor (shallower x deeper) is
+    computed (``metric``) and the optimal order-preserving mapping solved by DP.
+    """
+    if len(paths) < 2:
+        raise ClafuseError(f"align needs at least two checkpoints, got {len(paths)}")
+    if metric not in METRICS:
+        raise ClafuseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    archs = list(archs) if archs else [None] * len(paths)
+    models = [load_model(p, a, lazy=True) for p, a in zip(paths, archs)]
+    for m in models[1:]:
+        if m.family.name != models[0].family.name:
+            raise ClafuseError(f"cannot align a {models[0].family.name} with a {m.family.name} ({m.path})")
+    depths = [m.depth for m in models]
+    center = _model_index("deep" if anchor is None else anchor, paths, depths, "--anchor")
+    pairs = []
+    for i in range(len(models)):
+        if i == center:
+            continue
+        deep, shallow = (center, i) if depths[center] >= depths[i] else (i, center)
+        _check_pair(models, deep, shallow)
+        pairs.append((deep, shallow))
+    base = Path(out).parent if out else Path.cwd()
+    data_entry = None
+    acts = None
+    if metric != "neuron":
+        if data is None:
+            raise ClafuseError(f"metric {metric!r} needs calibration data: pass --data (or use --metric neuron)")
+        x = _calibration(data, samples, seed)
+        is_file = _is_path(data)
+        data_entry = DataEntry(source=_rel(Path(data), base) if is_file else data, split="train", samples=samples,
+                               seed=seed, sha256=sha256_file(data) if Path(data).is_file() else None)
+        for m in models:
+            check_fits(m, x, f"data {data}")
+        acts = [m.layer_outputs(x) for m in models]
+    alignments = [_align_pair(models, deep, shallow, metric, acts, pin_first, pin_last) for deep, shallow in pairs]
+    if len(models) == 2:
+        roles = ["deep" if i == pairs[0][0] else "shallow" for i in range(2)]
+    else:
+        roles = ["anchor" if i == center else "member" for i in range(len(models))]
     entries = [
         ModelEntry(path=_rel(m.path, base), sha256=m.sha256, family=m.family.name,
                    spec=m.spec.model_dump(mode="json"),
                    groups=[GroupEntry(name=g.name, layers=[LayerEntry(name=l.name, width=l.width) for l in g.layers])
                            for g in m.groups],
-                   role="deep" if i == deep else "shallow")
-        for i, m in enumerate(models)
+                   role=role)
+        for m, role in zip(models, roles)
     ]
-    doc = MapFile(tool=f"clafuse {clafuse.__version__}", models=entries, anchor=deep,
+    doc = MapFile(tool=f"clafuse {clafuse.__version__}", models=entries, anchor=center,
                   settings=Settings(metric=metric, pin_first=pin_first, pin_last=pin_last),
-                  data=data_entry, alignments=[Alignment(shallow=shallow, deep=deep, groups=groups)])
+                  data=data_entry, alignments=alignments)
     if out is not None:
         write_text_atomic(out, dump_map(doc))
     return doc
@@ -229,8 +289,8 @@ def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
     if not path.exists():
         raise MapError(f"{path}: checkpoint named in the map does not exist")
     family, spec = parse_spec(entry.spec, f"map entry {entry.path}")
-    state_dict = load_checkpoint(path)
-    family.check(spec, state_dict)
+    state_dict = open_checkpoint(path)
+    family.check(spec, state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict)
     model = LoadedModel(path, state_dict, family, spec)
     if model.sha256 != entry.sha256:
         raise MapError(f"{path} changed since align (sha256 {model.sha256[:12]}…, the map has {entry.sha256[:12]}…); "
@@ -238,18 +298,42 @@ def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
     return model
 
 
-def resolve_balance(balance: str | None, target: str | None, alignment: Alignment) -> str:
-    """The balancing method from ``--balance`` and/or ``--target`` (they must agree)."""
-    if target is None:
-        return balance or "add"
-    names = {"deep": alignment.deep, "shallow": alignment.shallow, "A": 0, "B": 1}
-    if target not in names:
-        raise ClafuseError(f"--target must be one of deep, shallow, A, B; got {target!r}")
-    wanted = "add" if names[target] == alignment.deep else "merge"
-    if balance is not None and balance != wanted:
-        raise ClafuseError(f"--target {target} needs --balance {wanted} (the {'deeper' if wanted == 'add' else 'shallower'} "
-                           f"architecture), not --balance {balance}")
-    return wanted
+def resolve_target(doc: MapFile, target: str | int | None, balance: str | None) -> int:
+    """The index of the model whose architecture the fused checkpoint takes.
+
+    By default the map's anchor; ``target`` names another (deep, shallow, a letter or an index),
+    which needs an alignment between it and every other model, i.e. a two-model map or the anchor.
+    ``balance`` (two-model maps) says the same by method: ``add`` = the deeper, ``merge`` = the
+    shallower; given together they must agree.
+    """
+    depths = [sum(len(g.layers) for g in m.groups) for m in doc.models]
+    if target is not None:
+        chosen = _model_index(target, [m.path for m in doc.models], depths, "--target")
+        if len(doc.models) == 2 and target in ("deep", "shallow"):
+            pair = doc.alignments[0]
+            chosen = pair.deep if target == "deep" else pair.shallow
+    elif balance is not None:
+        if balance not in ("add", "merge"):
+            raise ClafuseError(f"unknown balance {balance!r}; choose from add, merge")
+        if len(doc.models) != 2:
+            raise ClafuseError("--balance chooses between the two models of a two-model map; with more models "
+                               "use --target (each model is balanced to the target as its depth needs)")
+        pair = doc.alignments[0]
+        chosen = pair.deep if balance == "add" else pair.shallow
+    else:
+        chosen = doc.anchor
+    linked = {i for a in doc.alignments for i in (a.deep, a.shallow) if chosen in (a.deep, a.shallow)} - {chosen}
+    missing = [model_letter(i) for i in range(len(doc.models)) if i != chosen and i not in linked]
+    if missing:
+        raise ClafuseError(f"the map does not align model {', '.join(missing)} to {model_letter(chosen)}: run align "
+                           f"again with --anchor {model_letter(chosen)} to fuse into that model's architecture")
+    if balance is not None and len(doc.models) == 2:
+        pair = doc.alignments[0]
+        wanted = "add" if chosen == pair.deep else "merge"
+        if balance != wanted:
+            raise ClafuseError(f"--target {target} needs --balance {wanted} (the "
+                               f"{'deeper' if wanted == 'add' else 'shallower'} architecture), not --balance {balance}")
+    return chosen
 
 
 def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]:
@@ -266,18 +350,22 @@ def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]
 
 
 def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | None = None,
-         target: str | None = None, weights: str | Sequence[float] | None = None, data: str | None = None,
+         target: str | int | None = None, weights: str | Sequence[float] | None = None, data: str | None = None,
          samples: int | None = None, signal: str | None = None, allow_nonfinite: bool = False,
-         **options: Any) -> dict[str, Any]:
-    """Balance and fuse the models of a map into one checkpoint written to ``out``.
+         dtype: str | None = None, max_shard_size: str | int | None = None, **options: Any) -> dict[str, Any]:
+    """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
-    ``add`` gives the deep model's architecture, ``merge`` the shallow one's; ``target`` says the
-    same by the output architecture (``deep``, ``shallow``, or ``A``/``B`` by align order), e.g. to
-    fuse a deep teacher into a shallow student's architecture. Activations drive
-    the transport when calibration data is at hand (the map's, or ``data``), else weights;
-    ``options`` are further :class:`~clafuse.fusion.otfusion.FusionSettings` fields.
+    The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
+    e.g. to fuse a deep teacher into a shallow student's. Each other model is balanced to it (add:
+    identities into a shallower model; merge: a deeper model's unmatched layers folded),
+    transported into its neuron order and averaged with ``weights`` (one per model, align order).
+    Activations drive the transport when calibration data is at hand (the map's, or ``data``), else
+    weights; ``options`` are further :class:`~clafuse.fusion.otfusion.FusionSettings` fields.
+    ``dtype`` overrides the target's floating-point dtype; above ``max_shard_size`` the output is
+    written as shards with an index.
     """
     started = time.perf_counter()
+    check_output(out, dtype, max_shard_size)
     doc = read_map(map_path)
     base = Path(map_path).parent
     models = [_map_model(entry, base) for entry in doc.models]
@@ -287,9 +375,17 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
             if bad:
                 raise ClafuseError(f"{m.path}: {bad[0]} has NaN or Inf values; pass --allow-nonfinite to fuse anyway")
     alpha = parse_weights(weights, len(models))
-    alignment = doc.alignments[0]
-    deep, shallow = models[alignment.deep], models[alignment.shallow]
-    balance = resolve_balance(balance, target, alignment)
+    chosen = resolve_target(doc, target, balance)
+    sources, methods = [], {}
+    for i, m in enumerate(models):
+        if i == chosen:
+            continue
+        pair = next(a for a in doc.alignments if {a.deep, a.shallow} == {i, chosen})
+        sources.append((i, Source(Member(m.family, m.spec, m.state_dict), [g.mapping for g in pair.groups],
+                                  deeper=pair.deep == i)))
+        methods[model_letter(i)] = "merge" if pair.deep == i else "add"
+    if len(models) == 2:
+        balance = next(iter(methods.values()))
 
     # Calibration data serves the activation signal, the corrections, BN reset and merge's ReLU
     # gates, so it is used whenever there is some, whatever the signal.
@@ -313,35 +409,73 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
     except TypeError as exc:
         raise ClafuseError(f"unknown fusion option: {exc}") from None
 
-    engine = ENGINES[deep.family.engine]
-    result = engine(Member(deep.family, deep.spec, deep.state_dict),
-                    Member(shallow.family, shallow.spec, shallow.state_dict),
-                    [g.mapping for g in alignment.groups], balance,
-                    (alpha[alignment.deep], alpha[alignment.shallow]), x, settings)
-    target = deep if result.target == "deep" else shallow
-    state = result.state_dict
+    target_model = models[chosen]
+    engine = ENGINES[target_model.family.engine]
+    order = [chosen, *(i for i, _ in sources)]
+    result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
+                    [source for _, source in sources], [alpha[i] for i in order], x, settings)
+    state = cast_state(result.state_dict, dtype)
     metadata = {
         "clafuse_version": clafuse.__version__,
         "map_sha256": map_digest(map_path),
         "inputs": json.dumps([{"path": e.path, "sha256": e.sha256} for e in doc.models]),
-        "target": doc.models[models.index(target)].path,
-        "settings": json.dumps({"balance": balance, "weights": alpha, **settings.__dict__}),
+        "target": doc.models[chosen].path,
+        "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
+                                "dtype": dtype, **settings.__dict__}),
     }
-    save_checkpoint(out, state, metadata)
+    shards = save_checkpoint(out, state, metadata, max_shard_size=max_shard_size)
     return {
         "output": str(out),
-        "target": str(target.path),
-        "family": target.family.name,
-        "balance": balance,
+        "files": [str(f) for f in shards],
+        "target": str(target_model.path),
+        "family": target_model.family.name,
+        "balance": balance if len(models) == 2 else methods,
         "weights": alpha,
         "signal": signal,
         "correction": settings.correction,
         "calibration_samples": int(x.shape[0]) if x is not None else 0,
-        "mapping": [g.mapping for g in alignment.groups],
-        "layers": [{"name": l.name, "width": l.width} for g in target.groups for l in g.layers],
-        "mixing": result.mixing,
+        "mapping": sources[0][1].mappings if len(models) == 2 else {model_letter(i): s.mappings for i, s in sources},
+        "layers": [{"name": l.name, "width": l.width} for g in target_model.groups for l in g.layers],
+        "mixing": [[round(float(v), 6) for v in row] for row in result.mixing],
+        "mixing_order": [model_letter(i) for i in order],
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def check_output(out: str | os.PathLike, dtype: str | None = None, max_shard_size: str | int | None = None) -> None:
+    """Refuse an unusable output name, dtype or shard size before any work is done."""
+    name = Path(out).name.lower()
+    if not name.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        raise ClafuseError(f"{out}: unsupported output extension, use .safetensors or .pt")
+    if dtype is not None and dtype not in DTYPES:
+        raise ClafuseError(f"--dtype must be one of fp32, fp16, bf16; got {dtype!r}")
+    if parse_size(max_shard_size) is not None and not name.endswith(".safetensors"):
+        raise ClafuseError(f"{out}: sharded output (--max-shard-size) needs a .safetensors file name")
+    if not Path(out).parent.is_dir():
+        raise ClafuseError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
+    """``state`` with its floating-point tensors in ``dtype`` (fp32, fp16, bf16); unchanged for None."""
+    if dtype is None:
+        return state
+    if dtype not in DTYPES:
+        raise ClafuseError(f"--dtype must be one of fp32, fp16, bf16; got {dtype!r}")
+    wanted = DTYPES[dtype]
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype != wanted:
+            converted = value.to(wanted)
+            if not bool(torch.isfinite(converted.sum(dtype=torch.float64))) and \
+                    bool(torch.isfinite(value.sum(dtype=torch.float64))):
+                raise ClafuseError(f"{key} does not fit in {dtype}: its values overflow to Inf")
+            value = converted
+        out[key] = value
+    return out
 
 
 def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
@@ -381,7 +515,7 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                         teacher: str | os.PathLike | None = None, teacher_arch: str | os.PathLike | None = None,
                         kd_alpha: float = 0.5, kd_temperature: float = 4.0,
                         metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-                        resume: bool = False) -> dict[str, Any]:
+                        resume: bool = False, precision: str = "fp32") -> dict[str, Any]:
     """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
     test data) to ``out``, in the input's key names and dtypes.
 
@@ -389,80 +523,101 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
     The training state is saved to :func:`train_state_path` after every epoch and removed once
     ``out`` is written; ``resume`` continues an interrupted run from it (same settings required).
     ``metrics_out`` gets one JSON line per epoch as training goes; ``plot`` a PNG of the curves.
+    ``precision`` ``bf16``/``fp16`` runs the forward passes under autocast (fp16 needs CUDA).
+
+    Training runs on CUDA when available (``cuda:LOCAL_RANK``), else on the CPU. Started by torchrun
+    with several processes, the run is data parallel (see :func:`clafuse.training.finetune`):
+    ``batch_size`` is the global batch, every rank reads the inputs itself, and rank 0 alone writes
+    ``out``, the metrics, the plot and the training state (and reads it to resume); every rank
+    returns the same report.
     """
-    from clafuse.training import FinetuneConfig, finetune, load_train_state, save_train_state
+    from clafuse import distributed as ddp
+    from clafuse.training import FinetuneConfig, check_precision, finetune, load_train_state, save_train_state
 
-    model = load_model(path, arch)
-    train = load_source(data, split="train")
-    if val is None and _is_path(data):
-        raise DataError("a .npz training file has no validation split: pass --val")
-    val_ds = load_source(val if val is not None else data, split="val")
-    for ds, name in ((train, data), (val_ds, val or data)):
-        if ds.y is None:
-            raise DataError(f"data {name}: finetuning needs labels (array 'y')")
-        check_fits(model, ds.x, f"data {name}")
-    config = FinetuneConfig(epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size, schedule=schedule,
-                            weight_decay=weight_decay, seed=seed, optimizer=optimizer, nesterov=nesterov,
-                            warmup_steps=warmup_steps, label_smoothing=label_smoothing, augment=augment,
-                            kd_alpha=kd_alpha, kd_temperature=kd_temperature)
-    teacher_model = teacher_module = None
-    if teacher is not None:
-        teacher_model = load_model(teacher, teacher_arch)
-        check_fits(teacher_model, train.x, f"teacher {teacher} on data {data}")
-        with torch.no_grad():
-            probe = train.x[:2]
-            student_classes = model.family.forward(model.spec, model.state_dict, probe).shape[-1]
-            teacher_classes = teacher_model.family.forward(teacher_model.spec, teacher_model.state_dict,
-                                                           probe).shape[-1]
-        if student_classes != teacher_classes:
-            raise DataError(f"teacher {teacher} has {teacher_classes} classes but the student {path} has "
-                            f"{student_classes}")
-        teacher_module = teacher_model.module()
+    with ddp.same_on_every_rank():
+        launch = ddp.launch_from_env()
+        device = ddp.default_device(launch)
+        config = FinetuneConfig(epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size, schedule=schedule,
+                                weight_decay=weight_decay, seed=seed, optimizer=optimizer, nesterov=nesterov,
+                                warmup_steps=warmup_steps, label_smoothing=label_smoothing, augment=augment,
+                                kd_alpha=kd_alpha, kd_temperature=kd_temperature, precision=precision)
+        check_precision(precision, device)
+    with ddp.process_group(launch):
+        main = ddp.rank() == 0
+        state_file = train_state_path(out)
+        resume_from = None
+        with ddp.agree():
+            model = load_model(path, arch)
+            train = load_source(data, split="train")
+            if val is None and not has_val_split(data):
+                raise DataError("a .npz training file has no validation split: pass --val")
+            val_ds = load_source(val if val is not None else data, split="val")
+            for ds, name in ((train, data), (val_ds, val or data)):
+                if ds.y is None:
+                    raise DataError(f"data {name}: finetuning needs labels (array 'y')")
+                check_fits(model, ds.x, f"data {name}")
+            teacher_model = teacher_module = None
+            if teacher is not None:
+                teacher_model = load_model(teacher, teacher_arch)
+                check_fits(teacher_model, train.x, f"teacher {teacher} on data {data}")
+                with torch.no_grad():
+                    probe = train.x[:2]
+                    student_classes = model.family.forward(model.spec, model.state_dict, probe).shape[-1]
+                    teacher_classes = teacher_model.family.forward(teacher_model.spec, teacher_model.state_dict,
+                                                                   probe).shape[-1]
+                if student_classes != teacher_classes:
+                    raise DataError(f"teacher {teacher} has {teacher_classes} classes but the student {path} has "
+                                    f"{student_classes}")
+                teacher_module = teacher_model.module().to(device)
+            if main:
+                identity = {"input_sha256": model.sha256,
+                            "teacher_sha256": teacher_model.sha256 if teacher_model is not None else None}
+                if resume:
+                    resume_from = load_train_state(state_file)
+                    if resume_from.get("identity") != identity:
+                        raise ClafuseError(f"{state_file} was saved for a different checkpoint or teacher; "
+                                           "run without --resume to start afresh")
+        if resume:
+            resume_from = ddp.broadcast_object(resume_from)
 
-    state_file = train_state_path(out)
-    identity = {"input_sha256": model.sha256,
-                "teacher_sha256": teacher_model.sha256 if teacher_model is not None else None}
-    resume_from = None
-    if resume:
-        resume_from = load_train_state(state_file)
-        if resume_from.get("identity") != identity:
-            raise ClafuseError(f"{state_file} was saved for a different checkpoint or teacher; "
-                               "run without --resume to start afresh")
+        def on_state(state: dict) -> None:
+            save_train_state(state_file, {**state, "identity": identity})
 
-    def on_state(state: dict) -> None:
-        save_train_state(state_file, {**state, "identity": identity})
+        metrics_fh = None
 
-    metrics_fh = None
-    if metrics_out is not None:
+        def on_epoch(record: dict) -> None:
+            if metrics_fh is not None:
+                metrics_fh.write(json.dumps(record) + "\n")
+                metrics_fh.flush()
+
         try:
-            metrics_fh = open(metrics_out, "w", encoding="utf-8")
-        except OSError as exc:
-            raise ClafuseError(f"cannot write {metrics_out}: {exc.strerror or exc}") from None
+            with ddp.agree():
+                if main and metrics_out is not None:
+                    try:
+                        metrics_fh = open(metrics_out, "w", encoding="utf-8")
+                    except OSError as exc:
+                        raise ClafuseError(f"cannot write {metrics_out}: {exc.strerror or exc}") from None
+            if metrics_fh is not None and resume_from is not None:
+                for record in resume_from["history"]:
+                    on_epoch(record)
+            module = model.module().to(device)
+            result = finetune(module, train, val_ds, config, on_epoch=on_epoch if main else None,
+                              progress=progress and main, teacher=teacher_module,
+                              on_state=on_state if main else None, resume_from=resume_from)
+        finally:
+            if metrics_fh is not None:
+                metrics_fh.close()
+        with ddp.agree():
+            if main:
+                state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
+                metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
+                            "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
+                if teacher_model is not None:
+                    metadata["distilled_from"] = teacher_model.sha256
+                save_checkpoint(out, state, metadata)
+                if plot is not None:
+                    from clafuse.plots import plot_history
 
-    def on_epoch(record: dict) -> None:
-        if metrics_fh is not None:
-            metrics_fh.write(json.dumps(record) + "\n")
-            metrics_fh.flush()
-
-    try:
-        if metrics_fh is not None and resume_from is not None:
-            for record in resume_from["history"]:
-                on_epoch(record)
-        module = model.module()
-        result = finetune(module, train, val_ds, config, on_epoch=on_epoch, progress=progress,
-                          teacher=teacher_module, on_state=on_state, resume_from=resume_from)
-    finally:
-        if metrics_fh is not None:
-            metrics_fh.close()
-    state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
-    metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
-                "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
-    if teacher_model is not None:
-        metadata["distilled_from"] = teacher_model.sha256
-    save_checkpoint(out, state, metadata)
-    if plot is not None:
-        from clafuse.plots import plot_history
-
-        plot_history(result.history, plot)
-    state_file.unlink(missing_ok=True)
+                    plot_history(result.history, plot)
+                state_file.unlink(missing_ok=True)
     return {"input": str(path), "output": str(out), "best_epoch": result.best_epoch, "history": result.history}

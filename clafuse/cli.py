@@ -27,6 +27,7 @@ app = typer.Typer(
 )
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the seeds torch's generators take
 
 
 def _emit(doc: Any, as_json: bool, render) -> None:
@@ -43,7 +44,8 @@ def _console():
 
 
 def _err(message: str) -> None:
-    sys.stderr.write(message.rstrip() + "\n")
+    """Write ``message`` as exactly one line: line breaks from file names or contents become spaces."""
+    sys.stderr.write(" ".join(message.split()) + "\n")
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -67,6 +69,12 @@ def _guard(command):
             raise typer.Exit(130) from None
         except (typer.Exit, typer.BadParameter):
             raise
+        except OSError as exc:  # a path the system refuses (name too long, permission denied, ...): bad input
+            if os.environ.get("CLAFUSE_DEBUG"):
+                raise
+            where = f"{exc.filename}: " if exc.filename is not None else ""
+            _err(f"clafuse: error: {where}{exc.strerror or exc}")
+            raise typer.Exit(2) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
             if os.environ.get("CLAFUSE_DEBUG"):
                 raise
@@ -93,25 +101,28 @@ def inspect(
 @app.command()
 @_guard
 def align(
-    a: Path = typer.Argument(..., help="First checkpoint (model A)."),
-    b: Path = typer.Argument(..., help="Second checkpoint (model B); either may be the deeper one."),
+    ckpts: List[Path] = typer.Argument(..., help="Two or more checkpoints (models A, B, C, ... in this order)."),
     out: Path = typer.Option(..., "-o", "--out", help="Map file to write (JSON)."),
-    data: Optional[str] = typer.Option(None, help="Calibration data: .npz file or built-in (digits, mnist, fashion-mnist)."),
+    anchor: Optional[str] = typer.Option(None, help="Model the others are aligned to and fused into by default: "
+                                                   "a letter (A, B, ...), deep or shallow (default: the deepest)."),
+    data: Optional[str] = typer.Option(None, help="Calibration data: .npz file, data folder (IDX, CIFAR-10/100, image class folders) or built-in (digits, mnist, fashion-mnist)."),
     samples: int = typer.Option(2000, min=2, help="Number of calibration samples (from the train split)."),
     metric: str = typer.Option("cka", help="Layer cost: cka, euclidean, wd (from activations) or neuron (data-free)."),
-    seed: int = typer.Option(0, help="Seed for drawing the calibration samples."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Seed for drawing the calibration samples."),
     pin_first: bool = typer.Option(True, "--pin-first/--no-pin-first", help="Map first hidden layer to first."),
     pin_last: bool = typer.Option(True, "--pin-last/--no-pin-last", help="Map last hidden layer to last."),
-    arch: Optional[List[Path]] = typer.Option(None, help="Spec file per model, in order (repeat for A and B)."),
+    arch: Optional[List[Path]] = typer.Option(None, help="Spec file per model, in order (repeat for each checkpoint)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Align the layers of two networks (cross-layer alignment by dynamic programming)."""
+    """Align the layers of every network to an anchor's (cross-layer alignment by dynamic programming)."""
     from clafuse.api import align as run_align
     from clafuse.report import render_map
 
-    archs = _per_model(arch, 2)
-    doc = run_align([a, b], out, archs=archs, data=data, samples=samples, metric=metric, seed=seed,
-                    pin_first=pin_first, pin_last=pin_last)
+    if len(ckpts) < 2:
+        raise typer.BadParameter(f"give at least two checkpoints, got {len(ckpts)}", param_hint="CKPTS")
+    archs = _per_model(arch, len(ckpts))
+    doc = run_align(ckpts, out, archs=archs, data=data, samples=samples, metric=metric, seed=seed,
+                    pin_first=pin_first, pin_last=pin_last, anchor=anchor)
     _emit(doc.model_dump(mode="json"), as_json, lambda d: render_map(d, out))
 
 
@@ -120,14 +131,18 @@ def align(
 def fuse(
     map_file: Path = typer.Option(..., "--map", help="Map file written by 'clafuse align'."),
     out: Path = typer.Option(..., "-o", "--out", help="Fused checkpoint (.safetensors, or .pt by extension)."),
-    target: Optional[str] = typer.Option(None, help="Output architecture: deep, shallow, or A/B by align order "
-                                                   "(deep = --balance add, shallow = --balance merge)."),
-    balance: Optional[str] = typer.Option(None, help="add (default): identity layers into the shallower net (deep architecture); "
-                                            "merge: fold the deeper net's unmatched layers (shallow architecture)."),
+    target: Optional[str] = typer.Option(None, help="Output architecture: the map's anchor by default; deep, shallow, or a "
+                                                   "model letter (A, B, ... by align order). Each other model is balanced "
+                                                   "to it: add (identities) when shallower, merge (folding) when deeper."),
+    balance: Optional[str] = typer.Option(None, help="Two-model maps: add = the deeper architecture (identity layers into the "
+                                            "shallower net), merge = the shallower one (fold the deeper net's unmatched layers)."),
     solver: str = typer.Option("emd", help="Transport solver: emd (exact) or sinkhorn (entropic)."),
     reg: float = typer.Option(0.05, min=0.0, help="Sinkhorn regularisation, relative to the largest cost."),
     signal_: Optional[str] = typer.Option(None, "--signal", help="activations or weights (default: activations when data is available)."),
-    weights: Optional[str] = typer.Option(None, help="Mixing weights of A and B in align order, e.g. 0.5,0.5."),
+    weights: Optional[str] = typer.Option(None, help="Mixing weights, one per model in align order, e.g. 0.5,0.5 (default: equal)."),
+    dtype: Optional[str] = typer.Option(None, help="Floating-point dtype of the output: fp32, fp16 or bf16 (default: the target's)."),
+    max_shard_size: Optional[str] = typer.Option(None, help="Split a larger .safetensors output into shards of at most this "
+                                                        "size (e.g. 2GB, 500MiB) with a .safetensors.index.json index."),
     data: Optional[str] = typer.Option(None, help="Calibration data (default: the data recorded in the map)."),
     samples: Optional[int] = typer.Option(None, min=2, help="Calibration samples (default: as in the map)."),
     ground: str = typer.Option("correlation", help="Neuron cost from activations: correlation or euclidean."),
@@ -138,20 +153,20 @@ def fuse(
     allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Balance the depths and fuse the mapped networks with optimal transport."""
+    """Balance the depths and fuse all mapped networks into one with optimal transport."""
     from clafuse.api import fuse as run_fuse
     from clafuse.report import render_fuse
 
     _choice("--signal", signal_, ("activations", "weights"), optional=True)
     _choice("--balance", balance, ("add", "merge"), optional=True)
-    _choice("--target", target, ("deep", "shallow", "A", "B"), optional=True)
+    _choice("--dtype", dtype, ("fp32", "fp16", "bf16"), optional=True)
     _choice("--solver", solver, ("emd", "sinkhorn"))
     _choice("--ground", ground, ("correlation", "euclidean"))
     _choice("--inserted", inserted, ("keep", "average"), optional=True)
     _choice("--correction", correction, ("regress", "repair", "none"))
     report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples, signal=signal_,
                       allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
-                      correction=correction, bn_reset=bn_reset)
+                      correction=correction, bn_reset=bn_reset, dtype=dtype, max_shard_size=max_shard_size)
     _emit(report, as_json, render_fuse)
 
 
@@ -159,7 +174,7 @@ def fuse(
 @_guard
 def evaluate(
     ckpts: List[Path] = typer.Argument(..., help="One or more checkpoints."),
-    data: str = typer.Option(..., help="Data: .npz or built-in with split, e.g. mnist:test."),
+    data: str = typer.Option(..., help="Data: .npz, data folder (IDX, CIFAR-10/100, image class folders) or built-in, with split, e.g. mnist:test, ./cifar-10-batches-py:val."),
     arch: Optional[List[Path]] = typer.Option(None, help="Spec file per checkpoint, in order."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -174,16 +189,16 @@ def evaluate(
 @_guard
 def finetune(
     ckpt: Path = typer.Argument(..., help="Checkpoint to finetune."),
-    data: str = typer.Option(..., help="Training data: .npz or built-in (train split by default)."),
+    data: str = typer.Option(..., help="Training data: .npz, data folder (IDX, CIFAR-10/100, image class folders) or built-in (train split by default)."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the best checkpoint (by validation accuracy)."),
-    val: Optional[str] = typer.Option(None, help="Validation data (default: the val split of a built-in source)."),
+    val: Optional[str] = typer.Option(None, help="Validation data (default: the val split of a built-in source or data folder)."),
     epochs: int = typer.Option(1, min=1, help="Number of epochs."),
     lr: float = typer.Option(0.01, min=0.0, help="Peak learning rate."),
     momentum: float = typer.Option(0.9, min=0.0, help="SGD momentum."),
     batch_size: int = typer.Option(64, min=1, help="Mini-batch size."),
     schedule: str = typer.Option("cosine", help="Learning-rate schedule: cosine, step or constant."),
     weight_decay: float = typer.Option(0.0, min=0.0, help="Weight decay."),
-    seed: int = typer.Option(0, help="Seed for initial shuffling and any randomness."),
+    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Seed for initial shuffling and any randomness."),
     arch: Optional[Path] = typer.Option(None, help="Architecture spec file; detected when omitted."),
     optimizer: str = typer.Option("sgd", help="Optimizer: sgd or adamw (momentum and nesterov apply to sgd)."),
     nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (sgd)."),
@@ -198,25 +213,48 @@ def finetune(
     metrics_out: Optional[Path] = typer.Option(None, help="Write one JSON line of metrics per epoch to this file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of the loss and accuracy curves."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
+    precision: str = typer.Option("fp32", help="fp32, or bf16/fp16 autocast (weights stay fp32; fp16 needs CUDA)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Finetune a checkpoint (SGD or AdamW, optionally distilling a teacher), selecting the best epoch on
-    validation data. The training state is kept in OUT.state.pt until the run completes."""
+    validation data. The training state is kept in OUT.state.pt until the run completes. Under
+    torchrun the run is data parallel (--batch-size is the global batch) and rank 0 alone prints
+    and writes files."""
     from clafuse.api import finetune_checkpoint
+    from clafuse.distributed import ReportedByPeer, env_rank
+    from clafuse.errors import ClafuseError
     from clafuse.report import render_finetune
 
-    _choice("--schedule", schedule, ("cosine", "step", "constant"))
-    _choice("--optimizer", optimizer, ("sgd", "adamw"))
-    _choice("--augment", augment, ("none", "crop", "crop-flip"))
-    if teacher_arch is not None and teacher is None:
-        raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
-    report = finetune_checkpoint(ckpt, out, data=data, val=val, epochs=epochs, lr=lr, momentum=momentum,
-                                 batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
-                                 arch=arch, progress=not as_json and sys.stderr.isatty(), optimizer=optimizer,
-                                 nesterov=nesterov, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
-                                 augment=augment, teacher=teacher, teacher_arch=teacher_arch, kd_alpha=kd_alpha,
-                                 kd_temperature=kd_temperature, metrics_out=metrics_out, plot=plot, resume=resume)
-    _emit(report, as_json, render_finetune)
+    main_rank = env_rank() == 0
+    if not main_rank:
+        logging.getLogger("clafuse").setLevel(logging.ERROR)
+    try:
+        _choice("--schedule", schedule, ("cosine", "step", "constant"))
+        _choice("--optimizer", optimizer, ("sgd", "adamw"))
+        _choice("--augment", augment, ("none", "crop", "crop-flip"))
+        _choice("--precision", precision, ("fp32", "bf16", "fp16"))
+        if teacher_arch is not None and teacher is None:
+            raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
+    except (ClafuseError, typer.BadParameter):
+        if not main_rank:  # every rank got the same options: rank 0 reports
+            raise typer.Exit(2) from None
+        raise
+    try:
+        report = finetune_checkpoint(ckpt, out, data=data, val=val, epochs=epochs, lr=lr, momentum=momentum,
+                                     batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
+                                     arch=arch, progress=not as_json and sys.stderr.isatty(), optimizer=optimizer,
+                                     nesterov=nesterov, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
+                                     augment=augment, teacher=teacher, teacher_arch=teacher_arch, kd_alpha=kd_alpha,
+                                     kd_temperature=kd_temperature, metrics_out=metrics_out, plot=plot, resume=resume,
+                                     precision=precision)
+    except ReportedByPeer:
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        if not main_rank:
+            raise typer.Exit(130) from None
+        raise
+    if main_rank:
+        _emit(report, as_json, render_finetune)
 
 
 @app.command()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -16,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clafuse import distributed as ddp
 from clafuse.data import Dataset
-from clafuse.errors import DataError
+from clafuse.errors import ClafuseError, DataError
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_VERSION = 1
 
 
@@ -38,6 +42,8 @@ def _forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     try:
         out = model(batch)
     except RuntimeError as exc:
+        if ddp.is_peer_failure(exc):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"the model cannot take inputs of shape {list(batch.shape[1:])}: {first}") from exc
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != batch.shape[0]:
@@ -121,7 +127,9 @@ class FinetuneConfig:
     and nesterov do not apply). ``kd_alpha`` and ``kd_temperature`` only matter when a teacher is
     given: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y).
     ``augment``: ``none``, ``crop`` (random crop after zero padding of 2 pixels, 4 for inputs of 28
-    pixels or more) or ``crop-flip`` (plus random horizontal flips), for (N, C, H, W) images."""
+    pixels or more) or ``crop-flip`` (plus random horizontal flips), for (N, C, H, W) images.
+    ``precision``: ``fp32``, or ``bf16``/``fp16`` autocast for forward passes (weights and optimizer
+    stay fp32; fp16 needs CUDA and scales the loss with a GradScaler)."""
 
     epochs: int
     lr: float = 0.01
@@ -137,6 +145,7 @@ class FinetuneConfig:
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
     augment: str = "none"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -167,6 +176,8 @@ class FinetuneConfig:
             raise DataError(f"distillation temperature must be positive, got {self.kd_temperature}")
         if self.augment not in AUGMENTATIONS:
             raise DataError(f"unknown augmentation {self.augment!r} (valid: {', '.join(AUGMENTATIONS)})")
+        if self.precision not in PRECISIONS:
+            raise DataError(f"unknown precision {self.precision!r} (valid: {', '.join(PRECISIONS)})")
 
     def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         """Learning rate for global step ``step`` (0-based) of ``total_steps``."""
@@ -212,6 +223,13 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     """Randomly crop (after zero padding) and, for ``crop-flip``, horizontally flip each image of an
     (N, C, H, W) batch. Random numbers come from the CPU generator ``gen``; ``none`` draws nothing."""
+    return _augment_part(x, mode, gen, len(x) if x.ndim else 0, slice(None))
+
+
+def _augment_part(x: torch.Tensor, mode: str, gen: torch.Generator, total: int, rows: slice) -> torch.Tensor:
+    """Augment ``x``, the ``rows`` of a batch of ``total`` images: the random numbers are drawn for the
+    whole batch, so every rank of a data-parallel run draws the same and each image gets what it
+    would get in one process."""
     if mode == "none":
         return x
     if mode not in AUGMENTATIONS:
@@ -220,15 +238,15 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Ten
         raise DataError(f"augmentation needs image batches shaped (N, C, H, W), got {list(x.shape)}")
     n, _, h, w = x.shape
     pad = 4 if min(h, w) >= 28 else 2
-    off_y = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    off_x = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    off_y = torch.randint(0, 2 * pad + 1, (total,), generator=gen)[rows].to(x.device)
+    off_x = torch.randint(0, 2 * pad + 1, (total,), generator=gen)[rows].to(x.device)
+    flip = (torch.rand(total, generator=gen)[rows] < 0.5).to(x.device) if mode == "crop-flip" else None
     padded = F.pad(x, (pad, pad, pad, pad))
-    rows = off_y[:, None] + torch.arange(h, device=x.device)  # (N, H)
+    rows_idx = off_y[:, None] + torch.arange(h, device=x.device)  # (N, H)
     cols = off_x[:, None] + torch.arange(w, device=x.device)  # (N, W)
     batch = torch.arange(n, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if mode == "crop-flip":
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    out = padded.permute(0, 2, 3, 1)[batch, rows_idx[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip is not None:
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
     return out.contiguous()
 
@@ -247,6 +265,17 @@ def _make_optimizer(params: list[torch.Tensor], config: FinetuneConfig) -> torch
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                            weight_decay=config.weight_decay)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise ClafuseError unless ``precision`` can run on ``device``: fp16 autocast needs CUDA (on the
+    CPU it is slow and loses accuracy), bf16 on CUDA a GPU that supports it."""
+    if precision not in PRECISIONS:
+        raise ClafuseError(f"unknown precision {precision!r} (valid: {', '.join(PRECISIONS)})")
+    if precision == "fp16" and device.type != "cuda":
+        raise ClafuseError(f"precision fp16 needs a CUDA GPU (this run is on {device.type}); use bf16 on the CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ClafuseError("this GPU does not support bf16; use precision fp16")
 
 
 def save_train_state(path, state: dict) -> None:
@@ -270,6 +299,18 @@ def load_train_state(path) -> dict:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ClafuseError(f"{path} is not a clafuse training state (version {STATE_VERSION})")
     return state
+
+
+def _evaluate_sharded(model: nn.Module, ds: Dataset, rank: int, world: int) -> dict:
+    """:func:`evaluate` in a data-parallel run: each rank predicts its part of ``ds`` and the loss and
+    correct counts are summed over the ranks, so every rank gets the same metrics."""
+    rows = ddp.part(len(ds), rank, world)
+    logits = predict_logits(model, ds.x[rows])
+    y = _labels(ds, logits.shape[1])[rows]
+    log_probs = F.log_softmax(logits.double(), dim=1)
+    nll, correct = ddp.all_reduce_sum([float(F.nll_loss(log_probs, y, reduction="sum")),
+                                       int((log_probs.argmax(dim=1) == y).sum())])
+    return {"accuracy": correct / len(ds), "loss": nll / len(ds), "num_samples": len(ds)}
 
 
 def finetune(
@@ -298,29 +339,52 @@ def finetune(
     optimizer, RNG states, best so far, history; plain tensors and containers, see
     :func:`save_train_state`). Passing such a state as ``resume_from`` continues that run: the result
     equals that of an uninterrupted run with the same config, which must match the saved one.
+
+    Data parallel: while a ``torch.distributed`` group of several processes runs, every rank calls
+    this with the same arguments and a copy of the model on its device. Every global batch of
+    ``config.batch_size`` (shuffled and augmented alike on all ranks from ``config.seed``) is split
+    into contiguous per-rank parts; the model trains under DistributedDataParallel, which averages
+    the ranks' gradients, so each rank's mean loss is weighted by ``world * part / batch``: the
+    gradient is that of the global batch in one process, for any batch size. BatchNorm layers use
+    the global batch's statistics (:class:`~clafuse.distributed.GlobalBatchNorm`). Validation is
+    sharded and all-reduced; dropout draws from the global RNG seeded with ``seed + rank``. Pass the
+    callbacks on one rank to write things once; a state can only be resumed by as many processes.
     """
-    if train.y is None:
-        raise DataError(f"{train.name} has no labels, so it cannot be used for training")
-    if len(train) < 2:
-        raise DataError(f"{train.name} needs at least 2 samples for training")
+    world, rank = ddp.world_size(), ddp.rank()
     device = _device_of(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise DataError("the model has no trainable parameters")
+    with ddp.same_on_every_rank():
+        if train.y is None:
+            raise DataError(f"{train.name} has no labels, so it cannot be used for training")
+        if len(train) < 2:
+            raise DataError(f"{train.name} needs at least 2 samples for training")
+        if not params:
+            raise DataError("the model has no trainable parameters")
+        if config.augment != "none" and train.x.ndim != 4:
+            raise DataError(f"augmentation needs images shaped (N, C, H, W), {train.name} has "
+                            f"{list(train.x.shape[1:])}")
+        check_precision(config.precision, device)
+        if resume_from is not None:
+            saved = resume_from.get("config")
+            if isinstance(saved, dict):
+                saved = {"precision": "fp32", **saved}  # states written before precision existed
+            if saved != asdict(config):
+                diff = sorted(k for k in asdict(config)
+                              if not isinstance(saved, dict) or saved.get(k) != asdict(config)[k])
+                raise DataError(f"the training state was saved with different settings ({', '.join(diff)}); "
+                                "resume with the same settings")
+            if resume_from.get("num_train") != len(train) or resume_from.get("distill") != (teacher is not None):
+                raise DataError("the training state was saved for different training data or teacher")
+            saved_world = int(resume_from.get("world_size", 1))
+            if saved_world != world:
+                raise DataError(f"the training state was saved by {saved_world} process(es); resume it with as "
+                                f"many (this run has {world})")
     optimizer = _make_optimizer(params, config)
-    if config.augment != "none" and train.x.ndim != 4:
-        raise DataError(f"augmentation needs images shaped (N, C, H, W), {train.name} has {list(train.x.shape[1:])}")
-    if resume_from is not None:
-        saved = resume_from.get("config")
-        if saved != asdict(config):
-            diff = sorted(k for k in asdict(config) if not isinstance(saved, dict) or saved.get(k) != asdict(config)[k])
-            raise DataError(f"the training state was saved with different settings ({', '.join(diff)}); "
-                            "resume with the same settings")
-        if resume_from.get("num_train") != len(train) or resume_from.get("distill") != (teacher is not None):
-            raise DataError("the training state was saved for different training data or teacher")
     steps_per_epoch = _num_batches(len(train), config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     fork_devices = [device] if device.type == "cuda" else []
+    amp_dtype = _AUTOCAST.get(config.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     bar = None
     if progress:
@@ -345,16 +409,21 @@ def finetune(
     teacher_was_training = teacher.training if teacher is not None else False
     if teacher is not None:
         teacher.eval()
+    swaps: list = []
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed if rank == 0 else (config.seed + rank) % 2**64)
         gen = torch.Generator().manual_seed(config.seed)
         if resume_from is not None:
             model.load_state_dict(resume_from["model"])
             optimizer.load_state_dict(resume_from["optimizer"])
-            torch.set_rng_state(resume_from["rng_cpu"])
+            rng_cpu, rng_cuda = (resume_from["rng_ranks"][rank] if "rng_ranks" in resume_from
+                                 else (resume_from["rng_cpu"], resume_from.get("rng_cuda")))
+            torch.set_rng_state(rng_cpu)
             gen.set_state(resume_from["rng_generator"])
-            if device.type == "cuda" and resume_from.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(resume_from["rng_cuda"], device)
+            if device.type == "cuda" and rng_cuda is not None:
+                torch.cuda.set_rng_state(rng_cuda, device)
+            if scaler.is_enabled() and resume_from.get("scaler"):
+                scaler.load_state_dict(resume_from["scaler"])
             history = [dict(h) for h in resume_from["history"]]
             best_state = dict(resume_from["best_state"])
             best_epoch, best_acc = int(resume_from["best_epoch"]), float(resume_from["best_acc"])
@@ -363,42 +432,70 @@ def finetune(
         if bar is not None:
             bar.start()
         try:
+            net = model
+            if world > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                swaps = ddp.synchronise_batchnorm(model)
+                net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+            checked = False
             for epoch in range(first_epoch, config.epochs + 1):
                 started = time.perf_counter()
                 if bar is not None:
                     bar.reset(task, description=f"epoch {epoch}/{config.epochs}", loss=float("nan"))
-                model.train()
+                net.train()
                 loss_sum, correct, seen, lr = 0.0, 0, 0, config.lr
                 for idx in _batches(len(train), config.batch_size, gen):
                     lr = config.lr_at(step, total_steps, steps_per_epoch)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                    xb, yb = train.x[idx].to(device), train.y[idx].to(device)
-                    xb = augment_batch(xb, config.augment, gen)
-                    logits = _forward(model, xb)
-                    if epoch == first_epoch and seen == 0:
-                        _labels(train, logits.shape[1])
-                        if val is not None:
-                            _labels(val, logits.shape[1])
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = _forward(teacher, xb.to(_device_of(teacher))).to(logits.device)
-                        if t_logits.shape[1] != logits.shape[1]:
+                    rows = ddp.part(len(idx), rank, world)
+                    local = idx[rows]
+                    xb, yb = train.x[local].to(device), train.y[local].to(device)
+                    xb = _augment_part(xb, config.augment, gen, len(idx), rows)
+                    with ddp.same_on_every_rank():
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            logits = _forward(net, xb)
+                            if teacher is not None:
+                                with torch.no_grad():
+                                    t_logits = _forward(teacher, xb.to(_device_of(teacher))).to(logits.device)
+                        logits = logits.float()
+                        if not checked:
+                            _labels(train, logits.shape[1])
+                            if val is not None:
+                                _labels(val, logits.shape[1])
+                            checked = True
+                        if teacher is not None and t_logits.shape[1] != logits.shape[1]:
                             raise DataError(f"the teacher has {t_logits.shape[1]} classes but the student "
                                             f"has {logits.shape[1]}")
+                    if len(local) == 0:
+                        loss = logits.sum() * 0.0  # an empty part still takes part in the gradient all-reduce
+                    elif teacher is not None:
                         loss = distillation_loss(logits, t_logits.float(), yb, config.kd_alpha,
                                                  config.kd_temperature, config.label_smoothing)
                     else:
                         loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
                     value = float(loss.detach())
+                    batch_correct = int((logits.detach().argmax(dim=1) == yb).sum())
+                    if world > 1:
+                        batch_loss, batch_correct = ddp.all_reduce_sum([value * len(local), batch_correct])
+                        value, batch_correct = batch_loss / len(idx), int(batch_correct)
+                        loss = loss * (world * len(local) / len(idx))
                     if not math.isfinite(value):
-                        raise DataError(f"training diverged in epoch {epoch} (loss {value}); lower the learning rate")
+                        with ddp.same_on_every_rank():
+                            raise DataError(f"training diverged in epoch {epoch} (loss {value}); "
+                                            "lower the learning rate")
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    with warnings.catch_warnings():
+                        # DDP's harmless notice for conv weights with one input channel, whose size-1
+                        # dimension has another stride in the gradient than in the weight.
+                        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+                        scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
                     step += 1
                     loss_sum += value * len(idx)
-                    correct += int((logits.detach().argmax(dim=1) == yb).sum())
+                    correct += batch_correct
                     seen += len(idx)
                     if bar is not None:
                         bar.update(task, advance=1, loss=loss_sum / seen)
@@ -413,33 +510,40 @@ def finetune(
                     "seconds": 0.0,
                 }
                 if val is not None:
-                    metrics = evaluate(model, val)
+                    metrics = evaluate(model, val) if world == 1 else _evaluate_sharded(model, val, rank, world)
                     record["val_loss"], record["val_accuracy"] = metrics["loss"], metrics["accuracy"]
                     if metrics["accuracy"] > best_acc:
                         best_acc, best_epoch, best_state = metrics["accuracy"], epoch, _state_copy(model)
                 record["seconds"] = time.perf_counter() - started
                 history.append(record)
-                if on_state is not None:
-                    on_state({
-                        "version": STATE_VERSION,
-                        "config": asdict(config),
-                        "num_train": len(train),
-                        "distill": teacher is not None,
-                        "epoch": epoch,
-                        "step": step,
-                        "model": _state_copy(model),
-                        "optimizer": copy.deepcopy(optimizer.state_dict()),
-                        "rng_cpu": torch.get_rng_state(),
-                        "rng_generator": gen.get_state(),
-                        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "best_state": best_state,
-                        "best_epoch": best_epoch,
-                        "best_acc": best_acc,
-                        "history": [dict(h) for h in history],
-                    })
-                if on_epoch is not None:
-                    on_epoch(record)
+                rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+                rng_ranks = ddp.all_gather_object([torch.get_rng_state(), rng_cuda])
+                with ddp.agree():
+                    if on_state is not None:
+                        on_state({
+                            "version": STATE_VERSION,
+                            "config": asdict(config),
+                            "num_train": len(train),
+                            "distill": teacher is not None,
+                            "world_size": world,
+                            "epoch": epoch,
+                            "step": step,
+                            "model": _state_copy(model),
+                            "optimizer": copy.deepcopy(optimizer.state_dict()),
+                            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                            "rng_cpu": rng_ranks[0][0],
+                            "rng_cuda": rng_ranks[0][1],
+                            "rng_ranks": rng_ranks,
+                            "rng_generator": gen.get_state(),
+                            "best_state": best_state,
+                            "best_epoch": best_epoch,
+                            "best_acc": best_acc,
+                            "history": [dict(h) for h in history],
+                        })
+                    if on_epoch is not None:
+                        on_epoch(record)
         finally:
+            ddp.restore_batchnorm(swaps)
             if bar is not None:
                 bar.stop()
             model.train(was_training)

@@ -539,3 +539,28 @@ def test_cli_refuses_bad_vgg_inputs(pair) -> None:
     code, _, err = run_in_process(["fuse", "--map", "map.json", "-o", "bad.safetensors", "--balance", "merge"], root)
     assert code == 2 and "--balance add" in err, err
     assert not (root / "bad.safetensors").exists()
+
+
+def test_merge_into_an_equally_deep_vgg_only_moves_width(tmp_path: Path) -> None:
+    """Equal depth: --target shallow folds nothing, so BN convs are fine; all weight on one model
+    gives its function in the other's (narrower or equal) architecture."""
+    wide_spec, narrow_spec = small_spec([8, "M", 12, "M"], [24], bn=True), small_spec(SHALLOW, [16], bn=True)
+    wide, narrow = random_state(wide_spec, 3), random_state(narrow_spec, 4)
+    save_checkpoint(tmp_path / "a.safetensors", wide)
+    save_checkpoint(tmp_path / "b.safetensors", narrow)
+    x = np.random.default_rng(1).standard_normal((64, 1, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    api.align([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "map.json",
+              data=str(tmp_path / "x.npz"), samples=64)
+    out = tmp_path / "into_b.safetensors"
+    report = api.fuse(tmp_path / "map.json", out, target="B", weights="0,1", correction="none", bn_reset=False)
+    assert report["balance"] == "merge"
+    with torch.no_grad():
+        torch.testing.assert_close(module_of(narrow_spec, load_checkpoint(out))(torch.from_numpy(x)),
+                                   module_of(narrow_spec, narrow)(torch.from_numpy(x)), **TOL)
+
+
+def test_merge_refuses_to_fold_conv_layers(pair, tmp_path: Path) -> None:
+    with pytest.raises(ClafuseError, match="cannot fold hidden layer 1 of the deeper network"):
+        api.fuse(pair["root"] / "map.json", tmp_path / "never.safetensors", target="shallow")
+    assert not (tmp_path / "never.safetensors").exists()

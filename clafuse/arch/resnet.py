@@ -172,9 +172,25 @@ class ResNetFamily(Family):
         return spec
 
     def check(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in self.build(spec).state_dict().items()}
-        check_shapes(expected, state_dict, f" (resnet {spec.block} {spec.layers}, widths {spec.widths})")
+        context = f" (resnet {spec.block} {spec.layers}, widths {spec.widths})"
+        # Counted first, so that a spec with absurdly many blocks is refused before a module is built.
+        blocks = {m.group(0) for m in map(re.compile(r"layer\d+\.\d+\.").match, state_dict) if m}
+        if sum(spec.layers) != len(blocks):
+            detail = ""
+            if sum(spec.layers) <= 10_000:  # name the first block only one side has
+                expected = [f"{name}." for _, _, name in spec.blocks()]
+                missing = [b for b in expected if b not in blocks]
+                extra = sorted(blocks - set(expected))
+                detail = (f": the checkpoint lacks {missing[0][:-1]!r}" if missing
+                          else f": the spec does not describe {extra[0][:-1]!r}" if extra else "")
+            raise SpecError(f"the spec has {sum(spec.layers)} blocks, the checkpoint {len(blocks)}{detail}{context}")
+        try:
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in self.build(spec).state_dict().items()}
+        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise SpecError(f"the spec's sizes are out of range ({reason}){context}") from None
+        check_shapes(expected, state_dict, context)
 
     def build(self, spec: ResNetSpec) -> nn.Module:
         return ResNet(spec)
@@ -196,17 +212,20 @@ class ResNetFamily(Family):
 
     @torch.no_grad()
     def record(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor,
-               batch_size: int = 256, pooled: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+               batch_size: int = 256, pooled: bool = False,
+               max_positions: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Activations of the stem, every block (inner layers and output) and the pooled
-        features, and the logits, on ``x`` (eval mode). With ``pooled``, feature maps are
-        averaged over space batch by batch, which bounds memory when only channel means matter."""
+        features, and the logits, on ``x`` (eval mode). Memory is bounded batch by batch: with
+        ``pooled`` feature maps are averaged over space (when only channel means matter); with
+        ``max_positions`` larger maps keep that many evenly spaced positions, (N, C, positions),
+        the same ones for every map of the same size."""
         model = self.instantiate(spec, state_dict)
         parts: list[dict[str, torch.Tensor]] = []
         logits = []
         for start in range(0, len(x), batch_size):
             rec: dict[str, torch.Tensor] = {}
             logits.append(model(x[start:start + batch_size].float(), rec))
-            parts.append({k: v.mean((2, 3)) if pooled and v.dim() == 4 else v for k, v in rec.items()})
+            parts.append({k: _reduce_map(v, pooled, max_positions) for k, v in rec.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, torch.cat(logits)
 
     def layer_outputs(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor],
@@ -217,3 +236,15 @@ class ResNetFamily(Family):
 
     def forward(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return self.record(spec, state_dict, x)[1]
+
+
+def _reduce_map(v: torch.Tensor, pooled: bool, max_positions: int | None) -> torch.Tensor:
+    if v.dim() != 4:
+        return v
+    if pooled:
+        return v.mean((2, 3))
+    positions = v.shape[2] * v.shape[3]
+    if max_positions is None or positions <= max_positions:
+        return v
+    keep = torch.linspace(0, positions - 1, max_positions).round().long()
+    return v.flatten(2)[:, :, keep].contiguous()

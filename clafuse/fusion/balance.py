@@ -112,9 +112,12 @@ def merge_layers(deep: Chain, mapping: list[int], gates: list[torch.Tensor]) -> 
     matched one fold into the classifier.
     """
     _check_mapping(mapping, len(mapping), len(deep.hidden))
-    if any(layer.is_conv or layer.bn is not None for layer in deep.layers):
-        raise ClafuseError("merge balancing folds fully-connected layers without BatchNorm only; use --balance add")
     kept = set(mapping)
+    for j, layer in enumerate(deep.hidden):
+        if j not in kept and (layer.is_conv or layer.bn is not None):
+            raise ClafuseError(f"merge balancing cannot fold hidden layer {j} of the deeper network: only "
+                               "fully-connected layers without BatchNorm fold into their successor; use --balance "
+                               "add (the deeper architecture)")
     hidden: list[ChainLayer] = []
     acc_w: torch.Tensor | None = None
     acc_b: torch.Tensor | None = None

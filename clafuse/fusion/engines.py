@@ -1,8 +1,11 @@
-"""Fusion engines: how a pair of aligned networks of one family is balanced and fused.
+"""Fusion engines: how aligned networks of one family are balanced and fused into a target.
 
-A family names its engine (``Family.engine``); ``chain`` serves every family that can be written
-as a :class:`~clafuse.arch.base.Chain` (MLPs, VGG-style CNNs). Families with other topologies
-(residual networks) register their own engine here.
+Fusion is many-to-one: every source network is balanced to the target's depth (identity layers
+inserted where it is shallower, its unmatched layers folded where it is deeper), transported into
+the target's neuron order and averaged with the mixing weights. A family names its engine
+(``Family.engine``); ``chain`` serves every family that can be written as a
+:class:`~clafuse.arch.base.Chain` (MLPs, VGG-style CNNs). Families with other topologies (residual
+networks) register their own engine here.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from typing import Callable, Mapping
 import torch
 from pydantic import BaseModel
 
-from clafuse.arch.base import Family
+from clafuse.arch.base import Chain, Family
 from clafuse.errors import ClafuseError
-from clafuse.fusion.balance import BALANCE_METHODS, insert_identities, merge_layers, relu_gates
-from clafuse.fusion.otfusion import FusionSettings, fuse_chains
+from clafuse.fusion.balance import insert_identities, merge_layers, relu_gates
+from clafuse.fusion.otfusion import FusionSettings, fuse_chains, materialized
+from clafuse.io.lazy import LazyStateDict, materializer
 
 
 @dataclass
@@ -27,19 +31,31 @@ class Member:
     spec: BaseModel
     state_dict: Mapping[str, torch.Tensor]
 
+    def group_sizes(self) -> list[int]:
+        return [len(g.layers) for g in self.family.groups(self.spec)]
+
 
 @dataclass
-class PairResult:
-    """The fused weights, in the key names and dtypes of ``target`` ("deep" or "shallow"), and the
-    mixing weights (target, other) each of the target's layers got."""
+class Source:
+    """A network fused into the target. ``mappings`` are the alignment's per-group mappings from
+    the shallower of the two networks into the deeper one; ``deeper`` says the source is the deeper
+    one (its unmatched layers are folded away), else identities are inserted into it."""
 
-    target: str
+    member: Member
+    mappings: list[list[int]]
+    deeper: bool
+
+
+@dataclass
+class FusionOutcome:
+    """The fused weights in the target's key names and dtypes, and the mixing weights (target's
+    first, then one per source) each of the target's layers got."""
+
     state_dict: dict[str, torch.Tensor]
     mixing: list[list[float]]
 
 
-Engine = Callable[[Member, Member, list[list[int]], str, tuple[float, float], "torch.Tensor | None", FusionSettings],
-                  PairResult]
+Engine = Callable[[Member, list[Source], list[float], "torch.Tensor | None", FusionSettings], FusionOutcome]
 ENGINES: dict[str, Engine] = {}
 
 
@@ -62,29 +78,37 @@ def global_mapping(mappings: list[list[int]], deep_sizes: list[int]) -> list[int
 
 
 @register_engine("chain")
-def fuse_chain_pair(deep: Member, shallow: Member, mappings: list[list[int]], balance: str,
-                    weights: tuple[float, float], x: torch.Tensor | None, settings: FusionSettings) -> PairResult:
-    """``add``: identities into the shallow chain, fused into the deep architecture; ``merge``:
-    the deep chain's unmatched layers folded away, fused into the shallow architecture.
-    ``weights`` are (deep, shallow)."""
-    if balance not in BALANCE_METHODS:
-        raise ClafuseError(f"unknown balance {balance!r}; choose from {', '.join(BALANCE_METHODS)}")
-    sizes = [len(g.layers) for g in deep.family.groups(deep.spec)]
-    mapping = global_mapping(mappings, sizes)
-    deep_chain = deep.family.to_chain(deep.spec, deep.state_dict)
-    shallow_chain = shallow.family.to_chain(shallow.spec, shallow.state_dict)
-    if balance == "add":
-        source = insert_identities(shallow_chain, mapping, deep_chain)
-        result = fuse_chains(deep_chain, [source], list(weights), x, settings)
-        target, name = deep, "deep"
-    else:
-        if x is None:
-            raise ClafuseError("merge balancing needs calibration data to approximate the folded ReLUs: pass --data")
-        source = merge_layers(deep_chain, mapping, relu_gates(deep_chain, x))
-        result = fuse_chains(shallow_chain, [source], [weights[1], weights[0]], x, settings)
-        target, name = shallow, "shallow"
+def fuse_chain_models(target: Member, sources: list[Source], weights: list[float], x: torch.Tensor | None,
+                      settings: FusionSettings) -> FusionOutcome:
+    """Balance each source chain to the target's depth (identities into a shallower source, a
+    deeper one's unmatched layers folded with their ReLU gates on ``x``), then OT-fuse them all
+    into the target's architecture. ``weights``: the target's first, then the sources'."""
+    target_chain = _chain(target)
+    balanced = []
+    for source in sources:
+        m = source.member
+        chain = _chain(m)
+        if source.deeper:
+            if x is None:
+                raise ClafuseError("folding a deeper network's unmatched layers needs calibration data to "
+                                   "approximate their ReLUs: pass --data")
+            chain = materialized(chain, materializer(m.state_dict))
+            mapping = global_mapping(source.mappings, m.group_sizes())
+            balanced.append(merge_layers(chain, mapping, relu_gates(chain, x)))
+        else:
+            mapping = global_mapping(source.mappings, target.group_sizes())
+            balanced.append(insert_identities(chain, mapping, target_chain))
+    load = materializer(target.state_dict, *(s.member.state_dict for s in sources))
+    result = fuse_chains(target_chain, balanced, list(weights), x, settings, load=load, keep_plans=False)
     state = target.family.from_chain(target.spec, result.chain, target.state_dict)
-    return PairResult(name, state, result.mixing)
+    return FusionOutcome(state, result.mixing)
+
+
+def _chain(member: Member) -> Chain:
+    """The member's chain; for a lazily opened checkpoint, with shape-only stand-ins for its
+    tensors (read layer by layer later)."""
+    sd = member.state_dict
+    return member.family.to_chain(member.spec, sd.skeleton() if isinstance(sd, LazyStateDict) else sd)
 
 
 # Engines of other families register themselves on import.

@@ -9,7 +9,9 @@ followed by a REPAIR-style correction of each fused neuron's activation statisti
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -99,43 +101,76 @@ def with_tie_break(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return acts + 1e-6 * acts.max().clamp_min(1e-12) * weights / weights.max().clamp_min(1e-12)
 
 
-def _rows(layer: ChainLayer, with_bias: bool) -> torch.Tensor:
-    rows = layer.weight.flatten(1).double()
-    if with_bias:
-        bias = layer.bias.double() if layer.bias is not None else torch.zeros(len(rows), dtype=rows.dtype)
-        rows = torch.cat([rows, bias[:, None]], 1)
-    return rows
+def weight_ground_cost(src: ChainLayer, tgt: ChainLayer, block: int = 1024) -> torch.Tensor:
+    """(n_src, n_tgt) Euclidean distances between the layers' weight rows, with the bias appended
+    (a missing one is zero), as float64 (what the transport solvers take, without another copy).
+
+    Computed as sqrt(|a|^2 + |b|^2 - 2 a.b): the float32 dot products of ``block`` source rows at a
+    time go into the float64 result, so wide layers need no copies of their weights and no second
+    full-size matrix.
+    """
+    a, b = src.weight.flatten(1).float(), tgt.weight.flatten(1).float()
+    ba = src.bias.float() if src.bias is not None else None
+    bb = tgt.bias.float() if tgt.bias is not None else None
+    sq_a, sq_b = a.pow(2).sum(1, dtype=torch.float64), b.pow(2).sum(1, dtype=torch.float64)
+    if ba is not None:
+        sq_a += ba.double().pow(2)
+    if bb is not None:
+        sq_b += bb.double().pow(2)
+    dist = torch.empty(a.shape[0], b.shape[0], dtype=torch.float64)
+    for start in range(0, a.shape[0], block):
+        rows = a[start:start + block] @ b.T
+        if ba is not None and bb is not None:
+            rows.addr_(ba[start:start + block], bb)
+        dist[start:start + block] = rows
+    return dist.mul_(-2).add_(sq_a[:, None]).add_(sq_b[None, :]).clamp_(min=0).sqrt_()
 
 
-def weight_ground_cost(src: ChainLayer, tgt: ChainLayer) -> torch.Tensor:
-    """(n_src, n_tgt) distances between the layers' weight rows (bias appended; a missing one is zero)."""
-    with_bias = src.bias is not None or tgt.bias is not None
-    return torch.cdist(_rows(src, with_bias), _rows(tgt, with_bias))
+def _move_along(t: torch.Tensor, plan, factor: int, dim: int) -> torch.Tensor:
+    """``t`` with its axis ``dim`` (the plan's source side) replaced by the target side:
+    ``out[..., j, ...] = factor * sum_i plan[i, j] * t[..., i, ...]``, computed in ``t``'s dtype.
+
+    A sparse (exact) plan is applied by gathering and scatter-adding its non-zeros, so moving a
+    wide layer costs about two copies of it; a dense (entropic) plan by a tensor contraction.
+    """
+    n_tgt = plan.shape[1]
+    if isinstance(plan, np.ndarray):
+        p = torch.as_tensor(plan).to(t.dtype, copy=True).mul_(factor)
+        return torch.tensordot(t, p, dims=([dim], [0])).movedim(-1, dim).contiguous()
+    coo = plan.tocoo()
+    rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    scale = torch.from_numpy(coo.data * factor).to(t.dtype).view(shape)
+    if len(cols) == n_tgt and bool((torch.bincount(cols, minlength=n_tgt) == 1).all()):
+        # Each target gets exactly one source (a permutation, or an injection): one gather.
+        order = torch.argsort(cols)
+        return t.index_select(dim, rows[order]).mul_(scale.index_select(dim, order))
+    picked = t.index_select(dim, rows).mul_(scale)
+    out_shape = list(t.shape)
+    out_shape[dim] = n_tgt
+    return torch.zeros(out_shape, dtype=t.dtype).index_add_(dim, cols, picked)
 
 
-def align_inputs(weight: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
+def align_inputs(weight: torch.Tensor, plan) -> torch.Tensor:
     """Re-express ``weight``'s input side (dim 1) in the anchor's order through ``plan``.
 
     Each anchor input receives the sum of the source inputs sent to it (plan scaled by n_src),
     which preserves the layer's output when matched neurons carry the same activation. A
     flattened conv input (channels x positions) is aligned channel-wise.
     """
-    p = (torch.as_tensor(plan, dtype=torch.float64) * plan.shape[0]).to(_compute_dtype(weight))
-    n_src, n_tgt = p.shape
-    w = weight.to(p.dtype)
+    n_src = plan.shape[0]
+    w = weight.to(_compute_dtype(weight))
     if w.shape[1] == n_src:
-        out = torch.einsum("oi...,it->ot...", w, p)
-    else:
-        positions = w.shape[1] // n_src
-        out = torch.einsum("ois,it->ots", w.reshape(w.shape[0], n_src, positions), p).reshape(w.shape[0], -1)
-    return out.to(weight.dtype)
+        return _move_along(w, plan, n_src, 1).to(weight.dtype)
+    grouped = w.reshape(w.shape[0], n_src, w.shape[1] // n_src)
+    return _move_along(grouped, plan, n_src, 1).reshape(w.shape[0], -1).to(weight.dtype)
 
 
-def align_outputs(t: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
+def align_outputs(t: torch.Tensor, plan) -> torch.Tensor:
     """Move per-neuron rows (dim 0) onto the anchor's neurons: each anchor neuron gets the
     plan-weighted average of the source neurons sent to it."""
-    p = (torch.as_tensor(plan, dtype=torch.float64) * plan.shape[1]).to(_compute_dtype(t))
-    return torch.einsum("it,i...->t...", p, t.to(p.dtype)).to(t.dtype)
+    return _move_along(t.to(_compute_dtype(t)), plan, plan.shape[1], 0).to(t.dtype)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -153,6 +188,29 @@ def transport_activations(z: torch.Tensor, plan: np.ndarray) -> torch.Tensor:
     return align_outputs(z.transpose(0, 1), plan).transpose(0, 1)
 
 
+def _align_layer(layer: ChainLayer, prev: np.ndarray | None, anchor_layer: ChainLayer | None,
+                 settings: FusionSettings, post: tuple[torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[ChainLayer, np.ndarray | None]:
+    """One source layer in the anchor's order: inputs through the previous layer's plan ``prev``;
+    for a hidden layer (``anchor_layer`` given) also the outputs, through the plan solved here
+    from the weights, and from the (source, anchor) activations ``post`` when given."""
+    weight = layer.weight if prev is None else align_inputs(layer.weight, prev)
+    moved = layer.with_(weight=weight)
+    if anchor_layer is None:
+        return moved, None
+    cost = weight_ground_cost(moved, anchor_layer)
+    if post is not None:
+        cost = with_tie_break(activation_ground_cost(post[0], post[1], settings.ground), cost)
+    plan = transport_plan(cost, settings.solver, settings.reg, sparse=True)
+    del cost
+    moved = moved.with_(
+        weight=align_outputs(weight, plan),
+        bias=align_outputs(moved.bias, plan) if moved.bias is not None else None,
+        bn={key: align_outputs(moved.bn[key], plan) for key in BN_KEYS} if moved.bn is not None else None,
+    )
+    return moved, plan
+
+
 def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: FusionSettings) -> AlignedChain:
     """``source`` transported into ``anchor``'s neuron order, layer by layer."""
     if len(source.hidden) != len(anchor.hidden):
@@ -168,18 +226,10 @@ def align_chain(source: Chain, anchor: Chain, x: torch.Tensor | None, settings: 
     layers: list[ChainLayer] = []
     prev: np.ndarray | None = None
     for k, layer in enumerate(source.layers):
-        weight = layer.weight if prev is None else align_inputs(layer.weight, prev)
-        moved = layer.with_(weight=weight)
-        if k < len(source.hidden):
-            cost = weight_ground_cost(moved, anchor.hidden[k])
-            if use_acts:
-                cost = with_tie_break(activation_ground_cost(src_post[k], tgt_post[k], settings.ground), cost)
-            plan = transport_plan(cost, settings.solver, settings.reg)
-            moved = moved.with_(
-                weight=align_outputs(weight, plan),
-                bias=align_outputs(layer.bias, plan) if layer.bias is not None else None,
-                bn={key: align_outputs(layer.bn[key], plan) for key in BN_KEYS} if layer.bn is not None else None,
-            )
+        hidden = k < len(source.hidden)
+        moved, plan = _align_layer(layer, prev, anchor.hidden[k] if hidden else None, settings,
+                                   (src_post[k], tgt_post[k]) if hidden and use_acts else None)
+        if plan is not None:
             if x is not None:
                 pre.append(transport_activations(src_pre[k], plan))
             plans.append(plan)
@@ -212,7 +262,10 @@ def _mix(tensors: list[torch.Tensor | None], betas: list[float]) -> torch.Tensor
     present = [(t, b) for t, b in zip(tensors, betas) if t is not None]
     if not present:
         return None
-    return sum(b * t.double() for t, b in present).float()
+    out = torch.zeros(present[0][0].shape, dtype=torch.float32)
+    for t, b in present:
+        out.add_(t.float(), alpha=b)
+    return out
 
 
 def average_layers(layers: list[ChainLayer], betas: list[float]) -> ChainLayer:
@@ -321,29 +374,104 @@ class FusionResult:
     mixing: list[list[float]]
 
 
+def materialized(chain: Chain, load: Callable[[Any], Any]) -> Chain:
+    """``chain`` with ``load`` applied to every layer's tensors (stand-ins become real tensors)."""
+    layers = [_load_layer(layer, load) for layer in chain.layers]
+    return Chain(layers[:-1], layers[-1], chain.flatten_input)
+
+
+def _load_layer(layer: ChainLayer, load: Callable[[Any], Any]) -> ChainLayer:
+    return layer.with_(weight=load(layer.weight), bias=load(layer.bias),
+                       bn=load(layer.bn) if layer.bn is not None else None)
+
+
 def fuse_chains(anchor: Chain, sources: list[Chain], weights: list[float], x: torch.Tensor | None,
-                settings: FusionSettings = FusionSettings()) -> FusionResult:
+                settings: FusionSettings = FusionSettings(), load: Callable[[Any], Any] | None = None,
+                keep_plans: bool = True) -> FusionResult:
     """Fuse ``sources`` into ``anchor``'s architecture. ``weights`` has one entry per model,
-    the anchor's first; all chains must already have the anchor's depth."""
+    the anchor's first; all chains must already have the anchor's depth.
+
+    ``load`` turns shape-only stand-ins (of lazily opened checkpoints) into real tensors. Without
+    calibration data the fusion runs layer by layer, reading each input layer when its turn comes
+    and dropping it once averaged, so memory holds the output and a few layers (and, unless
+    ``keep_plans`` is off, the transport plans, width x width each).
+    """
     if len(weights) != len(sources) + 1:
         raise ValueError("one mixing weight per model is needed")
+    load = load or (lambda value: value)
+    inserted = settings.inserted or default_inserted(anchor)
+    if x is None:
+        return _fuse_streaming(anchor, sources, weights, settings, load, inserted, keep_plans)
+    anchor = materialized(anchor, load)
+    sources = [materialized(source, load) for source in sources]
     aligned = [align_chain(source, anchor, x, settings) for source in sources]
     models = [anchor, *(a.chain for a in aligned)]
     fused_layers: list[ChainLayer] = []
     mixing: list[list[float]] = []
-    inserted = settings.inserted or default_inserted(anchor)
     for k in range(len(anchor.layers)):
         at_k = [m.layers[k] for m in models]
         betas = layer_weights(at_k, weights, inserted)
         mixing.append(betas)
         fused_layers.append(average_layers(at_k, betas))
     fused = Chain(fused_layers[:-1], fused_layers[-1], anchor.flatten_input)
-    if settings.bn_reset and x is not None and any(layer.bn is not None for layer in fused.layers):
+    if settings.bn_reset and any(layer.bn is not None for layer in fused.layers):
         fused = reset_batchnorm(fused, x)
-    if settings.correction != "none" and x is not None:
+    if settings.correction != "none":
         anchor_pre, _, anchor_logits = anchor.forward_record(x)
         anchor_pre.append(anchor_logits)
         targets = [sum(b * z.double() for b, z in zip(mixing[k], [anchor_pre[k], *(a.pre[k] for a in aligned)]))
                    for k in range(len(anchor.layers))]
         fused = correct(fused, targets, x, settings.correction, settings.ridge)
     return FusionResult(fused, [a.plans for a in aligned], mixing)
+
+
+def _fuse_streaming(anchor: Chain, sources: list[Chain], weights: list[float], settings: FusionSettings,
+                    load: Callable[[Any], Any], inserted: str, keep_plans: bool) -> FusionResult:
+    """Weight-based fusion, one layer position at a time across all models."""
+    if settings.signal == "activations":
+        raise ValueError("the activation signal needs calibration inputs")
+    for source in sources:
+        if len(source.hidden) != len(anchor.hidden):
+            raise ValueError("chains must have equal depth; balance them first")
+    prevs: list[np.ndarray | None] = [None] * len(sources)
+    plans: list[list[np.ndarray]] = [[] for _ in sources]
+    fused_layers: list[ChainLayer] = []
+    mixing: list[list[float]] = []
+    for k, anchor_layer in enumerate(anchor.layers):
+        hidden = k < len(anchor.hidden)
+        target = _load_layer(anchor_layer, load)
+        at_k = [target]
+        for i, source in enumerate(sources):
+            layer = _load_layer(source.layers[k], load)
+            if prevs[i] is not None:  # rebinding frees the unaligned weight before the next step
+                layer = layer.with_(weight=align_inputs(layer.weight, prevs[i]))
+            moved, plan = _align_layer(layer, None, target if hidden else None, settings)
+            del layer
+            if plan is not None:
+                if keep_plans:
+                    plans[i].append(plan)
+                prevs[i] = plan
+            at_k.append(moved)
+        betas = layer_weights(at_k, weights, inserted)
+        mixing.append(betas)
+        fused_layers.append(average_layers(at_k, betas))
+        del at_k, target
+        _return_freed_memory()
+    return FusionResult(Chain(fused_layers[:-1], fused_layers[-1], anchor.flatten_input), plans, mixing)
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap memory back to the system (between layers of a streaming
+    fusion, where fragmentation would otherwise keep the peak of every layer resident); a no-op
+    elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None

@@ -1,15 +1,17 @@
 """The fusion engine for residual networks (the ``resnet`` family).
 
-Blocks are balanced rather than layers: with ``add`` the shallow net gets identity blocks (their
-residual branch outputs zero), so the fused model has the deep architecture; with ``merge`` the
-deep net's unmatched blocks are dropped (a residual net stays valid without them) and the fused
-model has the shallow architecture. Every layer that writes into a stage's residual stream (the
-block outputs and the downsample) shares that stream's transport plan, which is carried through
-inserted identity blocks instead of being solved on their all-zero branch activations.
+Blocks are balanced rather than layers. A source shallower than the target gets identity blocks
+(their residual branch outputs zero) where the target has unmatched blocks; a deeper source has its
+unmatched blocks dropped (a residual net stays valid without them). Every layer that writes into a
+stage's residual stream (the block outputs and the downsample) shares that stream's transport plan,
+which is carried through inserted identity blocks instead of being solved on their all-zero branch
+activations. Each source is transported into the target's channel order on its own; the results
+are then averaged key by key over the models that really have the block.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -17,12 +19,15 @@ import torch
 
 from clafuse.arch.resnet import ResNetSpec
 from clafuse.errors import ClafuseError
-from clafuse.fusion.engines import Member, PairResult, register_engine
+from clafuse.fusion.engines import FusionOutcome, Member, Source, register_engine
 from clafuse.fusion.otfusion import (FusionSettings, activation_ground_cost, align_inputs, align_outputs,
                                      with_tie_break)
 from clafuse.fusion.transport import transport_plan
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
+MAX_POSITIONS = 64
+"""Spatial positions per feature map kept for the activation signal (evenly spaced): the neuron
+costs stay accurate while recording all block activations costs a fraction of the memory."""
 
 
 def _cost_rows(rows_src: torch.Tensor, rows_tgt: torch.Tensor) -> torch.Tensor:
@@ -31,30 +36,6 @@ def _cost_rows(rows_src: torch.Tensor, rows_tgt: torch.Tensor) -> torch.Tensor:
 
 def _bn_rows(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
     return torch.stack([sd[f"{prefix}.{leaf}"].double() for leaf in ("weight", "bias")], 1)
-
-
-class _Aligner:
-    """Holds both networks' weights and activations and solves the plans between them."""
-
-    def __init__(self, target: Member, other: Member, x: torch.Tensor | None, settings: FusionSettings) -> None:
-        self.t_spec: ResNetSpec = target.spec
-        self.o_spec: ResNetSpec = other.spec
-        self.t = {k: v.float() for k, v in target.state_dict.items()}
-        self.o = {k: v.float() for k, v in other.state_dict.items()}
-        self.settings = settings
-        self.acts = settings.signal == "activations"
-        if self.acts and x is None:
-            raise ClafuseError("the activation signal needs calibration inputs")
-        if x is not None:
-            self.t_rec, self.t_logits = target.family.record(self.t_spec, self.t, x)
-            self.o_rec, self.o_logits = other.family.record(self.o_spec, self.o, x)
-
-    def plan(self, act_key_o: str, act_key_t: str, rows_o: torch.Tensor, rows_t: torch.Tensor) -> np.ndarray:
-        cost = _cost_rows(rows_o, rows_t)
-        if self.acts:
-            cost = with_tie_break(activation_ground_cost(self.o_rec[act_key_o], self.t_rec[act_key_t],
-                                                         self.settings.ground), cost)
-        return transport_plan(cost, self.settings.solver, self.settings.reg)
 
 
 def _moved(weight: torch.Tensor, plan_in: np.ndarray | None, plan_out: np.ndarray | None) -> torch.Tensor:
@@ -69,43 +50,72 @@ def _identity_shortcut(width: int) -> torch.Tensor:
     return torch.eye(width)[:, :, None, None]
 
 
-@register_engine("resnet")
-def fuse_resnet_pair(deep: Member, shallow: Member, mappings: list[list[int]], balance: str,
-                     weights: tuple[float, float], x: torch.Tensor | None, settings: FusionSettings) -> PairResult:
-    """Fuse two ResNets block by block; ``weights`` are (deep, shallow)."""
-    if balance == "add":
-        target, other, w_t, w_o, name = deep, shallow, weights[0], weights[1], "deep"
-        pairs = {(s, mapping[i]): (s, i) for s, mapping in enumerate(mappings) for i in range(len(mapping))}
-    elif balance == "merge":
-        target, other, w_t, w_o, name = shallow, deep, weights[1], weights[0], "shallow"
-        pairs = {(s, i): (s, mapping[i]) for s, mapping in enumerate(mappings) for i in range(len(mapping))}
-    else:
-        raise ClafuseError(f"unknown balance {balance!r}; choose from add, merge")
-    ts, os_ = target.spec, other.spec
+@dataclass
+class _Recorded:
+    """A network's float32 weights and, with calibration data, its activations and logits."""
+
+    member: Member
+    sd: dict[str, torch.Tensor]
+    dtypes: dict[str, torch.dtype]
+    rec: dict[str, torch.Tensor] | None = None
+    logits: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, member: Member, x: torch.Tensor | None) -> "_Recorded":
+        sd, dtypes = {}, {}
+        for k, v in member.state_dict.items():
+            sd[k], dtypes[k] = v.float(), v.dtype
+        if x is None:
+            return cls(member, sd, dtypes)
+        rec, logits = member.family.record(member.spec, sd, x, max_positions=MAX_POSITIONS)
+        return cls(member, sd, dtypes, rec, logits)
+
+
+@dataclass
+class _Transported:
+    """One source in the target's layout: its values for the target keys it has a counterpart for,
+    and, per target BatchNorm, the source BatchNorm (and plan) it was moved from."""
+
+    moved: dict[str, torch.Tensor] = field(default_factory=dict)
+    bn_links: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+
+
+def _check_compatible(ts: ResNetSpec, os_: ResNetSpec) -> None:
     if ts.block != os_.block or len(ts.layers) != len(os_.layers):
         raise ClafuseError(f"cannot fuse a {ts.block} ResNet with {len(ts.layers)} stages and a {os_.block} "
                            f"ResNet with {len(os_.layers)} stages")
     if ts.in_channels != os_.in_channels or ts.num_classes != os_.num_classes or ts.stem != os_.stem:
-        raise ClafuseError("the two ResNets differ in input channels, classes or stem")
-    total = w_t + w_o
-    a, b = w_t / total, w_o / total
-    al = _Aligner(target, other, x, settings)
-    t, o = al.t, al.o
-    out = dict(t)
+        raise ClafuseError("the ResNets differ in input channels, classes or stem")
 
-    def mix(key: str, moved: torch.Tensor, ca: float = a, cb: float = b) -> None:
-        out[key] = ca * t[key] + cb * moved
 
-    pairs_bn: list[tuple[str, str | None, np.ndarray | None, float]] = []
+def _block_pairs(source: Source) -> dict[tuple[int, int], tuple[int, int]]:
+    """Target block (stage, index) -> the source block fused into it."""
+    if source.deeper:
+        return {(s, i): (s, j) for s, mapping in enumerate(source.mappings) for i, j in enumerate(mapping)}
+    return {(s, j): (s, i) for s, mapping in enumerate(source.mappings) for i, j in enumerate(mapping)}
 
-    def mix_bn(prefix_t: str, prefix_o: str, plan: np.ndarray | None) -> None:
+
+def _transport(target: _Recorded, other: _Recorded, pairs: dict[tuple[int, int], tuple[int, int]],
+               settings: FusionSettings) -> _Transported:
+    """Move ``other``'s weights into the target's channel order, stream by stream and block by block."""
+    ts, os_ = target.member.spec, other.member.spec
+    t, o = target.sd, other.sd
+    use_acts = settings.signal == "activations"
+    out = _Transported()
+
+    def plan(key_o: str, key_t: str, rows_o: torch.Tensor, rows_t: torch.Tensor) -> np.ndarray:
+        cost = _cost_rows(rows_o, rows_t)
+        if use_acts:
+            cost = with_tie_break(activation_ground_cost(other.rec[key_o], target.rec[key_t], settings.ground), cost)
+        return transport_plan(cost, settings.solver, settings.reg, sparse=True)
+
+    def move_bn(prefix_t: str, prefix_o: str, p: np.ndarray) -> None:
         for leaf in BN_PARAMS:
-            mix(f"{prefix_t}.{leaf}", _moved(o[f"{prefix_o}.{leaf}"], None, plan))
-        pairs_bn.append((prefix_t, prefix_o, plan, a))
+            out.moved[f"{prefix_t}.{leaf}"] = _moved(o[f"{prefix_o}.{leaf}"], None, p)
+        out.bn_links[prefix_t] = (prefix_o, p)
 
-    # The stem, and the plan of the stream it writes.
-    stem_rows = (o["conv1.weight"], t["conv1.weight"])
-    p_stem = al.plan("stem", "stem", *stem_rows)
+    last_bn = "bn3" if ts.block == "bottleneck" else "bn2"
+    p_stem = plan("stem", "stem", o["conv1.weight"], t["conv1.weight"])
     shared0 = not ts.has_downsample(0, 0) and not os_.has_downsample(0, 0)
     streams: list[np.ndarray] = []
     for s in range(len(ts.layers)):
@@ -118,70 +128,113 @@ def fuse_resnet_pair(deep: Member, shallow: Member, mappings: list[list[int]], b
             rows_o = align_inputs(o[f"layer{s + 1}.0.downsample.0.weight"], p_in)
             rows_t = t[f"layer{s + 1}.0.downsample.0.weight"]
         else:
-            rows_o, rows_t = _bn_rows(o, f"{last_o}.bn{3 if ts.block == 'bottleneck' else 2}"), \
-                _bn_rows(t, f"{last_t}.bn{3 if ts.block == 'bottleneck' else 2}")
-        streams.append(al.plan(f"{last_o}.out", f"{last_t}.out", rows_o, rows_t))
+            rows_o, rows_t = _bn_rows(o, f"{last_o}.{last_bn}"), _bn_rows(t, f"{last_t}.{last_bn}")
+        streams.append(plan(f"{last_o}.out", f"{last_t}.out", rows_o, rows_t))
     if shared0:
         p_stem = streams[0]
-    out["conv1.weight"] = a * t["conv1.weight"] + b * _moved(o["conv1.weight"], None, p_stem)
-    mix_bn("bn1", "bn1", p_stem)
+    out.moved["conv1.weight"] = _moved(o["conv1.weight"], None, p_stem)
+    move_bn("bn1", "bn1", p_stem)
 
-    mixing: list[list[float]] = []
     convs = ["conv1", "conv2", "conv3"] if ts.block == "bottleneck" else ["conv1", "conv2"]
-    for s, count in enumerate(ts.layers):
-        for j in range(count):
-            tname = f"layer{s + 1}.{j}"
-            last_bn = f"{tname}.bn{len(convs)}"
-            pair = pairs.get((s, j))
-            if pair is None:
-                keep = settings.inserted in ("keep", None) and a > 0
-                scale = 1.0 if keep else a
-                out[f"{last_bn}.weight"] = scale * t[f"{last_bn}.weight"]
-                out[f"{last_bn}.bias"] = scale * t[f"{last_bn}.bias"]
-                pairs_bn.extend((f"{tname}.bn{c + 1}", None, None, 1.0 if c < len(convs) - 1 else scale)
-                                for c in range(len(convs)))
-                mixing.append([scale, 1.0 - scale])
-                continue
-            oname = f"layer{pair[0] + 1}.{pair[1]}"
-            p_in = streams[s] if j > 0 else (streams[s - 1] if s > 0 else p_stem)
-            plan_in = p_in
-            for c, conv in enumerate(convs):
-                last = c == len(convs) - 1
-                w_o = align_inputs(o[f"{oname}.{conv}.weight"], plan_in)
-                if last:
-                    plan_out = streams[s]
-                else:
-                    plan_out = al.plan(f"{oname}.mid{c + 1}", f"{tname}.mid{c + 1}", w_o, t[f"{tname}.{conv}.weight"])
-                mix(f"{tname}.{conv}.weight", align_outputs(w_o, plan_out))
-                mix_bn(f"{tname}.bn{c + 1}", f"{oname}.bn{c + 1}", plan_out)
-                plan_in = plan_out
-            if ts.has_downsample(s, j):
-                if os_.has_downsample(pair[0], pair[1]):
-                    w_o = o[f"{oname}.downsample.0.weight"]
-                    bn_o = {leaf: o[f"{oname}.downsample.1.{leaf}"] for leaf in BN_PARAMS}
-                else:
-                    w_o = _identity_shortcut(o[f"{oname}.conv1.weight"].shape[1])
-                    width = w_o.shape[0]
-                    bn_o = {"weight": torch.ones(width), "bias": torch.zeros(width),
+    for (s, j), (so, jo) in sorted(pairs.items()):
+        tname, oname = f"layer{s + 1}.{j}", f"layer{so + 1}.{jo}"
+        p_in = streams[s] if j > 0 else (streams[s - 1] if s > 0 else p_stem)
+        plan_in = p_in
+        for c, conv in enumerate(convs):
+            w_o = align_inputs(o[f"{oname}.{conv}.weight"], plan_in)
+            if c == len(convs) - 1:
+                plan_out = streams[s]
+            else:
+                plan_out = plan(f"{oname}.mid{c + 1}", f"{tname}.mid{c + 1}", w_o, t[f"{tname}.{conv}.weight"])
+            out.moved[f"{tname}.{conv}.weight"] = align_outputs(w_o, plan_out)
+            move_bn(f"{tname}.bn{c + 1}", f"{oname}.bn{c + 1}", plan_out)
+            plan_in = plan_out
+        if ts.has_downsample(s, j):
+            if os_.has_downsample(so, jo):
+                out.moved[f"{tname}.downsample.0.weight"] = _moved(o[f"{oname}.downsample.0.weight"], p_in, streams[s])
+                move_bn(f"{tname}.downsample.1", f"{oname}.downsample.1", streams[s])
+            else:
+                # The source's block adds its input unchanged: an identity 1x1 conv with identity BN.
+                width = o[f"{oname}.conv1.weight"].shape[1]
+                identity = {"weight": torch.ones(width), "bias": torch.zeros(width),
                             "running_mean": torch.zeros(width), "running_var": torch.full((width,), 1.0 - 1e-5)}
-                mix(f"{tname}.downsample.0.weight", _moved(w_o, p_in, streams[s]))
+                out.moved[f"{tname}.downsample.0.weight"] = _moved(_identity_shortcut(width), p_in, streams[s])
                 for leaf in BN_PARAMS:
-                    mix(f"{tname}.downsample.1.{leaf}", _moved(bn_o[leaf], None, streams[s]))
-                has_o = os_.has_downsample(pair[0], pair[1])
-                pairs_bn.append((f"{tname}.downsample.1", f"{oname}.downsample.1" if has_o else None,
-                                 streams[s] if has_o else None, a if has_o else 1.0))
-            mixing.append([a, b])
-    out["fc.weight"] = a * t["fc.weight"] + b * align_inputs(o["fc.weight"], streams[-1])
-    out["fc.bias"] = a * t["fc.bias"] + b * o["fc.bias"]
+                    out.moved[f"{tname}.downsample.1.{leaf}"] = _moved(identity[leaf], None, streams[s])
+    out.moved["fc.weight"] = align_inputs(o["fc.weight"], streams[-1])
+    out.moved["fc.bias"] = o["fc.bias"]
+    return out
+
+
+def _block_of(key: str) -> str | None:
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0].startswith("layer") else None
+
+
+@register_engine("resnet")
+def fuse_resnets(target: Member, sources: list[Source], weights: list[float], x: torch.Tensor | None,
+                 settings: FusionSettings) -> FusionOutcome:
+    """Fuse ResNets into the target's architecture block by block; ``weights``: the target's first.
+
+    A block only some models have is averaged over those models; with ``inserted="average"`` its
+    residual branch is also scaled by their share of the total weight (as if averaged with the
+    other models' identity blocks), with ``keep`` (the default) it is taken as they have it.
+    """
+    for source in sources:
+        _check_compatible(target.spec, source.member.spec)
+    if settings.signal == "activations" and x is None:
+        raise ClafuseError("the activation signal needs calibration inputs")
+    tgt = _Recorded.of(target, x)
+    others = [_Recorded.of(source.member, x) for source in sources]
+    moved = [_transport(tgt, other, _block_pairs(source), settings) for source, other in zip(sources, others)]
+    repair = x is not None and settings.correction == "repair"
+    if not repair:  # only REPAIR needs the sources' own weights again
+        for other in others:
+            other.sd = {}
+    total = sum(weights)
+    keep = settings.inserted in ("keep", None)
+    last_bn = "bn3" if target.spec.block == "bottleneck" else "bn2"
+
+    def contributors(key: str) -> list[tuple[int, float]]:
+        return [(0, weights[0])] + [(i + 1, w) for i, (w, m) in enumerate(zip(weights[1:], moved)) if key in m.moved]
+
+    def factor(key: str, real: float) -> float:
+        block = _block_of(key)
+        on_branch_end = block is not None and key.startswith(f"{block}.{last_bn}.") and key.rsplit(".", 1)[1] in ("weight", "bias")
+        if not on_branch_end:
+            return 1.0
+        return 1.0 if keep and real > 0 else real / total
+
+    # Without REPAIR the target's own weights are not needed afterwards: each is replaced by its
+    # mix as soon as it is computed, which keeps one copy of the network in memory, not two.
+    out: dict[str, torch.Tensor] = {} if repair else tgt.sd
+    for key in list(tgt.sd):
+        value = tgt.sd[key]
+        if not tgt.dtypes[key].is_floating_point:
+            out[key] = value.to(tgt.dtypes[key])
+            continue
+        parts = contributors(key)
+        real = sum(w for _, w in parts)
+        if real > 0:
+            mixed = sum(w * (value if i == 0 else moved[i - 1].moved[key]) for i, w in parts) / real
+        else:
+            mixed = value
+        out[key] = mixed * factor(key, real)
+    mixing = []
+    for _, _, name in target.spec.blocks():
+        parts = dict(contributors(f"{name}.conv1.weight"))
+        real = sum(parts.values())
+        mixing.append([round(parts.get(i, 0.0) / real, 6) if real > 0 else float(i == 0) for i in range(len(weights))])
 
     if x is not None and settings.bn_reset:
         out = reset_batchnorm_stats(target, out, x)
     if x is not None and settings.correction == "repair":
-        out = _repair_batchnorm(target, other, al, out, pairs_bn, x)
+        out = _repair_batchnorm(target, tgt, others, moved, weights, out, x, factor)
     if x is not None and settings.correction == "regress":
-        out = _refit_classifier(target, out, x, a * al.t_logits + b * al.o_logits, settings.ridge)
-    state = {k: v.to(target.state_dict[k].dtype) for k, v in out.items()}
-    return PairResult(name, state, mixing)
+        mixed_logits = sum(w * r.logits for w, r in zip(weights, [tgt, *others])) / total
+        out = _refit_classifier(target, out, x, mixed_logits, settings.ridge)
+    state = {k: v.to(tgt.dtypes[k]) for k, v in out.items()}
+    return FusionOutcome(state, mixing)
 
 
 @torch.no_grad()
@@ -222,33 +275,41 @@ def _bn_output_stats(member: Member, state: Mapping[str, torch.Tensor], x: torch
     return stats
 
 
-def _repair_batchnorm(target: Member, other: Member, al: "_Aligner", state: dict[str, torch.Tensor],
-                      pairs_bn: list[tuple[str, str | None, np.ndarray | None, float]],
-                      x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _repair_batchnorm(target: Member, tgt: _Recorded, others: list[_Recorded], moved: list[_Transported],
+                      weights: list[float], state: dict[str, torch.Tensor], x: torch.Tensor,
+                      factor) -> dict[str, torch.Tensor]:
     """REPAIR for BatchNorm networks: rescale and shift each fused BN's output channels, in network
-    order, to the mix of the parents' matched channels' mean and std on ``x``."""
-    t_stats = _bn_output_stats(target, al.t, x, [p[0] for p in pairs_bn])
-    o_stats = _bn_output_stats(other, al.o, x, [p[1] for p in pairs_bn if p[1] is not None])
+    order, to the weighted mix of the models' matched channels' mean and std on ``x``."""
+    names = [name for name, module in target.family.instantiate(target.spec, tgt.sd).named_modules()
+             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    t_stats = _bn_output_stats(target, tgt.sd, x, names)
+    o_stats = [_bn_output_stats(other.member, other.sd, x, sorted({p for p, _ in m.bn_links.values()}))
+               for other, m in zip(others, moved)]
     state = dict(state)
-    for t_name, o_name, plan, weight in pairs_bn:
-        t_mean, t_std = t_stats[t_name]
-        if o_name is not None:
-            o_mean, o_std = o_stats[o_name]
-            t_mean = weight * t_mean + (1 - weight) * align_outputs(o_mean, plan)
-            t_std = weight * t_std + (1 - weight) * align_outputs(o_std, plan)
-        elif weight != 1.0:
-            t_mean, t_std = weight * t_mean, weight * t_std
+    for t_name in names:
+        parts = [(weights[0], t_stats[t_name])]
+        for w, m, stats in zip(weights[1:], moved, o_stats):
+            if t_name in m.bn_links:
+                o_name, plan = m.bn_links[t_name]
+                o_mean, o_std = stats[o_name]
+                parts.append((w, (align_outputs(o_mean, plan), align_outputs(o_std, plan))))
+        real = sum(w for w, _ in parts)
+        if real <= 0:
+            continue
+        scale_to = factor(f"{t_name}.weight", real) / real
+        want_mean = scale_to * sum(w * s[0] for w, s in parts)
+        want_std = scale_to * sum(w * s[1] for w, s in parts)
         mean, std = _bn_output_stats(target, state, x, [t_name])[t_name]
-        scale = torch.where(std > 1e-8, t_std / std.clamp_min(1e-8), torch.ones_like(std))
+        scale = torch.where(std > 1e-8, want_std / std.clamp_min(1e-8), torch.ones_like(std))
         state[f"{t_name}.weight"] = (state[f"{t_name}.weight"].double() * scale).float()
-        state[f"{t_name}.bias"] = (scale * (state[f"{t_name}.bias"].double() - mean) + t_mean).float()
+        state[f"{t_name}.bias"] = (scale * (state[f"{t_name}.bias"].double() - mean) + want_mean).float()
     return state
 
 
 @torch.no_grad()
 def _refit_classifier(member: Member, state: dict[str, torch.Tensor], x: torch.Tensor, target_logits: torch.Tensor,
                       ridge: float) -> dict[str, torch.Tensor]:
-    """Least-squares refit of ``fc`` so that the fused features reproduce the parents' mixed logits."""
+    """Least-squares refit of ``fc`` so that the fused features reproduce the models' mixed logits."""
     from clafuse.arch.base import ChainLayer
     from clafuse.fusion.otfusion import regress_layer
 

@@ -80,26 +80,53 @@ def uniform(n: int) -> np.ndarray:
     return np.full(n, 1.0 / n)
 
 
-def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: float = 0.05) -> np.ndarray:
+def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: float = 0.05,
+                   sparse: bool = False) -> np.ndarray:
     """Plan T (n_src x n_tgt) minimising <T, cost> with uniform marginals on both sides.
 
     ``emd`` is exact (a permutation scaled by 1/n when the sizes are equal); ``sinkhorn`` is the
     entropic plan, with ``reg`` relative to the largest cost so that it means the same at any scale.
+    With ``sparse``, an ``emd`` plan comes as a ``scipy.sparse.csr_array``: an exact plan has at most
+    n_src + n_tgt - 1 non-zeros, so it costs a vector's memory instead of a matrix's.
     """
     ot = _pot()
     m = cost.detach().double().cpu().numpy() if isinstance(cost, torch.Tensor) else np.asarray(cost, np.float64)
-    a, b = uniform(m.shape[0]), uniform(m.shape[1])
+    del cost
+    n_src, n_tgt = m.shape
     if solver == "emd":
-        return ot.emd(a, b, m, numItermax=10_000_000)
+        if n_src == n_tgt and m.size:
+            # Equal sizes and uniform marginals: some optimal plan is a permutation (Birkhoff), and
+            # the assignment solver finds one several times faster than network simplex.
+            from scipy.optimize import linear_sum_assignment
+
+            rows, cols = linear_sum_assignment(m)
+            del m
+            if sparse:
+                return _csr(np.full(n_src, 1.0 / n_src), rows, cols, (n_src, n_tgt))
+            plan = np.zeros((n_src, n_tgt))
+            plan[rows, cols] = 1.0 / n_src
+            return plan
+        plan = ot.emd(uniform(n_src), uniform(n_tgt), m, numItermax=10_000_000)
+        if sparse:
+            rows, cols = np.nonzero(plan)
+            return _csr(plan[rows, cols], rows, cols, plan.shape)
+        return plan
     if solver == "sinkhorn":
         scale = float(m.max()) if m.size and m.max() > 0 else 1.0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            plan = ot.sinkhorn(a, b, m / scale, reg, method="sinkhorn_log", numItermax=100_000, stopThr=1e-9)
+            plan = ot.sinkhorn(uniform(n_src), uniform(n_tgt), m / scale, reg, method="sinkhorn_log",
+                               numItermax=100_000, stopThr=1e-9)
         if any("converge" in str(w.message) for w in caught):
             log.warning("sinkhorn did not converge at reg %g; a larger --reg converges faster", reg)
         return plan
     raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+
+
+def _csr(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
+    from scipy.sparse import csr_array
+
+    return csr_array((values, (rows, cols)), shape=shape)
 
 
 def ot_distance(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from clafuse.errors import CheckpointError
 from clafuse.io.atomic import atomic_output
@@ -87,7 +87,7 @@ def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
 def _read_weight_map(p: Path) -> dict[str, str]:
     try:
         weight_map = json.loads(p.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:  # ValueError: bad UTF-8 or JSON
         raise CheckpointError(f"{p}: not a valid safetensors index (needs a \"weight_map\" object)") from exc
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{p}: \"weight_map\" must map tensor names to shard file names")
@@ -130,7 +130,7 @@ def _load_torch(p: Path) -> Any:
             f"{p}: refusing to load: the pickle contains objects other than tensors ({what}); "
             "clafuse never executes pickled code"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler lets IndexError, KeyError, ... escape on bad bytes
         raise CheckpointError(f"{p}: corrupt or truncated torch checkpoint: {_one_line(exc)}") from exc
 
 
@@ -173,6 +173,33 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _unwrap(p, _load_torch(p))
 
 
+def open_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
+    """Like :func:`load_checkpoint`, but a safetensors file or sharded index is opened lazily: a
+    :class:`~clafuse.io.lazy.LazyStateDict` that reads each tensor when it is looked up. Torch
+    files are loaded eagerly (their pickles cannot be read in part safely)."""
+    from clafuse.io.lazy import lazy_safetensors
+
+    p = _existing_file(path)
+    if p.name.lower().endswith(INDEX_SUFFIX):
+        files = {}
+        for key, shard_name in _read_weight_map(p).items():
+            shard = p.parent / shard_name
+            if not shard.is_file():
+                raise CheckpointError(f"{p}: shard {shard_name} listed in the index does not exist")
+            files[key] = shard
+    elif format_of(p) == "safetensors":
+        try:
+            with safe_open(p, framework="pt") as fh:
+                files = {key: p for key in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{p}: not a valid safetensors file: {_one_line(exc)}") from exc
+    else:
+        return load_checkpoint(p)
+    if not files:
+        raise CheckpointError(f"{p}: checkpoint contains no tensors")
+    return lazy_safetensors(p, files)
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (of the first shard for an index); ``{}`` for torch."""
     p = _existing_file(path)
@@ -190,18 +217,26 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise CheckpointError(f"{p}: not a valid safetensors file: {_one_line(exc)}") from exc
 
 
-def _prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors, each owning its whole storage (safetensors refuses sharing)."""
+def _checked(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU tensors under string keys; raise on anything else."""
     if not state_dict:
         raise ValueError("refusing to save an empty state dict")
-    seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if not isinstance(key, str):
             raise TypeError(f"state dict key {key!r} is a {type(key).__name__}, expected a string")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
-        t = value.detach().cpu().contiguous()
+        out[key] = value.detach().cpu()
+    return out
+
+
+def _prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each owning its whole storage (so that no shared storage is saved)."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in _checked(state_dict).items():
+        t = value.contiguous()
         storage = t.untyped_storage()
         whole = t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
         if storage.data_ptr() in seen or not whole:
@@ -216,23 +251,28 @@ def save_checkpoint(
     path: str | os.PathLike[str],
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write ``state_dict`` atomically as safetensors (with ``metadata``) or a plain torch dict.
+    max_shard_size: str | int | None = None,
+) -> list[Path]:
+    """Write ``state_dict`` atomically as safetensors (with ``metadata``) or a plain torch dict;
+    return the files written.
 
-    The torch format (``.pt``/``.pth``/``.bin``) has no header, so ``metadata`` is not stored there;
+    Safetensors outputs are streamed tensor by tensor (no second copy in memory) and, above
+    ``max_shard_size`` (bytes, or text such as ``"2GB"``), split into shards with an index. The
+    torch format (``.pt``/``.pth``/``.bin``) has no header, so ``metadata`` is not stored there;
     the file holds exactly the given keys so ``load_state_dict(strict=True)`` works on it.
     """
+    from clafuse.io.writer import parse_size, save_safetensors
+
     p = Path(path)
     name = p.name.lower()
+    limit = parse_size(max_shard_size)
     if name.endswith(SAFETENSORS_EXTS):
-        kind = "safetensors"
-    elif name.endswith(_TORCH_OUTPUT_EXTS):
-        kind = "torch"
-    else:
+        return save_safetensors(p, _checked(state_dict), metadata, limit)
+    if not name.endswith(_TORCH_OUTPUT_EXTS):
         raise CheckpointError(f"{p}: unsupported output extension, use .safetensors or .pt")
+    if limit is not None:
+        raise CheckpointError(f"{p}: sharded output (--max-shard-size) needs a .safetensors file name")
     tensors = _prepare(state_dict)
     with atomic_output(p) as tmp:
-        if kind == "safetensors":
-            save_file(tensors, tmp, metadata=None if metadata is None else dict(metadata))
-        else:
-            torch.save(tensors, tmp)
+        torch.save(tensors, tmp)
+    return [p]

@@ -1,0 +1,137 @@
+"""Lazily loaded checkpoints: safetensors tensors read one at a time, when they are used.
+
+Fusing two large checkpoints should need memory for the output and a few layers, not for both
+inputs. A :class:`LazyStateDict` knows every tensor's name, dtype and shape from the file headers
+and reads a tensor only when it is looked up; nothing is cached, so a tensor the caller drops is
+freed. :meth:`LazyStateDict.skeleton` gives shape-only (meta) stand-ins, on which architecture
+detection and chain building run without reading any data, and :func:`materialize` swaps the
+stand-ins of one layer for the real tensors when that layer's turn comes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from clafuse.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class LazyStateDict(Mapping[str, torch.Tensor]):
+    """``{name: tensor}`` over one or more safetensors files, each tensor read on lookup.
+
+    ``sources`` maps each public name to (file, name stored in that file). Files are validated
+    with ``safetensors.safe_open``; tensors are then read with plain positioned reads into fresh
+    memory (not through a memory map, whose touched pages would stay resident while it is open).
+    """
+
+    def __init__(self, path: Path, sources: dict[str, tuple[Path, str]]) -> None:
+        self.path = path
+        self._entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        headers: dict[Path, tuple[int, dict]] = {}
+        for name, (file, stored) in sources.items():
+            if file not in headers:
+                headers[file] = _read_header(file)
+            start, header = headers[file]
+            info = header.get(stored)
+            if not isinstance(info, dict):
+                raise CheckpointError(f"{path}: tensor {stored!r} is not in {file.name}")
+            dtype = info["dtype"]
+            if dtype not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {stored!r} has dtype {dtype}, which clafuse does not support")
+            begin, end = info["data_offsets"]
+            self._entries[name] = (file, SAFETENSORS_DTYPES[dtype], tuple(int(d) for d in info["shape"]),
+                                   start + begin, end - begin)
+        self._skeleton: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file, dtype, shape, offset, size = self._entries[name]
+        out = torch.empty(shape, dtype=dtype)
+        if size:
+            buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            try:
+                with open(file, "rb") as fh:
+                    fh.seek(offset)
+                    got = fh.readinto(buffer)
+            except OSError as exc:
+                raise CheckpointError(f"{file}: cannot read tensor {name!r}: {_first_line(exc)}") from None
+            if got != size:
+                raise CheckpointError(f"{file}: truncated while reading tensor {name!r}")
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def header(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """The tensor's dtype and shape, from the file header."""
+        return self._entries[name][1:3]
+
+    def skeleton(self) -> dict[str, torch.Tensor]:
+        """Meta-device stand-ins with the tensors' shapes; floating-point ones are float32, so that
+        ``.float()`` returns the stand-in itself and :func:`materialize` can recognise it."""
+        if self._skeleton is None:
+            self._skeleton = {
+                name: torch.empty(shape, dtype=torch.float32 if dtype.is_floating_point else dtype, device="meta")
+                for name, (_, dtype, shape, _, _) in self._entries.items()
+            }
+        return self._skeleton
+
+
+def _read_header(file: Path) -> tuple[int, dict]:
+    """(start of the data section, header) of a safetensors file, after ``safe_open`` has checked it
+    (header syntax, dtypes, offsets within the file and without gaps or overlaps)."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu"):
+            pass
+        with open(file, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(length))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a valid safetensors file: {_first_line(exc)}") from None
+    return 8 + length, header
+
+
+def lazy_safetensors(path: Path, files: dict[str, Path]) -> LazyStateDict:
+    """A lazy view of the tensors stored in ``files`` (name -> file), with a DataParallel
+    ``module.`` prefix removed as the eager loader does."""
+    names = list(files)
+    strip = bool(names) and all(n.startswith("module.") for n in names)
+    return LazyStateDict(path, {(n[len("module."):] if strip else n): (files[n], n) for n in names})
+
+
+def materializer(*state_dicts: Mapping[str, torch.Tensor]):
+    """A function replacing the skeleton stand-ins (from these lazy state dicts) inside a value —
+    a tensor, or a dict of them — by the real float32 tensors, read now."""
+    where: dict[int, tuple[LazyStateDict, str]] = {}
+    for sd in state_dicts:
+        if isinstance(sd, LazyStateDict):
+            for name, stand_in in sd.skeleton().items():
+                where[id(stand_in)] = (sd, name)
+
+    def load(value):
+        if isinstance(value, dict):
+            return {k: load(v) for k, v in value.items()}
+        if isinstance(value, torch.Tensor) and value.is_meta:
+            sd, name = where[id(value)]
+            real = sd[name]
+            return real.float() if real.is_floating_point() else real
+        return value
+
+    return load
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] or type(exc).__name__
