@@ -286,6 +286,9 @@ def _per_model(arch: Optional[List[Path]], count: int) -> list[Optional[Path]]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point."""
+    from clafuse.memory import tune_allocator
+
+    tune_allocator()
     signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(format="clafuse: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     app(args=argv, prog_name="clafuse")

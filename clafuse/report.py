@@ -48,13 +48,17 @@ def render_map(doc: dict[str, Any], out: Path) -> None:
 
 def render_fuse(doc: dict[str, Any]) -> None:
     console = _console()
-    console.print(f"fused into the architecture of [cyan]{doc['target']}[/] ({doc['family']}, balance {doc['balance']}, "
+    balance = doc["balance"] if isinstance(doc["balance"], str) else \
+        ", ".join(f"{name} {method}" for name, method in doc["balance"].items())
+    console.print(f"fused into the architecture of [cyan]{doc['target']}[/] ({doc['family']}, balance {balance}, "
                   f"signal {doc['signal']}, weights {', '.join(f'{w:g}' for w in doc['weights'])})")
-    table = Table("layer", "width", "mixing (target, other)")
+    table = Table("layer", "width", f"mixing ({', '.join(doc['mixing_order'])})")
     for layer, mix in zip(doc["layers"], doc["mixing"]):
         table.add_row(layer["name"], str(layer["width"]), ", ".join(f"{m:.2f}" for m in mix))
     console.print(table)
-    console.print(f"written to {doc['output']} in {doc['seconds']:.2f} s")
+    files = doc.get("files", [doc["output"]])
+    written = files[0] if len(files) == 1 else f"{len(files) - 1} shards and {files[-1]}"
+    console.print(f"written to {written} in {doc['seconds']:.2f} s")
 
 
 def render_eval(doc: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ followed by a REPAIR-style correction of each fused neuron's activation statisti
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,6 +17,7 @@ import torch
 
 from clafuse.arch.base import BN_KEYS, Chain, ChainLayer
 from clafuse.fusion.transport import transport_plan
+from clafuse.memory import release_memory
 
 SIGNALS = ("activations", "weights")
 GROUNDS = ("correlation", "euclidean")
@@ -456,22 +456,5 @@ def _fuse_streaming(anchor: Chain, sources: list[Chain], weights: list[float], s
         mixing.append(betas)
         fused_layers.append(average_layers(at_k, betas))
         del at_k, target
-        _return_freed_memory()
+        release_memory()
     return FusionResult(Chain(fused_layers[:-1], fused_layers[-1], anchor.flatten_input), plans, mixing)
-
-
-def _return_freed_memory() -> None:
-    """Ask glibc to give freed heap memory back to the system (between layers of a streaming
-    fusion, where fragmentation would otherwise keep the peak of every layer resident); a no-op
-    elsewhere."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None

@@ -23,11 +23,14 @@ from clafuse.fusion.engines import FusionOutcome, Member, Source, register_engin
 from clafuse.fusion.otfusion import (FusionSettings, activation_ground_cost, align_inputs, align_outputs,
                                      with_tie_break)
 from clafuse.fusion.transport import transport_plan
+from clafuse.io.lazy import LazyStateDict
+from clafuse.memory import release_memory
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
-MAX_POSITIONS = 64
-"""Spatial positions per feature map kept for the activation signal (evenly spaced): the neuron
-costs stay accurate while recording all block activations costs a fraction of the memory."""
+MAX_POSITIONS = 16
+"""Spatial positions per feature map kept for the activation signal (evenly spaced): with a few
+hundred samples the neuron costs still see thousands of values per channel, while recording every
+block's activations costs a fraction of the memory."""
 
 
 def _cost_rows(rows_src: torch.Tensor, rows_tgt: torch.Tensor) -> torch.Tensor:
@@ -96,10 +99,13 @@ def _block_pairs(source: Source) -> dict[tuple[int, int], tuple[int, int]]:
 
 
 def _transport(target: _Recorded, other: _Recorded, pairs: dict[tuple[int, int], tuple[int, int]],
-               settings: FusionSettings) -> _Transported:
-    """Move ``other``'s weights into the target's channel order, stream by stream and block by block."""
+               settings: FusionSettings, consume: bool = False) -> _Transported:
+    """Move ``other``'s weights into the target's channel order, stream by stream and block by block.
+    With ``consume`` each source tensor is dropped from ``other`` once moved (each is moved once),
+    so that the source and its moved copy are not both held in full."""
     ts, os_ = target.member.spec, other.member.spec
     t, o = target.sd, other.sd
+    take = o.pop if consume else o.__getitem__
     use_acts = settings.signal == "activations"
     out = _Transported()
 
@@ -111,7 +117,7 @@ def _transport(target: _Recorded, other: _Recorded, pairs: dict[tuple[int, int],
 
     def move_bn(prefix_t: str, prefix_o: str, p: np.ndarray) -> None:
         for leaf in BN_PARAMS:
-            out.moved[f"{prefix_t}.{leaf}"] = _moved(o[f"{prefix_o}.{leaf}"], None, p)
+            out.moved[f"{prefix_t}.{leaf}"] = _moved(take(f"{prefix_o}.{leaf}"), None, p)
         out.bn_links[prefix_t] = (prefix_o, p)
 
     last_bn = "bn3" if ts.block == "bottleneck" else "bn2"
@@ -132,7 +138,7 @@ def _transport(target: _Recorded, other: _Recorded, pairs: dict[tuple[int, int],
         streams.append(plan(f"{last_o}.out", f"{last_t}.out", rows_o, rows_t))
     if shared0:
         p_stem = streams[0]
-    out.moved["conv1.weight"] = _moved(o["conv1.weight"], None, p_stem)
+    out.moved["conv1.weight"] = _moved(take("conv1.weight"), None, p_stem)
     move_bn("bn1", "bn1", p_stem)
 
     convs = ["conv1", "conv2", "conv3"] if ts.block == "bottleneck" else ["conv1", "conv2"]
@@ -140,8 +146,9 @@ def _transport(target: _Recorded, other: _Recorded, pairs: dict[tuple[int, int],
         tname, oname = f"layer{s + 1}.{j}", f"layer{so + 1}.{jo}"
         p_in = streams[s] if j > 0 else (streams[s - 1] if s > 0 else p_stem)
         plan_in = p_in
+        in_width = o[f"{oname}.conv1.weight"].shape[1]
         for c, conv in enumerate(convs):
-            w_o = align_inputs(o[f"{oname}.{conv}.weight"], plan_in)
+            w_o = align_inputs(take(f"{oname}.{conv}.weight"), plan_in)
             if c == len(convs) - 1:
                 plan_out = streams[s]
             else:
@@ -151,18 +158,19 @@ def _transport(target: _Recorded, other: _Recorded, pairs: dict[tuple[int, int],
             plan_in = plan_out
         if ts.has_downsample(s, j):
             if os_.has_downsample(so, jo):
-                out.moved[f"{tname}.downsample.0.weight"] = _moved(o[f"{oname}.downsample.0.weight"], p_in, streams[s])
+                out.moved[f"{tname}.downsample.0.weight"] = _moved(take(f"{oname}.downsample.0.weight"), p_in,
+                                                                   streams[s])
                 move_bn(f"{tname}.downsample.1", f"{oname}.downsample.1", streams[s])
             else:
                 # The source's block adds its input unchanged: an identity 1x1 conv with identity BN.
-                width = o[f"{oname}.conv1.weight"].shape[1]
+                width = in_width
                 identity = {"weight": torch.ones(width), "bias": torch.zeros(width),
                             "running_mean": torch.zeros(width), "running_var": torch.full((width,), 1.0 - 1e-5)}
                 out.moved[f"{tname}.downsample.0.weight"] = _moved(_identity_shortcut(width), p_in, streams[s])
                 for leaf in BN_PARAMS:
                     out.moved[f"{tname}.downsample.1.{leaf}"] = _moved(identity[leaf], None, streams[s])
-    out.moved["fc.weight"] = align_inputs(o["fc.weight"], streams[-1])
-    out.moved["fc.bias"] = o["fc.bias"]
+    out.moved["fc.weight"] = align_inputs(take("fc.weight"), streams[-1])
+    out.moved["fc.bias"] = take("fc.bias")
     return out
 
 
@@ -186,11 +194,13 @@ def fuse_resnets(target: Member, sources: list[Source], weights: list[float], x:
         raise ClafuseError("the activation signal needs calibration inputs")
     tgt = _Recorded.of(target, x)
     others = [_Recorded.of(source.member, x) for source in sources]
-    moved = [_transport(tgt, other, _block_pairs(source), settings) for source, other in zip(sources, others)]
     repair = x is not None and settings.correction == "repair"
-    if not repair:  # only REPAIR needs the sources' own weights again
-        for other in others:
+    moved = []
+    for source, other in zip(sources, others):
+        moved.append(_transport(tgt, other, _block_pairs(source), settings, consume=not repair))
+        if not repair:  # only REPAIR needs the source's own weights again
             other.sd = {}
+        release_memory()
     total = sum(weights)
     keep = settings.inserted in ("keep", None)
     last_bn = "bn3" if target.spec.block == "bottleneck" else "bn2"
@@ -205,9 +215,17 @@ def fuse_resnets(target: Member, sources: list[Source], weights: list[float], x:
             return 1.0
         return 1.0 if keep and real > 0 else real / total
 
-    # Without REPAIR the target's own weights are not needed afterwards: each is replaced by its
-    # mix as soon as it is computed, which keeps one copy of the network in memory, not two.
-    out: dict[str, torch.Tensor] = {} if repair else tgt.sd
+    mixing = []
+    for _, _, name in target.spec.blocks():
+        parts = dict(contributors(f"{name}.conv1.weight"))
+        real = sum(parts.values())
+        mixing.append([round(parts.get(i, 0.0) / real, 6) if real > 0 else float(i == 0) for i in range(len(weights))])
+
+    # The target's weights were read for this fusion alone (a lazily opened checkpoint) and REPAIR
+    # does not need them again: each is then replaced by its mix in place, and each source's
+    # moved tensor freed once used, so that one copy of the network is in memory, not three.
+    in_place = not repair and isinstance(target.state_dict, LazyStateDict)
+    out: dict[str, torch.Tensor] = tgt.sd if in_place else {}
     for key in list(tgt.sd):
         value = tgt.sd[key]
         if not tgt.dtypes[key].is_floating_point:
@@ -215,16 +233,13 @@ def fuse_resnets(target: Member, sources: list[Source], weights: list[float], x:
             continue
         parts = contributors(key)
         real = sum(w for _, w in parts)
+        mixed = value if in_place else value.clone()
         if real > 0:
-            mixed = sum(w * (value if i == 0 else moved[i - 1].moved[key]) for i, w in parts) / real
-        else:
-            mixed = value
-        out[key] = mixed * factor(key, real)
-    mixing = []
-    for _, _, name in target.spec.blocks():
-        parts = dict(contributors(f"{name}.conv1.weight"))
-        real = sum(parts.values())
-        mixing.append([round(parts.get(i, 0.0) / real, 6) if real > 0 else float(i == 0) for i in range(len(weights))])
+            mixed.mul_(weights[0] / real)
+            for i, w in parts[1:]:
+                mixed.add_(moved[i - 1].moved.pop(key), alpha=w / real)
+        out[key] = mixed.mul_(factor(key, real))
+    release_memory()
 
     if x is not None and settings.bn_reset:
         out = reset_batchnorm_stats(target, out, x)
@@ -313,7 +328,7 @@ def _refit_classifier(member: Member, state: dict[str, torch.Tensor], x: torch.T
     from clafuse.arch.base import ChainLayer
     from clafuse.fusion.otfusion import regress_layer
 
-    rec, _ = member.family.record(member.spec, state, x)
+    rec, _ = member.family.record(member.spec, state, x, pooled=True)
     layer = ChainLayer(weight=state["fc.weight"], bias=state["fc.bias"], relu=False)
     fitted = regress_layer(layer, rec["pooled"], target_logits, ridge)
     return {**state, "fc.weight": fitted.weight, "fc.bias": fitted.bias}

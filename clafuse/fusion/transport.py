@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import logging
 import sys
@@ -9,6 +10,7 @@ import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 import numpy as np
 import torch
@@ -76,6 +78,30 @@ def _pot() -> ModuleType:
         return _ot
 
 
+def _linear_sum_assignment() -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """SciPy's assignment solver, loaded from its own extension module: importing
+    ``scipy.optimize`` for it would pull in all of SciPy's optimizers (35 MB of memory in every
+    ``fuse``). Falls back to the public import if the module is not where SciPy keeps it."""
+    global _lsa
+    if _lsa is None:
+        try:
+            base = Path(importlib.util.find_spec("scipy").submodule_search_locations[0]) / "optimize"
+            path = next(base / f"_lsap{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES
+                        if (base / f"_lsap{suffix}").is_file())
+            spec = importlib.util.spec_from_file_location("scipy.optimize._lsap", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _lsa = module.linear_sum_assignment
+        except (ImportError, StopIteration, AttributeError, OSError, TypeError):
+            from scipy.optimize import linear_sum_assignment
+
+            _lsa = linear_sum_assignment
+    return _lsa
+
+
+_lsa = None
+
+
 def uniform(n: int) -> np.ndarray:
     return np.full(n, 1.0 / n)
 
@@ -89,7 +115,6 @@ def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: fl
     With ``sparse``, an ``emd`` plan comes as a ``scipy.sparse.csr_array``: an exact plan has at most
     n_src + n_tgt - 1 non-zeros, so it costs a vector's memory instead of a matrix's.
     """
-    ot = _pot()
     m = cost.detach().double().cpu().numpy() if isinstance(cost, torch.Tensor) else np.asarray(cost, np.float64)
     del cost
     n_src, n_tgt = m.shape
@@ -97,16 +122,14 @@ def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: fl
         if n_src == n_tgt and m.size:
             # Equal sizes and uniform marginals: some optimal plan is a permutation (Birkhoff), and
             # the assignment solver finds one several times faster than network simplex.
-            from scipy.optimize import linear_sum_assignment
-
-            rows, cols = linear_sum_assignment(m)
+            rows, cols = _linear_sum_assignment()(m)
             del m
             if sparse:
                 return _csr(np.full(n_src, 1.0 / n_src), rows, cols, (n_src, n_tgt))
             plan = np.zeros((n_src, n_tgt))
             plan[rows, cols] = 1.0 / n_src
             return plan
-        plan = ot.emd(uniform(n_src), uniform(n_tgt), m, numItermax=10_000_000)
+        plan = _pot().emd(uniform(n_src), uniform(n_tgt), m, numItermax=10_000_000)
         if sparse:
             rows, cols = np.nonzero(plan)
             return _csr(plan[rows, cols], rows, cols, plan.shape)
@@ -115,7 +138,7 @@ def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: fl
         scale = float(m.max()) if m.size and m.max() > 0 else 1.0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            plan = ot.sinkhorn(uniform(n_src), uniform(n_tgt), m / scale, reg, method="sinkhorn_log",
+            plan = _pot().sinkhorn(uniform(n_src), uniform(n_tgt), m / scale, reg, method="sinkhorn_log",
                                numItermax=100_000, stopThr=1e-9)
         if any("converge" in str(w.message) for w in caught):
             log.warning("sinkhorn did not converge at reg %g; a larger --reg converges faster", reg)
