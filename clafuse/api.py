@@ -401,8 +401,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
         signal = "activations" if x is not None else "weights"
     if signal == "activations" and x is None:
         raise ClafuseError("the activation signal needs calibration data: pass --data, or --signal weights")
-    if x is None and options.get("correction", "regress") != "none":
-        log.warning("no calibration data: fusing without correction or BatchNorm reset (pass --data to enable them)")
+    without_data = x is None and options.get("correction", "regress") != "none"
+    if without_data:
         options["correction"] = "none"
     try:
         settings = FusionSettings(signal=signal, **options)
@@ -414,6 +414,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
     order = [chosen, *(i for i, _ in sources)]
     result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
                     [source for _, source in sources], [alpha[i] for i in order], x, settings)
+    if without_data:
+        log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
     state = cast_state(result.state_dict, dtype)
     metadata = {
         "clafuse_version": clafuse.__version__,

@@ -8,9 +8,7 @@ interpreter and torch start-up per case); one case of each kind also runs in a s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -18,7 +16,6 @@ import re
 import subprocess
 import sys
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tests.cli_runner import invoke
 from clafuse import api
 from clafuse.align.mapfile import map_schema, read_map
 from clafuse.arch.registry import detect
@@ -65,33 +63,11 @@ def run_cli(args: list[object], cwd: Path, env: dict[str, str]) -> Run:
     return Run(argv, proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - started)
 
 
-@contextlib.contextmanager
-def _chdir(path: Path):
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def run_in_process(args: list[object], cwd: Path) -> Run:
     """The same CLI app called in this process (no interpreter and torch start-up): for the many
     bad-input variants. A subset of them also runs in a real subprocess."""
-    from clafuse.cli import app
-
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    code: object = 0
-    with _chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            app(args=argv, prog_name="clafuse")
-        except SystemExit as exc:
-            code = exc.code
-        except BaseException:  # noqa: BLE001 - an escaped exception is what the tests look for
-            err.write(traceback.format_exc())
-            code = 1
-    return Run(argv, code if isinstance(code, int) else (0 if code is None else 1), out.getvalue(), err.getvalue())
+    outcome = invoke(*args, cwd=cwd)
+    return Run(outcome.args, outcome.code, outcome.stdout, outcome.stderr)
 
 
 def run_many(jobs: dict[str, list[object]], cwd: Path, env: dict[str, str]) -> dict[str, Run]:

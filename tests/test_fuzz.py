@@ -15,13 +15,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import math
 import os
 import pickle
 import shutil
 import struct
-import traceback
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -37,6 +35,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from torch import nn
 
+from tests.cli_runner import Outcome, invoke
 from clafuse import api
 from clafuse.arch.resnet import ResNetFamily, ResNetSpec
 from clafuse.arch.vgg import VGGFamily, VGGSpec, VGGLinear
@@ -50,51 +49,6 @@ def fuzz(examples: int) -> settings:
     return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much, HealthCheck.large_base_example])
-
-
-# --- running the CLI in this process ------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    args: list[str]
-    code: int
-    stdout: str
-    stderr: str
-
-    def __str__(self) -> str:
-        return f"clafuse {' '.join(self.args)!r} -> {self.code}\nstdout: {self.stdout[-2000:]}\nstderr: {self.stderr}"
-
-
-def invoke(*args: object) -> Outcome:
-    """Run the Typer app as ``clafuse ARGS`` and capture what a terminal would show."""
-    from clafuse.cli import app
-
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    handler = logging.StreamHandler(err)
-    handler.setFormatter(logging.Formatter("clafuse: warning: %(message)s"))
-    logger = logging.getLogger("clafuse")
-    logger.addHandler(handler)
-    code: object = 0
-    try:
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):
-            warnings.simplefilter("always")
-            for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-                warnings.simplefilter("ignore", hidden)
-            try:
-                app(args=argv, prog_name="clafuse")
-            except SystemExit as exc:
-                code = exc.code
-            except BaseException:  # noqa: BLE001 - an escaped exception is what these tests look for
-                err.write(traceback.format_exc())
-                code = 1
-    finally:
-        logger.removeHandler(handler)
-    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
-    exit_code = code if isinstance(code, int) else (0 if code is None else 1)
-    return Outcome(argv, exit_code, out.getvalue(), err.getvalue() + shown)
 
 
 def _leftovers(out: Path) -> list[str]:

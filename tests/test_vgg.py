@@ -3,12 +3,8 @@ fusion of permuted copies and of different depths, through the library and the c
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
-import os
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+from tests.cli_runner import invoke
 from clafuse import api
 from clafuse.arch.registry import FAMILIES, detect, parse_spec
 from clafuse.arch.vgg import VGGFamily, VGGLinear, VGGSpec
@@ -483,24 +480,8 @@ def test_default_fusion_loads_strictly_into_the_deep_architecture(pair, tmp_path
 
 
 def run_in_process(args: list[object], cwd: Path) -> tuple[int, str, str]:
-    from clafuse.cli import app
-
-    out, err = io.StringIO(), io.StringIO()
-    code: object = 0
-    before = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                app(args=[str(a) for a in args], prog_name="clafuse")
-            except SystemExit as exc:
-                code = exc.code
-            except BaseException:  # noqa: BLE001
-                err.write(traceback.format_exc())
-                code = 1
-    finally:
-        os.chdir(before)
-    return (code if isinstance(code, int) else (0 if code is None else 1)), out.getvalue(), err.getvalue()
+    outcome = invoke(*args, cwd=cwd)
+    return outcome.code, outcome.stdout, outcome.stderr
 
 
 def test_cli_fuses_vggs_of_different_depth(pair) -> None:

@@ -212,20 +212,20 @@ class ResNetFamily(Family):
 
     @torch.no_grad()
     def record(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor,
-               batch_size: int = 256, pooled: bool = False,
-               max_positions: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+               batch_size: int = 256, pooled: bool = False, max_positions: int | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Activations of the stem, every block (inner layers and output) and the pooled
         features, and the logits, on ``x`` (eval mode). Memory is bounded batch by batch: with
         ``pooled`` feature maps are averaged over space (when only channel means matter); with
         ``max_positions`` larger maps keep that many evenly spaced positions, (N, C, positions),
-        the same ones for every map of the same size."""
+        the same ones for every map of the same size. Activations are stored in ``dtype``."""
         model = self.instantiate(spec, state_dict)
         parts: list[dict[str, torch.Tensor]] = []
         logits = []
         for start in range(0, len(x), batch_size):
             rec: dict[str, torch.Tensor] = {}
             logits.append(model(x[start:start + batch_size].float(), rec))
-            parts.append({k: _reduce_map(v, pooled, max_positions) for k, v in rec.items()})
+            parts.append({k: _reduce_map(v, pooled, max_positions).to(dtype) for k, v in rec.items()})
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, torch.cat(logits)
 
     def layer_outputs(self, spec: ResNetSpec, state_dict: Mapping[str, torch.Tensor],

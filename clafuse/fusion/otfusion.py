@@ -71,9 +71,17 @@ def neuron_features(h: torch.Tensor) -> torch.Tensor:
 
 
 def _standardise(f: torch.Tensor) -> torch.Tensor:
+    """Rows of ``f`` with zero mean and unit variance (constant rows become zero), in one new tensor."""
     f = f - f.mean(1, keepdim=True)
-    std = f.pow(2).mean(1, keepdim=True).sqrt()
-    return torch.where(std > 1e-12, f / std.clamp_min(1e-12), torch.zeros_like(f))
+    std = torch.linalg.vector_norm(f, dim=1, keepdim=True) / f.shape[1] ** 0.5
+    return f.div_(std.clamp_min(1e-12)).masked_fill_(std <= 1e-12, 0.0)
+
+
+def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances between the rows of ``a`` and ``b``: sqrt(|a|^2 + |b|^2 - 2 a.b), with no
+    copies of the (possibly long) rows."""
+    sq_a, sq_b = torch.linalg.vector_norm(a, dim=1) ** 2, torch.linalg.vector_norm(b, dim=1) ** 2
+    return (a @ b.T).mul_(-2).add_(sq_a[:, None]).add_(sq_b[None, :]).clamp_(min=0).sqrt_()
 
 
 def activation_ground_cost(h_src: torch.Tensor, h_tgt: torch.Tensor, ground: str = "correlation") -> torch.Tensor:
@@ -84,7 +92,7 @@ def activation_ground_cost(h_src: torch.Tensor, h_tgt: torch.Tensor, ground: str
     ones on both sides) to bound memory.
     """
     if h_src.dim() > 2 and h_src.shape[2:] != h_tgt.shape[2:]:
-        h_src, h_tgt = h_src.flatten(2).mean(-1), h_tgt.flatten(2).mean(-1)
+        h_src, h_tgt = h_src.float().flatten(2).mean(-1), h_tgt.float().flatten(2).mean(-1)
     fs, ft = neuron_features(h_src), neuron_features(h_tgt)
     if fs.shape[1] > MAX_FEATURES:
         keep = torch.linspace(0, fs.shape[1] - 1, MAX_FEATURES).long()
@@ -92,7 +100,7 @@ def activation_ground_cost(h_src: torch.Tensor, h_tgt: torch.Tensor, ground: str
     fs, ft = fs.double(), ft.double()
     if ground == "correlation":
         fs, ft = _standardise(fs), _standardise(ft)
-    return torch.cdist(fs, ft)
+    return _distances(fs, ft)
 
 
 def with_tie_break(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

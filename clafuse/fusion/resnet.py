@@ -27,10 +27,11 @@ from clafuse.io.lazy import LazyStateDict
 from clafuse.memory import release_memory
 
 BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
-MAX_POSITIONS = 16
-"""Spatial positions per feature map kept for the activation signal (evenly spaced): with a few
-hundred samples the neuron costs still see thousands of values per channel, while recording every
-block's activations costs a fraction of the memory."""
+MAX_POSITIONS = 64
+"""Spatial positions per feature map kept for the activation signal (evenly spaced, stored in
+float16): the neuron costs still see thousands of values per channel, while recording every
+block's activations costs a fraction of the memory. (16 positions lost 3.5 points of one-shot
+accuracy without correction on the Fashion-MNIST ResNet pair; 64 matched full resolution.)"""
 
 
 def _cost_rows(rows_src: torch.Tensor, rows_tgt: torch.Tensor) -> torch.Tensor:
@@ -70,7 +71,7 @@ class _Recorded:
             sd[k], dtypes[k] = v.float(), v.dtype
         if x is None:
             return cls(member, sd, dtypes)
-        rec, logits = member.family.record(member.spec, sd, x, max_positions=MAX_POSITIONS)
+        rec, logits = member.family.record(member.spec, sd, x, max_positions=MAX_POSITIONS, dtype=torch.float16)
         return cls(member, sd, dtypes, rec, logits)
 
 
