@@ -41,9 +41,9 @@ def resnet(layers: list[int]) -> torch.nn.Module:
 
 
 class SmallVGG(torch.nn.Module):
-    """torchvision-layout VGG with BN for 1x28x28 inputs and a 64-10 classifier."""
+    """torchvision-layout VGG with BN for 1x28x28 inputs and a ``hidden``-10 classifier."""
 
-    def __init__(self, config: list) -> None:
+    def __init__(self, config: list, hidden: int = 64) -> None:
         super().__init__()
         layers: list[torch.nn.Module] = []
         channels = 1
@@ -55,8 +55,8 @@ class SmallVGG(torch.nn.Module):
                 channels = item
         side = 28 // 2 ** config.count("M")
         self.features = torch.nn.Sequential(*layers)
-        self.classifier = torch.nn.Sequential(torch.nn.Linear(channels * side * side, 64), torch.nn.ReLU(),
-                                              torch.nn.Linear(64, 10))
+        self.classifier = torch.nn.Sequential(torch.nn.Linear(channels * side * side, hidden), torch.nn.ReLU(),
+                                              torch.nn.Linear(hidden, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=20000, help="training samples used (of 50k)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--samples", type=int, default=1000, help="calibration samples for align/fuse")
+    parser.add_argument("--mix", nargs="+", type=float, default=[0.5],
+                        help="weights of A to try for the default fusion; the best on validation is finetuned")
     args = parser.parse_args()
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
@@ -144,8 +146,18 @@ def main() -> None:
             rows[label] = {"val": evaluate(model, val)["accuracy"], "test": evaluate(model, test)["accuracy"]}
             if not extra:
                 timing["fuse"] = {"seconds": secs, "peak_mb": mb}
-                default_fused = out
-        for label, path in (("fused (default) + 1 epoch", default_fused), ("parent A + 1 epoch", paths["A"]),
+                candidates = {0.5: (rows[label]["val"], out)}
+        for mix in (m for m in args.mix if m != 0.5):
+            out = WORK / f"{pair}-fused-mix{mix}.safetensors"
+            timed(["fuse", "--map", str(map_path), "-o", str(out), "--weights", f"{mix},{1 - mix}", "--json"])
+            model = api.load_model(out).module()
+            label = f"fused, default, weights {mix:g},{1 - mix:g}"
+            rows[label] = {"val": evaluate(model, val)["accuracy"], "test": evaluate(model, test)["accuracy"]}
+            candidates[mix] = (rows[label]["val"], out)
+        chosen = max(candidates, key=lambda m: candidates[m][0])
+        default_fused = candidates[chosen][1]
+        for label, path in ((f"fused (default, weights {chosen:g},{1 - chosen:g}, best on val) + 1 epoch",
+                             default_fused), ("parent A + 1 epoch", paths["A"]),
                             ("parent B + 1 epoch", paths["B"])):
             model = api.load_model(path).module()
             result = finetune(model, train, val, one_epoch)

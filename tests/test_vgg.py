@@ -545,3 +545,26 @@ def test_merge_refuses_to_fold_conv_layers(pair, tmp_path: Path) -> None:
     with pytest.raises(ClafuseError, match="cannot fold hidden layer 1 of the deeper network"):
         api.fuse(pair["root"] / "map.json", tmp_path / "never.safetensors", target="shallow")
     assert not (tmp_path / "never.safetensors").exists()
+
+
+@pytest.mark.parametrize("signal", ["activations", "weights"])
+def test_three_vggs_fuse_back_to_the_anchor(tmp_path: Path, signal: str) -> None:
+    """Many-to-one for the vgg family: an anchor fused with two channel-permuted copies of itself
+    (BatchNorm included, one copy stored in float16) at equal weights gives back its function."""
+    spec = small_spec(DEEP, [16, 16], bn=True)
+    base = random_state(spec, 21)
+    copies = [permuted_copy(spec, base, 22), permuted_copy(spec, base, 23)]
+    copies[1] = {k: v.half() if v.is_floating_point() else v for k, v in copies[1].items()}
+    paths = [tmp_path / f"{n}.safetensors" for n in "ABC"]
+    for path, state in zip(paths, [base, *copies]):
+        save_checkpoint(path, state)
+    x = np.random.default_rng(2).standard_normal((64, 1, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    doc = api.align(paths, tmp_path / "map.json", data=str(tmp_path / "x.npz"), samples=64)
+    assert doc.anchor == 0 and len(doc.alignments) == 2
+    out = tmp_path / "F.safetensors"
+    api.fuse(tmp_path / "map.json", out, signal=signal, correction="none", bn_reset=False)
+    with torch.no_grad():
+        got = module_of(spec, load_checkpoint(out))(torch.from_numpy(x))
+        want = module_of(spec, base)(torch.from_numpy(x))
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # the float16 copy rounds
