@@ -151,18 +151,25 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
     assert test.y.tolist() == files["test"][b"fine_labels"]
 
 
-def test_cifar_loads_are_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "c10"
-    _cifar10(folder)
-    first = load_source(f"{folder}:val")
+def _loads_from_cache(monkeypatch: pytest.MonkeyPatch, reader: str, src: str):
+    """Load ``src`` twice, the second time with ``data.<reader>`` failing: the same data must come
+    back from the cache. Returns the first load."""
+    first = load_source(src)
 
-    def no_unpickling(*args: object) -> None:
+    def not_called(*args: object) -> None:
         raise AssertionError("the cache was not used")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, "_read_cifar_batch", no_unpickling)
-        again = load_source(f"{folder}:val")
-        assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+        patch.setattr(data, reader, not_called)
+        again = load_source(src)
+    assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    return first
+
+
+def test_cifar_loads_are_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "c10"
+    _cifar10(folder)
+    first = _loads_from_cache(monkeypatch, "_read_cifar_batch", f"{folder}:val")
 
     monkeypatch.setenv("CLAFUSE_CACHE", str(tmp_path / "fresh-cache"))
     fresh = load_source(f"{folder}:val")
@@ -413,15 +420,7 @@ def test_image_folder_train_only_carves_val_and_has_no_test(tmp_path: Path) -> N
 def test_image_folder_is_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cached"
     _gray_folder(root, {"a": 5, "b": 5})
-    first = load_source(f"{root}:test")
-
-    def no_decoding(*args: object) -> None:
-        raise AssertionError("the cache was not used")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(data, "_read_images", no_decoding)
-        again = load_source(f"{root}:test")
-        assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    first = _loads_from_cache(monkeypatch, "_read_images", f"{root}:test")
 
     _save(root / "b" / "extra.png", _gray(99))
     assert sum(len(load_source(str(root), s)) for s in ("train", "val", "test")) == 11
