@@ -3,7 +3,7 @@
 #   make install   create .venv and install clafuse with its test extras and data sets
 #   make test      install, then run the test suite
 #   make demo      install, then run benchmarks/demo.py (trains two MLPs, fuses them)
-#   make bench     install, then run the benchmark scripts (benchmarks/results/)
+#   make bench     install, then run the quick benchmarks: start-up, MNIST/ResNet timing, fuse memory, DDP (a few minutes)
 #   make clean     remove outputs and caches (keeps .venv); make distclean also removes .venv
 #
 # The install step is recorded in a stamp file inside the venv, so repeated runs are instant;
@@ -62,6 +62,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) benchmarks/startup.py
+	$(VPY) benchmarks/mnist_timing.py
+	$(VPY) benchmarks/resnet_timing.py
+	$(VPY) benchmarks/fuse_memory.py --quick
+	$(VPY) benchmarks/ddp_timing.py --batch-size 256 --samples 8000 --runs 3
 
 clean:
 	rm -rf demo-out build .pytest_cache .hypothesis *.egg-info
