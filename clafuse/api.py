@@ -41,9 +41,8 @@ from clafuse.errors import ClafuseError, DataError, MapError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.atomic import sha256_file, write_text_atomic
-from clafuse.io.checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
+from clafuse.io.checkpoint import load_checkpoint, open_checkpoint, output_format, save_checkpoint
 from clafuse.io.lazy import LazyStateDict
-from clafuse.io.writer import parse_size
 
 DEFAULT_SAMPLES = 2000
 log = logging.getLogger("clafuse")
@@ -450,13 +449,9 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def check_output(out: str | os.PathLike, dtype: str | None = None, max_shard_size: str | int | None = None) -> None:
     """Refuse an unusable output name, dtype or shard size before any work is done."""
-    name = Path(out).name.lower()
-    if not name.endswith((".safetensors", ".pt", ".pth", ".bin")):
-        raise ClafuseError(f"{out}: unsupported output extension, use .safetensors or .pt")
+    output_format(out, max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         raise ClafuseError(f"--dtype must be one of fp32, fp16, bf16; got {dtype!r}")
-    if parse_size(max_shard_size) is not None and not name.endswith(".safetensors"):
-        raise ClafuseError(f"{out}: sharded output (--max-shard-size) needs a .safetensors file name")
     if not Path(out).parent.is_dir():
         raise ClafuseError(f"cannot write {out}: directory {Path(out).parent} does not exist")
 

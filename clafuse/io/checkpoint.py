@@ -247,6 +247,22 @@ def _prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def output_format(path: str | os.PathLike[str], max_shard_size: str | int | None = None) -> tuple[str, int | None]:
+    """The format an output name asks for (``"safetensors"`` or ``"torch"``) and the shard size in
+    bytes; raise ``CheckpointError`` for an unsupported extension or shards of a torch file."""
+    from clafuse.io.writer import parse_size
+
+    name = Path(path).name.lower()
+    limit = parse_size(max_shard_size)
+    if name.endswith(SAFETENSORS_EXTS):
+        return "safetensors", limit
+    if not name.endswith(_TORCH_OUTPUT_EXTS):
+        raise CheckpointError(f"{path}: unsupported output extension, use .safetensors or .pt")
+    if limit is not None:
+        raise CheckpointError(f"{path}: sharded output (--max-shard-size) needs a .safetensors file name")
+    return "torch", None
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     state_dict: Mapping[str, torch.Tensor],
@@ -261,17 +277,12 @@ def save_checkpoint(
     torch format (``.pt``/``.pth``/``.bin``) has no header, so ``metadata`` is not stored there;
     the file holds exactly the given keys so ``load_state_dict(strict=True)`` works on it.
     """
-    from clafuse.io.writer import parse_size, save_safetensors
+    from clafuse.io.writer import save_safetensors
 
     p = Path(path)
-    name = p.name.lower()
-    limit = parse_size(max_shard_size)
-    if name.endswith(SAFETENSORS_EXTS):
+    kind, limit = output_format(p, max_shard_size)
+    if kind == "safetensors":
         return save_safetensors(p, _checked(state_dict), metadata, limit)
-    if not name.endswith(_TORCH_OUTPUT_EXTS):
-        raise CheckpointError(f"{p}: unsupported output extension, use .safetensors or .pt")
-    if limit is not None:
-        raise CheckpointError(f"{p}: sharded output (--max-shard-size) needs a .safetensors file name")
     tensors = _prepare(state_dict)
     with atomic_output(p) as tmp:
         torch.save(tensors, tmp)

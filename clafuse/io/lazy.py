@@ -4,7 +4,7 @@ Fusing two large checkpoints should need memory for the output and a few layers,
 inputs. A :class:`LazyStateDict` knows every tensor's name, dtype and shape from the file headers
 and reads a tensor only when it is looked up; nothing is cached, so a tensor the caller drops is
 freed. :meth:`LazyStateDict.skeleton` gives shape-only (meta) stand-ins, on which architecture
-detection and chain building run without reading any data, and :func:`materialize` swaps the
+detection and chain building run without reading any data, and :func:`materializer` swaps the
 stand-ins of one layer for the real tensors when that layer's turn comes.
 """
 
@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from clafuse.errors import CheckpointError
+from clafuse.io.checkpoint import _DDP_PREFIX, _one_line
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -63,7 +64,7 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
                     fh.seek(offset)
                     got = fh.readinto(buffer)
             except OSError as exc:
-                raise CheckpointError(f"{file}: cannot read tensor {name!r}: {_first_line(exc)}") from None
+                raise CheckpointError(f"{file}: cannot read tensor {name!r}: {_one_line(exc)}") from None
             if got != size:
                 raise CheckpointError(f"{file}: truncated while reading tensor {name!r}")
         return out
@@ -74,13 +75,9 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def header(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
-        """The tensor's dtype and shape, from the file header."""
-        return self._entries[name][1:3]
-
     def skeleton(self) -> dict[str, torch.Tensor]:
         """Meta-device stand-ins with the tensors' shapes; floating-point ones are float32, so that
-        ``.float()`` returns the stand-in itself and :func:`materialize` can recognise it."""
+        ``.float()`` returns the stand-in itself and :func:`materializer` can recognise it."""
         if self._skeleton is None:
             self._skeleton = {
                 name: torch.empty(shape, dtype=torch.float32 if dtype.is_floating_point else dtype, device="meta")
@@ -99,7 +96,7 @@ def _read_header(file: Path) -> tuple[int, dict]:
             length = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(length))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{file}: not a valid safetensors file: {_first_line(exc)}") from None
+        raise CheckpointError(f"{file}: not a valid safetensors file: {_one_line(exc)}") from None
     return 8 + length, header
 
 
@@ -107,8 +104,8 @@ def lazy_safetensors(path: Path, files: dict[str, Path]) -> LazyStateDict:
     """A lazy view of the tensors stored in ``files`` (name -> file), with a DataParallel
     ``module.`` prefix removed as the eager loader does."""
     names = list(files)
-    strip = bool(names) and all(n.startswith("module.") for n in names)
-    return LazyStateDict(path, {(n[len("module."):] if strip else n): (files[n], n) for n in names})
+    strip = bool(names) and all(n.startswith(_DDP_PREFIX) for n in names)
+    return LazyStateDict(path, {(n[len(_DDP_PREFIX):] if strip else n): (files[n], n) for n in names})
 
 
 def materializer(*state_dicts: Mapping[str, torch.Tensor]):
@@ -130,8 +127,3 @@ def materializer(*state_dicts: Mapping[str, torch.Tensor]):
         return value
 
     return load
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] or type(exc).__name__

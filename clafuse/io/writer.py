@@ -23,15 +23,12 @@ import torch
 
 from clafuse.errors import ClafuseError
 from clafuse.io.atomic import atomic_output, write_text_atomic
+from clafuse.io.checkpoint import INDEX_SUFFIX
+from clafuse.io.lazy import SAFETENSORS_DTYPES
 
-DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def parse_size(size: str | int | None) -> int | None:
