@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from clafuse.arch.resnet import ResNetFamily, ResNetSpec
+
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / "_work" / "resnet_timing"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -57,22 +59,12 @@ SPECS = {  # torchvision resnet34 / resnet18: block, blocks per stage
 
 
 def torchvision_shapes(layers: list[int], num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
-    """State-dict shapes of a torchvision BasicBlock ResNet (written out, no torchvision needed)."""
-    def bn(p: str, c: int) -> dict[str, tuple[int, ...]]:
-        return {f"{p}.{leaf}": (c,) for leaf in ("weight", "bias", "running_mean", "running_var")} | \
-            {f"{p}.num_batches_tracked": ()}
-
-    shapes = {"conv1.weight": (64, 3, 7, 7), **bn("bn1", 64)}
-    inplanes = 64
-    for i, (planes, count) in enumerate(zip([64, 128, 256, 512], layers)):
-        for j in range(count):
-            p = f"layer{i + 1}.{j}"
-            shapes |= {f"{p}.conv1.weight": (planes, inplanes, 3, 3), **bn(f"{p}.bn1", planes),
-                       f"{p}.conv2.weight": (planes, planes, 3, 3), **bn(f"{p}.bn2", planes)}
-            if j == 0 and (i > 0 or inplanes != planes):
-                shapes |= {f"{p}.downsample.0.weight": (planes, inplanes, 1, 1), **bn(f"{p}.downsample.1", planes)}
-            inplanes = planes
-    return shapes | {"fc.weight": (num_classes, 512), "fc.bias": (num_classes,)}
+    """State-dict shapes of a torchvision BasicBlock ResNet (ImageNet stem, widths 64-512), from
+    clafuse's own builder on the meta device (tests check it against torchvision's key list)."""
+    spec = ResNetSpec(block="basic", layers=layers, widths=[64, 128, 256, 512], stem_width=64,
+                      num_classes=num_classes)
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in ResNetFamily().build(spec).state_dict().items()}
 
 
 def random_checkpoint(layers: list[int], seed: int) -> dict[str, torch.Tensor]:

@@ -420,11 +420,19 @@ def test_image_folder_train_only_carves_val_and_has_no_test(tmp_path: Path) -> N
 def test_image_folder_is_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cached"
     _gray_folder(root, {"a": 5, "b": 5})
-    first = _loads_from_cache(monkeypatch, "_read_images", f"{root}:test")
+    _loads_from_cache(monkeypatch, "_read_images", f"{root}:test")
 
     _save(root / "b" / "extra.png", _gray(99))
     assert sum(len(load_source(str(root), s)) for s in ("train", "val", "test")) == 11
 
+
+
+def _into_split(root: Path, split: str) -> None:
+    """Move the class folders ``a`` and ``b`` of ``root`` into ``root/split/``."""
+    for name in ("a", "b"):
+        (root / name).rename(root / f"{name}-tmp")
+        (root / split).mkdir(exist_ok=True)
+        (root / f"{name}-tmp").rename(root / split / name)
 
 def _bad_image_folder(root: Path, kind: str) -> tuple[str, str, str]:
     """Build a broken image folder; return (split, expected message part, file the message names)."""
@@ -447,17 +455,11 @@ def _bad_image_folder(root: Path, kind: str) -> tuple[str, str, str]:
         Image.fromarray(np.full((4, 6), 1000, dtype=np.uint16)).save(root / "a" / "deep.png")
         return "train", "16-bit or float pixels", "a/deep.png"
     if kind == "unknown-val-class":
-        for name in ("a", "b"):
-            (root / name).rename(root / f"{name}-tmp")
-            (root / "train").mkdir(exist_ok=True)
-            (root / f"{name}-tmp").rename(root / "train" / name)
+        _into_split(root, "train")
         _gray_folder(root / "val", {"z": 1})
         return "val", "class 'z' is not among the training classes", "val/z"
     if kind == "no-train-folder":
-        for name in ("a", "b"):
-            (root / name).rename(root / f"{name}-tmp")
-            (root / "val").mkdir(exist_ok=True)
-            (root / f"{name}-tmp").rename(root / "val" / name)
+        _into_split(root, "val")
         return "val", r"split folders need a train/ folder.*found: val/", ""
     if kind == "too-few":
         for p in sorted((root / "b").iterdir()) + sorted((root / "a").iterdir())[1:]:
