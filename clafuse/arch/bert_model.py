@@ -15,7 +15,6 @@ MiniLM (head size 32), so pass the config for those.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Literal, Mapping
 
@@ -202,10 +201,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     b, n, width = q.shape
     d = width // heads
     q, k, v = (t.reshape(b, n, heads, d).transpose(1, 2) for t in (q, k, v))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
-    if key_bias is not None:
-        scores = scores + key_bias[:, None, None, :]
-    return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, width)
+    mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, width)
 
 
 def key_bias_from_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -354,8 +351,9 @@ def instantiate_bert(spec: BertSpec, state_dict: Mapping[str, torch.Tensor]) -> 
 def sentence_embeddings(net: BertNet, tokens: TokenBatch, normalize: bool = True,
                         batch_size: int = 64) -> torch.Tensor:
     """Mean-pooled embeddings over real tokens (sentence-transformers' pooling), L2-normalised
-    unless ``normalize=False``. Runs in batches trimmed to their longest sequence."""
-    out = [masked_mean(net.encode(b.input_ids, b.attention_mask), b.attention_mask)
-           for b in tokens.batches(batch_size)]
-    emb = torch.cat(out) if out else torch.zeros(0, net.spec.hidden)
+    unless ``normalize=False``, one row per sentence in input order. Sentences are batched by
+    length so that little time goes into padding."""
+    emb = torch.zeros(len(tokens), net.spec.hidden)
+    for rows, batch in tokens.batches_by_length(batch_size):
+        emb[rows] = masked_mean(net.encode(batch.input_ids, batch.attention_mask), batch.attention_mask)
     return F.normalize(emb, dim=-1) if normalize else emb

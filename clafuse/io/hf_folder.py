@@ -134,7 +134,7 @@ def _copy_extras(source: HFFolder, dest_root: Path, hidden_size: int | None) -> 
             pooling = dst / "config.json"
             if hidden_size is not None and pooling.is_file():
                 doc = _read_json(pooling)
-                if isinstance(doc, dict) and _POOLING_DIM_KEY in doc:
+                if isinstance(doc, dict) and doc.get(_POOLING_DIM_KEY, hidden_size) != hidden_size:
                     doc[_POOLING_DIM_KEY] = hidden_size
                     pooling.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         else:
