@@ -230,3 +230,14 @@ def test_moving_units_across_heads_or_untying_query_and_key_breaks_the_function(
     for changed in (untied, across):
         with torch.no_grad():
             assert float((instantiate_bert(spec, changed)(ids, mask, types) - base).abs().max()) > 1e-2
+
+
+def test_inputs_that_do_not_fit_are_data_errors():
+    from clafuse.errors import DataError
+
+    hf = random_hf()
+    net = instantiate_bert(detect_bert(hf.state_dict(), hf.config.to_dict()), hf.state_dict())
+    with pytest.raises(DataError, match="exceed the model's 16 positions"):
+        net(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(DataError, match="token id 50 does not fit"):
+        net(torch.full((1, 3), 50))

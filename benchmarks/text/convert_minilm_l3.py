@@ -153,7 +153,8 @@ def main() -> int:
     words_cos = float(torch.nn.functional.cosine_similarity(
         l6_words.flatten(), state["embeddings.word_embeddings.weight"].flatten(), dim=0))
     result = {
-        "onnx": str(onnx_path.name), "out": str(args.out), "runtime": runtime, "spec": spec.model_dump(),
+        "onnx": str(onnx_path.name), "out": str(args.out.resolve().relative_to(ROOT))
+        if args.out.resolve().is_relative_to(ROOT) else str(args.out), "runtime": runtime, "spec": spec.model_dump(),
         "sentences": len(sentences), "max_abs_err_tokens": token_err, "max_abs_err_pooled": pooled_err,
         "pooled_scale": float(np.abs(onnx_pooled).max()), "tol": args.tol,
         "word_embeddings_cosine_l6": round(words_cos, 4), "convert_s": round(converted, 2),

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from torch import nn
 
 from clafuse.arch.base import check_shapes
-from clafuse.errors import SpecError
+from clafuse.errors import DataError, SpecError
 from clafuse.textdata import TokenBatch, masked_mean
 
 DEFAULT_HEAD_SIZE = 64
@@ -72,6 +72,20 @@ class BertSpec(BaseModel):
         return self.hidden // self.heads
 
 
+LAYER_PARTS: dict[str, str] = {
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
+"""Each part of an encoder layer (Linear or LayerNorm, with ``.weight`` and ``.bias``) by role:
+``query``/``key``/``value``/``ffn_in`` read the residual stream (its units are their columns),
+``attn_out``/``ffn_out`` write it (rows), the two LayerNorms act on it unit by unit."""
+
+
+def layer_key(spec: BertSpec, layer: int, role: str) -> str:
+    """The key prefix of ``role`` (see :data:`LAYER_PARTS`) in encoder layer ``layer``."""
+    return f"{spec.prefix}encoder.layer.{layer}.{LAYER_PARTS[role]}"
+
+
 def bert_shapes(spec: BertSpec) -> dict[str, tuple[int, ...]]:
     """Every key of a checkpoint with this spec and its shape, in Hugging Face's order."""
     p, d, f = spec.prefix, spec.hidden, spec.intermediate
@@ -85,18 +99,12 @@ def bert_shapes(spec: BertSpec) -> dict[str, tuple[int, ...]]:
     if spec.position_ids:
         shapes[f"{p}embeddings.position_ids"] = (1, spec.max_positions)
     for i in range(spec.layers):
-        layer = f"{p}encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            shapes[f"{layer}{name}.weight"] = (d, d)
-            shapes[f"{layer}{name}.bias"] = (d,)
-        shapes[f"{layer}attention.output.LayerNorm.weight"] = (d,)
-        shapes[f"{layer}attention.output.LayerNorm.bias"] = (d,)
-        shapes[f"{layer}intermediate.dense.weight"] = (f, d)
-        shapes[f"{layer}intermediate.dense.bias"] = (f,)
-        shapes[f"{layer}output.dense.weight"] = (d, f)
-        shapes[f"{layer}output.dense.bias"] = (d,)
-        shapes[f"{layer}output.LayerNorm.weight"] = (d,)
-        shapes[f"{layer}output.LayerNorm.bias"] = (d,)
+        for role, (rows, cols) in (("query", (d, d)), ("key", (d, d)), ("value", (d, d)), ("attn_out", (d, d)),
+                                   ("attn_norm", (d, 0)), ("ffn_in", (f, d)), ("ffn_out", (d, f)),
+                                   ("ffn_norm", (d, 0))):
+            key = layer_key(spec, i, role)
+            shapes[f"{key}.weight"] = (rows, cols) if cols else (rows,)
+            shapes[f"{key}.bias"] = (rows,)
     if spec.pooler:
         shapes[f"{p}pooler.dense.weight"] = (d, d)
         shapes[f"{p}pooler.dense.bias"] = (d,)
@@ -306,6 +314,11 @@ class BertNet(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The embeddings' output and every layer's output, each (batch, tokens, hidden)."""
+        if input_ids.shape[1] > self.spec.max_positions:
+            raise DataError(f"sequences of {input_ids.shape[1]} tokens exceed the model's "
+                            f"{self.spec.max_positions} positions; tokenize with a smaller max length")
+        if input_ids.numel() and int(input_ids.max()) >= self.spec.vocab:
+            raise DataError(f"token id {int(input_ids.max())} does not fit the model's vocabulary of {self.spec.vocab}")
         x = self.body.embeddings(input_ids, token_type_ids)
         bias = key_bias_from_mask(attention_mask, x.dtype)
         states = [x]

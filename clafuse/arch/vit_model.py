@@ -56,6 +56,19 @@ class ViTSpec(BaseModel):
         return self.grid * self.patch
 
 
+BLOCK_PARTS: dict[str, str] = {
+    "attn_norm": "norm1", "qkv": "attn.qkv", "attn_out": "attn.proj",
+    "ffn_norm": "norm2", "ffn_in": "mlp.fc1", "ffn_out": "mlp.fc2"}
+"""Each part of a block by role: ``qkv`` and ``ffn_in`` read the (normalised) residual stream,
+``attn_out`` and ``ffn_out`` write it; the norms act on it unit by unit (pre-LN: the stream itself
+is never normalised inside the blocks, only by the final ``norm``)."""
+
+
+def block_key(block: int, role: str) -> str:
+    """The key prefix of ``role`` (see :data:`BLOCK_PARTS`) in block ``block``."""
+    return f"blocks.{block}.{BLOCK_PARTS[role]}"
+
+
 def vit_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
     """Every key of a checkpoint with this spec and its shape, in timm's order."""
     d, m = spec.dim, spec.mlp_hidden
