@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.cli_runner import invoke
+import clafuse
 from clafuse import api
 from clafuse.align.mapfile import map_schema, read_map
 from clafuse.arch.registry import detect
@@ -34,7 +35,7 @@ from clafuse.data import load_source
 from clafuse.io.checkpoint import load_checkpoint
 
 SUBCOMMANDS = ["inspect", "align", "fuse", "eval", "finetune", "schema"]
-SHIPPED_SCHEMA = Path(api.__file__).parent / "schemas" / "map.schema.json"
+SHIPPED_SCHEMA = Path(clafuse.__file__).parent / "schemas" / "map.schema.json"
 DEEP_WIDTHS = [32, 32, 24, 16]
 SHALLOW_WIDTHS = [32, 16]
 DIGITS_TEST = 360  # 1797 images split 60/20/20 by clafuse.data

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from clafuse import api
+from clafuse.api import alignment
 from clafuse.arch.registry import detect
 from clafuse.arch.resnet import ResNetFamily, ResNetSpec
 from clafuse.io.checkpoint import load_checkpoint
@@ -317,7 +318,7 @@ def test_merge_gives_shallow_architecture_and_pins_stage_starts(tmp_path: Path, 
     def shifted(shallow: list, deep: list, metric: str) -> np.ndarray:
         return np.array([[0.0 if j == i + 1 else 1.0 for j in range(len(deep))] for i in range(len(shallow))])
 
-    monkeypatch.setattr(api, "activation_cost", shifted)
+    monkeypatch.setattr(alignment, "activation_cost", shifted)
     api.align([pa, pb], tmp_path / "map.json", data=str(npz), samples=N_INPUTS, pin_first=False, pin_last=False)
     groups = json.loads((tmp_path / "map.json").read_text())["alignments"][0]["groups"]
     assert [g["name"] for g in groups] == ["layer1", "layer2", "layer3"]
