@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import clafuse.data as data
+import clafuse.data.builtin as data
 from clafuse.data import Dataset, calibration_inputs, describe_source, load_source
 from clafuse.errors import DataError
 

@@ -19,7 +19,6 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-import clafuse.data as data
 from clafuse import api
 from clafuse.data import describe_source, load_source
 from clafuse.errors import DataError
@@ -152,7 +151,7 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
 
 
 def _loads_from_cache(monkeypatch: pytest.MonkeyPatch, reader: str, src: str):
-    """Load ``src`` twice, the second time with ``data.<reader>`` failing: the same data must come
+    """Load ``src`` twice, the second time with ``clafuse.data.<reader>`` failing: the same data must come
     back from the cache. Returns the first load."""
     first = load_source(src)
 
@@ -160,7 +159,7 @@ def _loads_from_cache(monkeypatch: pytest.MonkeyPatch, reader: str, src: str):
         raise AssertionError("the cache was not used")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, reader, not_called)
+        patch.setattr(f"clafuse.data.{reader}", not_called)
         again = load_source(src)
     assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
     return first
@@ -169,7 +168,7 @@ def _loads_from_cache(monkeypatch: pytest.MonkeyPatch, reader: str, src: str):
 def test_cifar_loads_are_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "c10"
     _cifar10(folder)
-    first = _loads_from_cache(monkeypatch, "_read_cifar_batch", f"{folder}:val")
+    first = _loads_from_cache(monkeypatch, "cifar._read_cifar_batch", f"{folder}:val")
 
     monkeypatch.setenv("CLAFUSE_CACHE", str(tmp_path / "fresh-cache"))
     fresh = load_source(f"{folder}:val")
@@ -420,7 +419,7 @@ def test_image_folder_train_only_carves_val_and_has_no_test(tmp_path: Path) -> N
 def test_image_folder_is_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cached"
     _gray_folder(root, {"a": 5, "b": 5})
-    _loads_from_cache(monkeypatch, "_read_images", f"{root}:test")
+    _loads_from_cache(monkeypatch, "images._read_images", f"{root}:test")
 
     _save(root / "b" / "extra.png", _gray(99))
     assert sum(len(load_source(str(root), s)) for s in ("train", "val", "test")) == 11
