@@ -23,23 +23,17 @@ from safetensors.torch import load_file
 
 from clafuse.errors import CheckpointError
 from clafuse.io.atomic import atomic_output
+from clafuse.io.common import DDP_PREFIX as _DDP_PREFIX
+from clafuse.io.common import INDEX_SUFFIX, SAFETENSORS_EXTS, TORCH_EXTS
+from clafuse.io.common import one_line as _one_line
+from clafuse.io.lazy import lazy_safetensors
+from clafuse.io.writer import parse_size, save_safetensors
 
-SAFETENSORS_EXTS = (".safetensors",)
-TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
-INDEX_SUFFIX = ".safetensors.index.json"
 _TORCH_OUTPUT_EXTS = (".pt", ".pth", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-_DDP_PREFIX = "module."
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()).split(". ")[0]
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return text or type(exc).__name__
 
 
 def _existing_file(path: str | os.PathLike[str]) -> Path:
@@ -177,8 +171,6 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     """Like :func:`load_checkpoint`, but a safetensors file or sharded index is opened lazily: a
     :class:`~clafuse.io.lazy.LazyStateDict` that reads each tensor when it is looked up. Torch
     files are loaded eagerly (their pickles cannot be read in part safely)."""
-    from clafuse.io.lazy import lazy_safetensors
-
     p = _existing_file(path)
     if p.name.lower().endswith(INDEX_SUFFIX):
         files = {}
@@ -250,8 +242,6 @@ def _prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def output_format(path: str | os.PathLike[str], max_shard_size: str | int | None = None) -> tuple[str, int | None]:
     """The format an output name asks for (``"safetensors"`` or ``"torch"``) and the shard size in
     bytes; raise ``CheckpointError`` for an unsupported extension or shards of a torch file."""
-    from clafuse.io.writer import parse_size
-
     name = Path(path).name.lower()
     limit = parse_size(max_shard_size)
     if name.endswith(SAFETENSORS_EXTS):
@@ -277,8 +267,6 @@ def save_checkpoint(
     torch format (``.pt``/``.pth``/``.bin``) has no header, so ``metadata`` is not stored there;
     the file holds exactly the given keys so ``load_state_dict(strict=True)`` works on it.
     """
-    from clafuse.io.writer import save_safetensors
-
     p = Path(path)
     kind, limit = output_format(p, max_shard_size)
     if kind == "safetensors":

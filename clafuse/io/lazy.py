@@ -18,13 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from clafuse.errors import CheckpointError
-from clafuse.io.checkpoint import _DDP_PREFIX, _one_line
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from clafuse.io.common import DDP_PREFIX as _DDP_PREFIX
+from clafuse.io.common import SAFETENSORS_DTYPES
+from clafuse.io.common import one_line as _one_line
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
