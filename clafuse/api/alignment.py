@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 import clafuse
-from clafuse.align.costs import METRICS, activation_cost, neuron_cost
+from clafuse.align.costs import activation_cost, neuron_cost
 from clafuse.align.dp import solve_alignment
 from clafuse.align.mapfile import (
     Alignment,
@@ -26,6 +26,7 @@ from clafuse.api.common import DEFAULT_SAMPLES, calibration, is_path, model_inde
 from clafuse.api.models import LoadedModel, check_fits, load_model
 from clafuse.errors import ClafuseError
 from clafuse.io.atomic import sha256_file, write_text_atomic
+from clafuse.options import Metric, check_choice, check_integer, check_seed
 
 
 def _check_pair(models: Sequence[LoadedModel], deep: int, shallow: int) -> None:
@@ -69,7 +70,7 @@ def _align_pair(models: Sequence[LoadedModel], deep: int, shallow: int, metric: 
 
 def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
           archs: Sequence[str | os.PathLike | None] | None = None, data: str | None = None,
-          samples: int = DEFAULT_SAMPLES, metric: str = "cka", seed: int = 0,
+          samples: int = DEFAULT_SAMPLES, metric: Metric = "cka", seed: int = 0,
           pin_first: bool = True, pin_last: bool = True, anchor: str | int | None = None) -> MapFile:
     """Align the layers of every checkpoint to an anchor's and write the map to ``out``.
 
@@ -80,8 +81,9 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
     """
     if len(paths) < 2:
         raise ClafuseError(f"align needs at least two checkpoints, got {len(paths)}")
-    if metric not in METRICS:
-        raise ClafuseError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    check_choice("--metric", metric, Metric)
+    check_integer("--samples", samples, at_least=2)
+    check_seed("--seed", seed)
     archs = list(archs) if archs else [None] * len(paths)
     models = [load_model(p, a, lazy=True) for p, a in zip(paths, archs)]
     for m in models[1:]:

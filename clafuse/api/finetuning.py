@@ -14,6 +14,7 @@ from clafuse.api.models import check_fits, load_model
 from clafuse.data import has_val_split, load_source
 from clafuse.errors import ClafuseError, DataError
 from clafuse.io.checkpoint import save_checkpoint
+from clafuse.options import Augmentation, Optimizer, Precision, Schedule
 
 
 def train_state_path(out: str | os.PathLike) -> Path:
@@ -24,14 +25,14 @@ def train_state_path(out: str | os.PathLike) -> Path:
 
 def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data: str, val: str | None = None,
                         epochs: int = 1, lr: float = 0.01, momentum: float = 0.9, batch_size: int = 64,
-                        schedule: str = "cosine", weight_decay: float = 0.0, seed: int = 0,
+                        schedule: Schedule = "cosine", weight_decay: float = 0.0, seed: int = 0,
                         arch: str | os.PathLike | None = None, progress: bool = False,
-                        optimizer: str = "sgd", nesterov: bool = False, warmup_steps: int = 0,
-                        label_smoothing: float = 0.0, augment: str = "none",
+                        optimizer: Optimizer = "sgd", nesterov: bool = False, warmup_steps: int = 0,
+                        label_smoothing: float = 0.0, augment: Augmentation = "none",
                         teacher: str | os.PathLike | None = None, teacher_arch: str | os.PathLike | None = None,
                         kd_alpha: float = 0.5, kd_temperature: float = 4.0,
                         metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-                        resume: bool = False, precision: str = "fp32") -> dict[str, Any]:
+                        resume: bool = False, precision: Precision = "fp32") -> dict[str, Any]:
     """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
     test data) to ``out``, in the input's key names and dtypes.
 

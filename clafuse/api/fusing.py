@@ -20,6 +20,7 @@ from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.checkpoint import open_checkpoint, output_format, save_checkpoint
 from clafuse.io.lazy import LazyStateDict
+from clafuse.options import Balance, OutputDtype, Signal, check_choice, check_integer, mixing_weights
 
 
 def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
@@ -36,7 +37,7 @@ def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
     return model
 
 
-def resolve_target(doc: MapFile, target: str | int | None, balance: str | None) -> int:
+def resolve_target(doc: MapFile, target: str | int | None, balance: Balance | None) -> int:
     """The index of the model whose architecture the fused checkpoint takes.
 
     By default the map's anchor; ``target`` names another (deep, shallow, a letter or an index),
@@ -51,8 +52,7 @@ def resolve_target(doc: MapFile, target: str | int | None, balance: str | None) 
             pair = doc.alignments[0]
             chosen = pair.deep if target == "deep" else pair.shallow
     elif balance is not None:
-        if balance not in ("add", "merge"):
-            raise ClafuseError(f"unknown balance {balance!r}; choose from add, merge")
+        check_choice("--balance", balance, Balance)
         if len(doc.models) != 2:
             raise ClafuseError("--balance chooses between the two models of a two-model map; with more models "
                                "use --target (each model is balanced to the target as its depth needs)")
@@ -75,21 +75,30 @@ def resolve_target(doc: MapFile, target: str | int | None, balance: str | None) 
 
 
 def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]:
-    """Mixing weights, one per model in align order; equal weights when not given."""
+    """Mixing weights as given, one per model in align order (equal weights when not given); finite,
+    non-negative and not all zero (:func:`~clafuse.options.mixing_weights` scales them for fusing)."""
     if text is None:
         return [1.0 / count] * count
     try:
         values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
-    except ValueError:
+    except (ValueError, TypeError):
         raise ClafuseError(f"--weights must be {count} comma-separated numbers, got {text!r}") from None
-    if len(values) != count or any(v < 0 or v != v for v in values) or sum(values) <= 0:
+    if len(values) != count:
         raise ClafuseError(f"--weights must be {count} non-negative numbers with a positive sum, got {text!r}")
+    mixing_weights(values)
     return values
 
 
-def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | None = None,
+def _fusion_settings(signal: str, options: dict[str, Any]) -> FusionSettings:
+    try:
+        return FusionSettings(signal=signal, **options)
+    except TypeError as exc:
+        raise ClafuseError(f"unknown fusion option: {exc}") from None
+
+
+def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balance | None = None,
          target: str | int | None = None, weights: str | Sequence[float] | None = None, data: str | None = None,
-         samples: int | None = None, signal: str | None = None, allow_nonfinite: bool = False,
+         samples: int | None = None, signal: Signal | None = None, allow_nonfinite: bool = False,
          dtype: str | None = None, max_shard_size: str | int | None = None, **options: Any) -> dict[str, Any]:
     """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
@@ -104,7 +113,15 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
     """
     started = time.perf_counter()
     check_output(out, dtype, max_shard_size)
+    if balance is not None:
+        check_choice("--balance", balance, Balance)
+    if signal is not None:
+        check_choice("--signal", signal, Signal)
+    if samples is not None:
+        check_integer("--samples", samples, at_least=2)
+    _fusion_settings(signal or "activations", options)  # refuse bad options before any work
     doc = read_map(map_path)
+    alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
     models = [_map_model(entry, base) for entry in doc.models]
     if not allow_nonfinite:
@@ -112,7 +129,6 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
             bad = nonfinite_keys(m.state_dict)
             if bad:
                 raise ClafuseError(f"{m.path}: {bad[0]} has NaN or Inf values; pass --allow-nonfinite to fuse anyway")
-    alpha = parse_weights(weights, len(models))
     chosen = resolve_target(doc, target, balance)
     sources, methods = [], {}
     for i, m in enumerate(models):
@@ -142,16 +158,14 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: str | 
     without_data = x is None and options.get("correction", "regress") != "none"
     if without_data:
         options["correction"] = "none"
-    try:
-        settings = FusionSettings(signal=signal, **options)
-    except TypeError as exc:
-        raise ClafuseError(f"unknown fusion option: {exc}") from None
+    settings = _fusion_settings(signal, options)
 
     target_model = models[chosen]
     engine = ENGINES[target_model.family.engine]
+    mixing = mixing_weights(alpha)
     order = [chosen, *(i for i, _ in sources)]
     result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
-                    [source for _, source in sources], [alpha[i] for i in order], x, settings)
+                    [source for _, source in sources], [mixing[i] for i in order], x, settings)
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
     state = cast_state(result.state_dict, dtype)
@@ -190,7 +204,7 @@ def check_output(out: str | os.PathLike, dtype: str | None = None, max_shard_siz
     """Refuse an unusable output name, dtype or shard size before any work is done."""
     output_format(out, max_shard_size)
     if dtype is not None and dtype not in DTYPES:
-        raise ClafuseError(f"--dtype must be one of fp32, fp16, bf16; got {dtype!r}")
+        check_choice("--dtype", dtype, OutputDtype)
     if not Path(out).parent.is_dir():
         raise ClafuseError(f"cannot write {out}: directory {Path(out).parent} does not exist")
 
@@ -200,7 +214,7 @@ def cast_state(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, t
     if dtype is None:
         return state
     if dtype not in DTYPES:
-        raise ClafuseError(f"--dtype must be one of fp32, fp16, bf16; got {dtype!r}")
+        check_choice("--dtype", dtype, OutputDtype)
     wanted = DTYPES[dtype]
     out = {}
     for key, value in state.items():

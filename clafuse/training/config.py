@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 import torch
 
 from clafuse.errors import ClafuseError, DataError
+from clafuse.options import (Augmentation, Optimizer, Precision, Schedule, check_choice, check_integer, check_number,
+                             check_seed, choices)
 
-SCHEDULES = ("cosine", "step", "constant")
-OPTIMIZERS = ("sgd", "adamw")
-AUGMENTATIONS = ("none", "crop", "crop-flip")
-PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = choices(Schedule)
+OPTIMIZERS = choices(Optimizer)
+AUGMENTATIONS = choices(Augmentation)
+PRECISIONS = choices(Precision)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -35,47 +37,37 @@ class FinetuneConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     batch_size: int = 64
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     warmup_steps: int = 0
     seed: int = 0
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     label_smoothing: float = 0.0
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
-    augment: str = "none"
-    precision: str = "fp32"
+    augment: Augmentation = "none"
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise DataError(f"epochs must be a positive integer, got {self.epochs}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise DataError(f"learning rate must be positive, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise DataError(f"momentum must be in [0, 1), got {self.momentum}")
+        check_integer("--epochs", self.epochs, at_least=1, error=DataError)
+        check_number("--lr", self.lr, above=0.0, error=DataError)
+        check_number("--momentum", self.momentum, at_least=0.0, below=1.0, error=DataError)
+        if not isinstance(self.nesterov, bool):
+            raise DataError(f"--nesterov must be True or False, got {self.nesterov!r}")
         if self.nesterov and self.momentum == 0:
             raise DataError("nesterov momentum needs momentum > 0")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise DataError(f"weight decay must be non-negative, got {self.weight_decay}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise DataError(f"batch size must be a positive integer, got {self.batch_size}")
-        if self.schedule not in SCHEDULES:
-            raise DataError(f"unknown schedule {self.schedule!r} (valid: {', '.join(SCHEDULES)})")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise DataError(f"warmup steps must be a non-negative integer, got {self.warmup_steps}")
-        if self.optimizer not in OPTIMIZERS:
-            raise DataError(f"unknown optimizer {self.optimizer!r} (valid: {', '.join(OPTIMIZERS)})")
+        check_number("--weight-decay", self.weight_decay, at_least=0.0, error=DataError)
+        check_integer("--batch-size", self.batch_size, at_least=1, error=DataError)
+        check_choice("--schedule", self.schedule, Schedule, error=DataError)
+        check_integer("--warmup-steps", self.warmup_steps, at_least=0, error=DataError)
+        check_seed("--seed", self.seed, error=DataError)
+        check_choice("--optimizer", self.optimizer, Optimizer, error=DataError)
         if self.nesterov and self.optimizer != "sgd":
             raise DataError("nesterov momentum applies to the sgd optimizer only")
-        if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
-            raise DataError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not (math.isfinite(self.kd_alpha) and 0 <= self.kd_alpha <= 1):
-            raise DataError(f"distillation alpha must be in [0, 1], got {self.kd_alpha}")
-        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
-            raise DataError(f"distillation temperature must be positive, got {self.kd_temperature}")
-        if self.augment not in AUGMENTATIONS:
-            raise DataError(f"unknown augmentation {self.augment!r} (valid: {', '.join(AUGMENTATIONS)})")
-        if self.precision not in PRECISIONS:
-            raise DataError(f"unknown precision {self.precision!r} (valid: {', '.join(PRECISIONS)})")
+        check_number("--label-smoothing", self.label_smoothing, at_least=0.0, below=1.0, error=DataError)
+        check_number("--kd-alpha", self.kd_alpha, at_least=0.0, at_most=1.0, error=DataError)
+        check_number("--kd-temperature", self.kd_temperature, above=0.0, error=DataError)
+        check_choice("--augment", self.augment, Augmentation, error=DataError)
+        check_choice("--precision", self.precision, Precision, error=DataError)
 
     def lr_at(self, step: int, total_steps: int, steps_per_epoch: int) -> float:
         """Learning rate for global step ``step`` (0-based) of ``total_steps``."""
@@ -113,8 +105,7 @@ def make_optimizer(params: list[torch.Tensor], config: FinetuneConfig) -> torch.
 def check_precision(precision: str, device: torch.device) -> None:
     """Raise ClafuseError unless ``precision`` can run on ``device``: fp16 autocast needs CUDA (on the
     CPU it is slow and loses accuracy), bf16 on CUDA a GPU that supports it."""
-    if precision not in PRECISIONS:
-        raise ClafuseError(f"unknown precision {precision!r} (valid: {', '.join(PRECISIONS)})")
+    check_choice("--precision", precision, Precision)
     if precision == "fp16" and device.type != "cuda":
         raise ClafuseError(f"precision fp16 needs a CUDA GPU (this run is on {device.type}); use bf16 on the CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
