@@ -33,6 +33,7 @@ from clafuse.align.mapfile import map_schema, read_map
 from clafuse.arch.registry import detect
 from clafuse.data import load_source
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import mlp
 
 SUBCOMMANDS = ["inspect", "align", "fuse", "eval", "finetune", "schema"]
 SHIPPED_SCHEMA = Path(clafuse.__file__).parent / "schemas" / "map.schema.json"
@@ -78,14 +79,6 @@ def run_many(jobs: dict[str, list[object]], cwd: Path, env: dict[str, str]) -> d
 
 
 # --- models -------------------------------------------------------------------------------------
-
-
-def mlp(widths: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, o in zip([64, *widths], widths):
-        layers += [nn.Linear(i, o), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], 10))
-    return nn.Sequential(*layers)
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:

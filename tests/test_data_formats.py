@@ -16,20 +16,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from torch import nn
 
 from clafuse import api
 from clafuse.data import describe_source, load_source
 from clafuse.errors import DataError
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import save_mlp
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("CLAFUSE_CACHE", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _raises(match: str, src: str, split: str | None = None) -> str:
@@ -500,20 +495,10 @@ def _digit_folder(root: Path) -> None:
             _save(root / name / f"{i:02d}.png", pixels)
 
 
-def _save_mlp(path: Path, seed: int, widths: list[int]) -> Path:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, o in zip([64, *widths], widths):
-        layers += [nn.Linear(i, o), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], 2))
-    save_file({k: v.contiguous() for k, v in nn.Sequential(*layers).state_dict().items()}, str(path))
-    return path
-
-
 def test_cli_finetune_and_eval_on_an_image_folder(tmp_path: Path) -> None:
     root = tmp_path / "halves"
     _digit_folder(root)
-    ckpt = _save_mlp(tmp_path / "mlp.safetensors", 0, [16])
+    ckpt = save_mlp(tmp_path / "mlp.safetensors", 0, [16], classes=2)
     out = tmp_path / "ft.safetensors"
     env = {**os.environ, "CLAFUSE_CACHE": str(tmp_path / "cache")}
 
@@ -536,8 +521,8 @@ def test_cli_finetune_and_eval_on_an_image_folder(tmp_path: Path) -> None:
 def test_align_records_a_folder_source_without_a_digest(tmp_path: Path) -> None:
     root = tmp_path / "halves"
     _digit_folder(root)
-    deep = _save_mlp(tmp_path / "deep.safetensors", 1, [16, 12, 8])
-    shallow = _save_mlp(tmp_path / "shallow.safetensors", 2, [16, 8])
+    deep = save_mlp(tmp_path / "deep.safetensors", 1, [16, 12, 8], classes=2)
+    shallow = save_mlp(tmp_path / "shallow.safetensors", 2, [16, 8], classes=2)
     doc = api.align([deep, shallow], tmp_path / "map.json", data=str(root), samples=10)
     assert doc.data.sha256 is None and doc.data.samples == 10
     assert (tmp_path / doc.data.source).resolve() == root.resolve()

@@ -6,15 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from clafuse import api
 from clafuse.errors import ClafuseError, DataError
 from clafuse.fusion.otfusion import FusionSettings
-from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
+from clafuse.io.checkpoint import load_checkpoint
 from clafuse.options import MIN_REG, Metric, choices, mixing_weights
 from clafuse.training import FinetuneConfig
 from tests.cli_runner import invoke
+from tests.helpers import save_mlp
 
 
 @pytest.mark.parametrize("change, words", [
@@ -129,14 +129,7 @@ def _run_bad(*args: object) -> str:
 def fuse_map(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("options")
     for name, widths, seed in (("deep", [12, 10, 8], 0), ("shallow", [12, 8], 1)):
-        torch.manual_seed(seed)
-        layers: list[nn.Module] = [nn.Flatten()]
-        d = 16
-        for w in widths:
-            layers += [nn.Linear(d, w), nn.ReLU()]
-            d = w
-        layers.append(nn.Linear(d, 5))
-        save_checkpoint(root / f"{name}.safetensors", nn.Sequential(*layers).state_dict())
+        save_mlp(root / f"{name}.safetensors", seed, widths, inputs=16, classes=5)
     np.savez(root / "x.npz", x=np.random.default_rng(0).random((100, 16)).astype(np.float32))
     api.align([root / "deep.safetensors", root / "shallow.safetensors"], root / "map.json",
               data=str(root / "x.npz"), samples=100)
