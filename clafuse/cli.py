@@ -167,7 +167,7 @@ def fuse(
     report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples, signal=signal_,
                       allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
                       correction=correction, bn_reset=bn_reset, dtype=dtype, max_shard_size=max_shard_size)
-    _emit(report, as_json, render_fuse)
+    _emit(report, as_json, lambda d: render_fuse(d, map_file))
 
 
 @app.command("eval")
