@@ -267,6 +267,36 @@ def schema(what: str = typer.Argument("map", help="Which schema: map.")) -> None
     sys.stdout.write(json.dumps(map_schema(), indent=2) + "\n")
 
 
+@app.command()
+@_guard
+def report(
+    map_file: Path = typer.Argument(..., help="Map file written by 'clafuse align'."),
+    out: Path = typer.Option(..., "-o", "--out", help="HTML page to write (self-contained: loads nothing)."),
+    fused: Optional[Path] = typer.Option(None, help="Fused checkpoint written by 'clafuse fuse' from this map: adds "
+                                                  "per-layer similarity to each parent (and accuracy, with --data)."),
+    data: Optional[str] = typer.Option(None, help="Labelled data for the accuracy table (test split by default); "
+                                                "also the activations' inputs when the map has no calibration data."),
+    samples: Optional[int] = typer.Option(None, min=2, help="Inputs for the activation statistics (default: as "
+                                                          "align drew them, else 1000)."),
+    solver: Optional[str] = typer.Option(None, help="Transport solver of the neuron statistics: "
+                                                  "emd or sinkhorn (default: the fused checkpoint's, else emd)."),
+    reg: Optional[float] = typer.Option(None, min=0.0, help="Sinkhorn regularisation (default: the fused "
+                                                          "checkpoint's, else 0.05)."),
+    png_dir: Optional[Path] = typer.Option(None, help="Also write every figure as a PNG file into this folder."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write an HTML report of an alignment map: cost heat-maps with the chosen path, the mapping in
+    words, inserted and dropped layers, neuron transport statistics and, with --fused, how the
+    fused network compares to its parents."""
+    from clafuse.reporting.build import build_report
+
+    doc = build_report(map_file, out, fused=fused, data=data, samples=samples, solver=solver, reg=reg,
+                       png_dir=png_dir)
+    _emit(doc, as_json, lambda d: _console().print(
+        f"report written to {d['output']}" + (f" ({len(d['pngs'])} PNGs in {png_dir})" if d["pngs"] else ""),
+        markup=False, soft_wrap=True))
+
+
 def _choice(option: str, value: Optional[str], allowed: tuple[str, ...], optional: bool = False) -> None:
     if value is None and optional:
         return
