@@ -96,7 +96,7 @@ def _fused(fused: FusedSection) -> list[str]:
     if fused.similarity is None:
         parts.append('<p class="note">layer similarity not computed: no calibration data</p>')
     else:
-        models = list(fused.similarity[0]["similarity"]) if fused.similarity else []
+        models = sorted(fused.similarity[0]["similarity"], key=lambda m: (len(m), m)) if fused.similarity else []
         header = ["layer", *(f"CKA with {m}" for m in models), *(f"{m} layer" for m in models)]
         rows = [[row["layer"],
                  *("-" if row["similarity"].get(m) is None else f"{row['similarity'][m]:.3f}" for m in models),
