@@ -186,7 +186,7 @@ def fuse(
     report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples, signal=signal_,
                       allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
                       correction=correction, bn_reset=bn_reset, dtype=dtype, max_shard_size=max_shard_size)
-    _emit(report, as_json, render_fuse)
+    _emit(report, as_json, lambda d: render_fuse(d, map_file))
 
 
 @app.command("eval")
@@ -277,6 +277,36 @@ def schema(what: str = typer.Argument("map", help=f"Which schema: {one_of(Schema
 
     check_choice("schema", what, SchemaName)
     sys.stdout.write(json.dumps(map_schema(), indent=2) + "\n")
+
+
+@app.command()
+@_guard
+def report(
+    map_file: Path = typer.Argument(..., help="Map file written by 'clafuse align'."),
+    out: Path = typer.Option(..., "-o", "--out", help="HTML page to write (self-contained: loads nothing)."),
+    fused: Optional[Path] = typer.Option(None, help="Fused checkpoint written by 'clafuse fuse' from this map: adds "
+                                                  "per-layer similarity to each parent (and accuracy, with --data)."),
+    data: Optional[str] = typer.Option(None, help="Labelled data for the accuracy table (test split by default); "
+                                                "also the activations' inputs when the map has no calibration data."),
+    samples: Optional[int] = typer.Option(None, help="Inputs for the activation statistics (default: as "
+                                                          "align drew them, else 1000)."),
+    solver: Optional[str] = typer.Option(None, help="Transport solver of the neuron statistics: "
+                                                  f"{one_of(Solver)} (default: the fused checkpoint's, else emd)."),
+    reg: Optional[float] = typer.Option(None, help="Sinkhorn regularisation (default: the fused "
+                                                          "checkpoint's, else 0.05)."),
+    png_dir: Optional[Path] = typer.Option(None, help="Also write every figure as a PNG file into this folder."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write an HTML report of an alignment map: cost heat-maps with the chosen path, the mapping in
+    words, inserted and dropped layers, neuron transport statistics and, with --fused, how the
+    fused network compares to its parents."""
+    from clafuse.reporting.build import build_report
+
+    doc = build_report(map_file, out, fused=fused, data=data, samples=samples, solver=solver, reg=reg,
+                       png_dir=png_dir)
+    _emit(doc, as_json, lambda d: _console().print(
+        f"report written to {d['output']}" + (f" ({len(d['pngs'])} PNGs in {png_dir})" if d["pngs"] else ""),
+        markup=False, soft_wrap=True))
 
 
 def _per_model(arch: Optional[List[Path]], count: int) -> list[Optional[Path]]:
