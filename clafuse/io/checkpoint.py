@@ -172,6 +172,11 @@ def _load_torch(p: Path) -> Any:
             "clafuse never executes pickled code"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - torch's unpickler lets IndexError, KeyError, ... escape on bad bytes
+        wanted = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(exc))
+        if isinstance(exc, MemoryError) or wanted:
+            size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB for one storage)" if wanted else ""
+            raise CheckpointError(f"{p}: cannot allocate the memory its tensors declare{size}; the file is corrupt, "
+                                  "or larger than this machine can load") from None
         raise CheckpointError(f"{p}: corrupt or truncated torch checkpoint: {_one_line(exc)}") from exc
 
 
