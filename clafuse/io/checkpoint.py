@@ -97,6 +97,8 @@ def _read_weight_map(p: Path) -> dict[str, str]:
         if not isinstance(shard_name, str):
             raise CheckpointError(f"{p}: \"weight_map\" entry {key!r} is a {type(shard_name).__name__}, "
                                   "expected a shard file name")
+    for shard_name in dict.fromkeys(weight_map.values()):  # every name is confined before any shard is opened
+        _shard_path(p, shard_name)
     return weight_map
 
 
