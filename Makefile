@@ -57,6 +57,16 @@ $(STAMP): pyproject.toml
 	              && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; }; then \
 	    echo "warning: could not install dataset-fashion-mnist; fashion-mnist data will be missing" >&2; \
 	fi
+	@echo "==> chromium and chromium-driver (Debian packages; for the report's browser test)"
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+	    echo "    already installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "warning: apt-get not available; the report's browser test will be skipped" >&2; \
+	elif ! { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+	         || { $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null \
+	              && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; }; then \
+	    echo "warning: could not install chromium; the report's browser test will be skipped" >&2; \
+	fi
 	@touch "$(STAMP)"
 	@echo "==> installed into $(VENV)"
 
