@@ -150,3 +150,18 @@ def test_read_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="no weights found"):
         read_hf_folder(tmp_path)
+
+
+def test_position_ids_buffer_is_read_other_integer_matrices_refused(tmp_path):
+    """Older transformers saved ``embeddings.position_ids`` (int64, 1 x positions) beside the weights."""
+    spec = SPEC.model_copy(update={"position_ids": True})
+    sd = random_state(spec)
+    assert sd["embeddings.position_ids"].dtype == torch.int64
+    out = write_hf_folder(tmp_path / "old", sd, bert_config(spec))
+    back = read_hf_folder(out)
+    assert torch.equal(back.state_dict["embeddings.position_ids"], torch.arange(12)[None])
+    assert detect_bert(back.state_dict, back.config) == spec
+    write_hf_folder(tmp_path / "odd", {**sd, "embeddings.token_ids": torch.zeros(1, 4, dtype=torch.int64)},
+                    bert_config(spec))
+    with pytest.raises(CheckpointError, match="'embeddings.token_ids' has dtype int64"):
+        read_hf_folder(tmp_path / "odd")

@@ -3,11 +3,12 @@
 Fusion averages and transports weights, so a weight must be a dense tensor of real values in a
 float dtype clafuse can also write (float16, bfloat16, float32, float64). Integer and boolean
 tensors are accepted only as scalars, the counters a framework keeps beside the weights (BatchNorm's
-``num_batches_tracked``); an int8 or uint16 weight matrix is refused rather than averaged and cast
-back. Meta tensors (a shape without values), sparse and quantized tensors are refused too, each
-with a message naming the key. A torch file may hold an expanded view (stride 0) whose declared
-size dwarfs its stored data; such views are materialised only while their declared sizes add up to
-at most :data:`MAX_EXPANDED_BYTES`, checked before any allocation.
+``num_batches_tracked``), or as index buffers named in :data:`INDEX_BUFFERS` (BERT checkpoints from
+older transformers store ``embeddings.position_ids``, an arange); an int8 or uint16 weight matrix
+is refused rather than averaged and cast back. Meta tensors (a shape without values), sparse and
+quantized tensors are refused too, each with a message naming the key. A torch file may hold an
+expanded view (stride 0) whose declared size dwarfs its stored data; such views are materialised
+only while their declared sizes add up to at most :data:`MAX_EXPANDED_BYTES`, checked before any allocation.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from clafuse.errors import CheckpointError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COUNTER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+
+INDEX_BUFFERS = ("position_ids",)
+"""Last key components of integer buffers that hold indices, not weights: accepted at any shape."""
 
 MAX_EXPANDED_BYTES = 2**30
 """Most bytes the expanded (stride-0 or overlapping) tensors of one checkpoint may take once
@@ -35,7 +39,7 @@ def check_declared(path: Path, key: str, dtype: torch.dtype, shape: tuple[int, .
     if dtype in FLOAT_DTYPES:
         return
     if dtype in COUNTER_DTYPES:
-        if len(shape) == 0:
+        if len(shape) == 0 or key.rpartition(".")[2] in INDEX_BUFFERS:
             return
         raise CheckpointError(
             f"{path}: {key!r} has dtype {_dtype_name(dtype)} and shape {list(shape)}; clafuse fuses floating-point "
