@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 import clafuse
-from clafuse.align.mapfile import MapFile, ModelEntry, map_digest, read_map
+from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
 from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
 from clafuse.api.models import LoadedModel, check_fits, nonfinite_keys
 from clafuse.arch.registry import parse_spec
@@ -123,6 +123,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
+    if data is None:  # the map's own calibration data will be used: refuse it if it changed since align
+        check_data_digest(doc, base)
     models = [_map_model(entry, base) for entry in doc.models]
     if not allow_nonfinite:
         for m in models:
