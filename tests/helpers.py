@@ -4,6 +4,7 @@ files (compressed bombs built without compressing every byte) and a memory-limit
 from __future__ import annotations
 
 import io
+import json
 import os
 import resource
 import struct
@@ -46,7 +47,7 @@ def save_mlp(path: Path, seed: int, widths: list[int] | int, *, inputs: int = 64
 # --- hostile data files and a memory-limited run ----------------------------------------------------
 
 MEMORY_LIMIT = 3 << 30
-"""Address-space limit of :func:`run_limited` (``ulimit -v``): well above what ``import torch`` and a
+"""Address-space cap of :func:`run_capped` (``ulimit -v``): well above what ``import torch`` and a
 small command need (about 0.7 GiB), well below what a decompression bomb would allocate."""
 
 
@@ -99,16 +100,28 @@ def gzip_zeros(path: Path, head: bytes, zeros: int) -> Path:
     return path
 
 
-def run_limited(*args: object, limit: int = MEMORY_LIMIT, env: Mapping[str, str] | None = None,
-                timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m clafuse ARGS`` in a child process whose address space is limited to ``limit``
-    bytes (``ulimit -v``), so that an allocation a hostile input provokes fails there, visibly,
-    instead of exhausting the test machine."""
+_CAPPED_DRIVER = """
+import json, sys
+from tests.cli_runner import invoke
+cases = json.loads(sys.argv[1])
+print(json.dumps([vars(invoke(*args)) for args in cases]))
+"""
 
-    def limit_memory() -> None:
+
+def run_capped(cases: list[list[str]], limit: int = MEMORY_LIMIT,
+               env: Mapping[str, str] | None = None) -> list[dict]:
+    """Run each ``clafuse ARGS`` of ``cases`` in one child process whose address space is capped at
+    ``limit`` bytes (``ulimit -v``), so an allocation a hostile input provokes fails there, visibly,
+    instead of exhausting the test machine; torch is imported once for all cases. Returns each
+    case's :class:`tests.cli_runner.Outcome` as a dict."""
+
+    def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    child_env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
-                 **(env or {})}
-    return subprocess.run([sys.executable, "-m", "clafuse", *map(str, args)], capture_output=True, text=True,
-                          env=child_env, timeout=timeout, preexec_fn=limit_memory, check=False)
+    root = Path(__file__).resolve().parents[1]
+    child_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **(env or {})}
+    child_env.pop("CLAFUSE_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-c", _CAPPED_DRIVER, json.dumps(cases)], cwd=root, env=child_env,
+                          preexec_fn=cap, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"the capped child died ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.splitlines()[-1])
