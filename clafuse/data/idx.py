@@ -63,7 +63,7 @@ def _read_idx_pair(images: Path, labels: Path) -> Arrays:
     y = _read_idx(labels)
     if x.ndim < 2:
         raise DataError(f"{images}: expected images with at least 2 dimensions, got shape {x.shape}")
-    x = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else check_inputs(x, str(images))
+    x = np.divide(x, np.float32(255), dtype=np.float32) if x.dtype == np.uint8 else check_inputs(x, str(images))
     if x.ndim == 3:
         x = x[:, None, :, :]
     return np.ascontiguousarray(x), check_labels(y, len(x), str(labels))
