@@ -109,9 +109,9 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
         is_file = is_path(data)
         data_entry = DataEntry(source=rel_path(Path(data), base) if is_file else data, split="train", samples=samples,
                                seed=seed, sha256=sha256_file(data) if Path(data).is_file() else None)
-        check_varied(x, f"data {data}")
         for m in models:
             check_fits(m, x, f"data {data}")
+        check_varied(x, f"data {data}")
         acts = [m.layer_outputs(x) for m in models]
         for m, layer_acts in zip(models, acts):
             check_activations(layer_acts, [l.name for g in m.groups for l in g.layers], m.path, f"data {data}")
