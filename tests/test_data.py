@@ -215,7 +215,7 @@ def _write_bad_npz(path: Path, kind: str) -> None:
         ("length-mismatch", "2 labels for 3 samples"),
         ("2d-y", "one label per sample"),
         ("string-x", "numeric"),
-        ("object-x", "cannot read"),
+        ("object-x", "Python objects"),
         ("nan-x", "NaN"),
         ("empty-x", "no samples"),
     ],

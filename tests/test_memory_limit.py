@@ -11,10 +11,7 @@ in-process, so torch is imported once.
 from __future__ import annotations
 
 import json
-import os
-import resource
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,17 +19,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import clafuse
+from tests.helpers import run_capped
 
-LIMIT = 3 * 2**30
-ROOT = Path(clafuse.__file__).resolve().parents[1]
-
-_DRIVER = """
-import json, sys
-from tests.cli_runner import invoke
-cases = json.loads(sys.argv[1])
-print(json.dumps([vars(invoke(*args)) for args in cases]))
-"""
 
 
 def _mlp() -> dict[str, torch.Tensor]:
@@ -69,18 +57,6 @@ def _hostile_files(root: Path) -> dict[str, Path]:
     return files
 
 
-def _run_capped(cases: list[list[str]]) -> list[dict]:
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (LIMIT, LIMIT))
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("CLAFUSE_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(cases)], cwd=ROOT, env=env, preexec_fn=cap,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"the capped child died ({proc.returncode}):\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.splitlines()[-1])
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_AS is enforced as needed only on Linux")
 def test_hostile_files_are_refused_in_one_line_under_a_memory_cap(tmp_path: Path) -> None:
     files = _hostile_files(tmp_path)
@@ -95,7 +71,7 @@ def test_hostile_files_are_refused_in_one_line_under_a_memory_cap(tmp_path: Path
         cases.append(["inspect", str(files[name])])
         cases.append(["align", str(files[name]), str(files["ok"]), "--metric", "neuron", "-o",
                       str(tmp_path / f"{name}.json")])
-    outcomes = _run_capped(cases)
+    outcomes = run_capped(cases)
     assert outcomes[0]["code"] == 0, outcomes[0]  # the cap leaves room for real work
     for args, outcome in zip(cases[1:], outcomes[1:]):
         name = next(n for n in expected if str(files[n]) == args[1])

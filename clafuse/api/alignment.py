@@ -22,8 +22,9 @@ from clafuse.align.mapfile import (
     Settings,
     dump_map,
 )
-from clafuse.api.common import DEFAULT_SAMPLES, calibration, is_path, model_index, rel_path
+from clafuse.api.common import DEFAULT_SAMPLES, calibration, check_activations, is_path, model_index, rel_path
 from clafuse.api.models import LoadedModel, check_fits, load_model
+from clafuse.data.common import check_varied
 from clafuse.errors import ClafuseError
 from clafuse.io.atomic import sha256_file, write_text_atomic
 from clafuse.options import Metric, check_choice, check_integer, check_seed
@@ -110,7 +111,10 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
                                seed=seed, sha256=sha256_file(data) if Path(data).is_file() else None)
         for m in models:
             check_fits(m, x, f"data {data}")
+        check_varied(x, f"data {data}")
         acts = [m.layer_outputs(x) for m in models]
+        for m, layer_acts in zip(models, acts):
+            check_activations(layer_acts, [l.name for g in m.groups for l in g.layers], m.path, f"data {data}")
     alignments = [_align_pair(models, deep, shallow, metric, acts, pin_first, pin_last) for deep, shallow in pairs]
     if len(models) == 2:
         roles = ["deep" if i == pairs[0][0] else "shallow" for i in range(2)]

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from clafuse.data import calibration_inputs, load_source
-from clafuse.errors import ClafuseError
+from clafuse.errors import ClafuseError, DataError
 
 DEFAULT_SAMPLES = 2000
 log = logging.getLogger("clafuse")
@@ -29,6 +29,15 @@ def calibration(source: str, samples: int, seed: int, base: Path | None = None) 
     if base is not None and is_path(source) and not Path(source).is_absolute():
         source = str(base / source)
     return calibration_inputs(load_source(source), samples, seed)
+
+
+def check_activations(acts: Sequence[torch.Tensor], names: Sequence[str], model: object, what: str) -> None:
+    """Refuse layer outputs with NaN or Inf: calibration inputs so large that ``model`` overflows
+    would otherwise give undefined costs (and a map that looks valid)."""
+    for name, z in zip(names, acts):
+        if not bool(torch.isfinite(z).all()):
+            raise DataError(f"{what}: layer {name} of {model} gives NaN or infinite activations on the calibration "
+                            "inputs (values too large for the model?)")
 
 
 def is_path(source: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 from typing import BinaryIO
@@ -9,7 +10,7 @@ from typing import BinaryIO
 import numpy as np
 
 from clafuse.data.cache import cached_split
-from clafuse.data.common import Arrays, check_labels, first_line
+from clafuse.data.common import Arrays, check_data_size, check_labels, first_line
 from clafuse.errors import DataError
 
 _CIFAR10_TRAIN_PREFIX = "data_batch_"
@@ -96,11 +97,14 @@ def _cifar_pixels(rows: np.ndarray) -> np.ndarray:
 
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only: any other global is refused before it is
-    imported or called, so a crafted file cannot run code."""
+    imported or called, so a crafted file cannot run code. Arrays are bounded by the file: an
+    array may not be created larger than the file's size, nor with Python objects as elements
+    (whose count the pickle could declare without holding them)."""
 
-    def __init__(self, file: BinaryIO, path: Path) -> None:
+    def __init__(self, file: BinaryIO, path: Path, size: int) -> None:
         super().__init__(file, encoding="bytes")
         self._path = path
+        self._size = size
 
     def find_class(self, module: str, name: str) -> object:
         allowed = _CIFAR_GLOBALS.get((module, name))
@@ -109,14 +113,36 @@ class _CifarUnpickler(pickle.Unpickler):
                 f"{self._path}: refusing to load: the pickle references {ascii(f'{module}.{name}')[:100]}, "
                 "but a CIFAR batch holds only numpy arrays, lists and bytes"
             )
+        if allowed is _NP_RECONSTRUCT:
+            return self._reconstruct
+        if allowed is np.dtype:
+            return self._dtype
         return allowed
+
+    def _reconstruct(self, subtype: object, shape: object, dtype: object) -> np.ndarray:
+        if subtype is not np.ndarray:
+            raise DataError(f"{self._path}: not a CIFAR batch (it pickles an array of an unknown kind)")
+        dt = self._dtype(dtype)
+        count = math.prod(int(d) for d in shape) if isinstance(shape, tuple) else int(shape)
+        if count * dt.itemsize > self._size:
+            raise DataError(f"{self._path}: not a CIFAR batch: it declares an array larger than the file")
+        return _NP_RECONSTRUCT(np.ndarray, shape, dt)
+
+    def _dtype(self, *args: object) -> np.dtype:
+        dt = np.dtype(*args)
+        if dt.hasobject:
+            raise DataError(f"{self._path}: not a CIFAR batch: it holds an array of Python objects")
+        return dt
 
 
 def _read_cifar_batch(path: Path, label_key: str, classes: int) -> Arrays:
     """One CIFAR pickle: a dict with ``data`` (N x 3072 uint8) and ``label_key`` (N integer labels)."""
     try:
+        size = path.stat().st_size
+        # Decoded float32 pixels take four times the file's bytes.
+        check_data_size(4 * size, str(path))
         with open(path, "rb") as fh:
-            batch = _CifarUnpickler(fh, path).load()
+            batch = _CifarUnpickler(fh, path, size).load()
     except DataError:
         raise
     except Exception as exc:
@@ -127,6 +153,12 @@ def _read_cifar_batch(path: Path, label_key: str, classes: int) -> Arrays:
     if data is None or labels is None:
         found = ", ".join(sorted(k.decode("latin1") if isinstance(k, bytes) else str(k) for k in batch))
         raise DataError(f"{path}: not a CIFAR batch: needs 'data' and '{label_key}' (found: {found or 'none'})")
+    rows = len(data) if isinstance(data, (list, tuple)) else None
+    if rows is not None and rows * _CIFAR_PIXELS > size:
+        raise DataError(f"{path}: not a CIFAR batch: 'data' lists {rows} rows of {_CIFAR_PIXELS} pixels, more than "
+                        f"the file's {size} bytes can hold (rows shared by reference?)")
+    if rows is not None and isinstance(labels, (list, tuple)) and len(labels) != rows:
+        raise DataError(f"{path}: '{label_key}' has {len(labels)} labels for {rows} images")
     try:
         x, labels = np.asarray(data), np.asarray(labels)
     except ValueError as exc:
@@ -134,7 +166,7 @@ def _read_cifar_batch(path: Path, label_key: str, classes: int) -> Arrays:
     if x.ndim != 2 or x.shape[1] != _CIFAR_PIXELS:
         raise DataError(f"{path}: 'data' must hold rows of {_CIFAR_PIXELS} pixels (3x32x32), got shape {x.shape}")
     if x.dtype != np.uint8:
-        if x.dtype.kind not in "iu" or (x.size and (x.min() < 0 or x.max() > 255)):
+        if x.dtype.kind not in "iu" or x.dtype.hasobject or (x.size and (x.min() < 0 or x.max() > 255)):
             raise DataError(f"{path}: 'data' must hold 8-bit pixel values, not {x.dtype}")
         x = x.astype(np.uint8)
     y = check_labels(labels, len(x), f"{path}: '{label_key}'")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from clafuse.data.cache import cached_split
-from clafuse.data.common import Arrays, check_labels, first_line
+from clafuse.data.common import Arrays, check_data_size, check_inputs, check_labels, decoded_bytes, first_line
 from clafuse.errors import DataError
 
 IDX_FILES = {
@@ -60,29 +63,43 @@ def _read_idx_pair(images: Path, labels: Path) -> Arrays:
     y = _read_idx(labels)
     if x.ndim < 2:
         raise DataError(f"{images}: expected images with at least 2 dimensions, got shape {x.shape}")
-    x = (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+    x = np.divide(x, np.float32(255), dtype=np.float32) if x.dtype == np.uint8 else check_inputs(x, str(images))
     if x.ndim == 3:
         x = x[:, None, :, :]
     return np.ascontiguousarray(x), check_labels(y, len(x), str(labels))
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Parse one IDX file (optionally gzipped): magic 0 0 <type> <ndim>, big-endian sizes, then data."""
+    """Parse one IDX file (optionally gzipped): magic 0 0 <type> <ndim>, big-endian sizes, then data.
+
+    The header is read first and the declared size checked against the size limit and, for a plain
+    file, against the file's length, so no more than the declared bytes are ever read or
+    decompressed (a gzip bomb or a lying header costs nothing).
+    """
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as exc:
+            magic = fh.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
+                raise DataError(f"{path}: not an IDX file")
+            ndim = magic[3]
+            sizes = fh.read(4 * ndim)
+            if ndim == 0 or len(sizes) < 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header")
+            shape = struct.unpack(f">{ndim}I", sizes)
+            dtype = np.dtype(_IDX_DTYPES[magic[2]])
+            expected = math.prod(shape) * dtype.itemsize
+            header = 4 + 4 * ndim
+            if path.suffix != ".gz" and path.stat().st_size - header != expected:
+                raise DataError(f"{path}: IDX data is {path.stat().st_size - header} bytes, header says {expected}")
+            check_data_size(decoded_bytes(shape, dtype.itemsize), f"{path} (shape {shape})")
+            raw = fh.read(expected + 1)
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read IDX file ({first_line(exc)})") from exc
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: IDX data is {len(raw) - header} bytes, header says {expected}")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    if len(raw) > expected:
+        raise DataError(f"{path}: the file holds more data than the {expected} bytes its header declares")
+    if len(raw) < expected:
+        raise DataError(f"{path}: IDX data is {len(raw)} bytes, header says {expected}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))

@@ -26,9 +26,17 @@ def load_source(src: str, split: str | None = None) -> Dataset:
     sub-folders), or a built-in name such as ``mnist:val``.
 
     A ``:split`` suffix wins over ``split``; the default split is ``train``. ``.npz`` files hold a
-    single set, so the split does not apply to them.
+    single set, so the split does not apply to them. Data too large for the memory this process
+    may use (under ``ulimit -v``, say) is refused with a DataError rather than a MemoryError.
     """
     kind, path, chosen = _resolve(src, split)
+    try:
+        return _load(kind, path, chosen, src)
+    except MemoryError:
+        raise DataError(f"{src}: not enough memory to load this data (the limit of this process was reached)") from None
+
+
+def _load(kind: str, path: Path | None, chosen: str | None, src: str) -> Dataset:
     if kind == "npz":
         x, y = load_npz(path)
         return to_dataset(x, y, str(src))
