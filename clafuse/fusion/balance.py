@@ -201,7 +201,7 @@ def relu_gates(deep: Chain, x: torch.Tensor) -> list[torch.Tensor]:
 
 def merge_layers(deep: Chain, mapping: list[int], gates: list[torch.Tensor]) -> Chain:
     """The deep chain with each unmatched hidden layer folded into the next kept layer, its ReLU
-    replaced by diag(gate); layers after the last kept one fold into the classifier."""
+    replaced by diag(gate); layers after the last kept one fold into the last layer."""
     check_mapping(mapping, len(mapping), len(deep.hidden))
     net, state = describe_chain(deep)
     groups = _groups_of(net)

@@ -86,7 +86,7 @@ def fuse_chains(anchor: Chain, sources: list[Chain], weights: list[float], x: to
 @torch.no_grad()
 def correct(fused: Chain, targets: list[torch.Tensor], x: torch.Tensor, method: str, ridge: float = 1e-3) -> Chain:
     """Correct every layer of ``fused`` in order, each seeing the corrected earlier ones, towards
-    ``targets`` (per layer, incl. the classifier: the mixed pre-activations of the parents)."""
+    ``targets`` (per layer, incl. the last one: the mixed pre-activations of the parents)."""
     net, state = describe_chain(fused)
     layers = [i for i, b in enumerate(net.blocks) if "op" in b.attrs]
     by_site = {(b, "out"): target for b, target in zip(layers, targets)}
