@@ -337,13 +337,13 @@ def _identity_norm(prefix: str, width: int) -> dict[str, torch.Tensor]:
 def identity_block(template: Unit, width: int, in_space: str) -> Unit | None:
     """A residual block on ``width`` channels whose branch outputs zero (last BatchNorm's scale and
     shift zero): exactly the identity. Its other tensors are placeholders (zero convs, neutral
-    BatchNorms) that take no part in mixing."""
+    BatchNorms; the convs' zeros take no memory) that take no part in mixing."""
     a = template.attrs
     name = f"{template.name}+identity"
     block = residual_block(a["kind"], name, a["stage"], in_space, width, width // EXPANSION[a["kind"]], 1, None)
     neutral = {"weight": torch.ones, "bias": torch.zeros, "running_mean": torch.zeros,
                "running_var": lambda shape: torch.full(shape, 1.0 - 1e-5)}
-    values = {p.key: torch.zeros(p.shape) if p.kind == "weight" else neutral[p.key.rsplit(".", 1)[1]](p.shape)
+    values = {p.key: torch.zeros(1).expand(p.shape) if p.kind == "weight" else neutral[p.key.rsplit(".", 1)[1]](p.shape)
               for p in block.params.values()}
     last = f"bn{3 if a['kind'] == 'bottleneck' else 2}"
     values[f"{name}.{last}.weight"] = torch.zeros(width)

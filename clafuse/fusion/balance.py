@@ -73,11 +73,12 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) ->
 
 
 def gates_of(net: Network, pre: Mapping[tuple[int, str], torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Per block, from its site pre-activations ``pre``, the fraction of calibration samples on
-    which each unit is active: the diagonal that best stands in for the ReLU when it is folded."""
+    """Per block, from its site pre-activations ``pre`` (where recorded in full: the plain linear
+    layers, the ones that fold), the fraction of calibration samples on which each unit is active:
+    the diagonal that best stands in for the ReLU when it is folded."""
     out = {}
     for (b, name), z in pre.items():
-        if name == "out":
+        if name == "out" and isinstance(z, torch.Tensor):
             out[b] = (z > 0).double().flatten(2).mean(-1).mean(0) if z.dim() > 2 else (z > 0).double().mean(0)
     return out
 

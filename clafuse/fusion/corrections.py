@@ -17,43 +17,61 @@ from clafuse.fusion.neurons import neuron_features, reduce_map
 RECORD_BATCH = 256
 
 
+SiteRecord = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
+
+
 class _Recorder(Tap):
-    def __init__(self, spaces: bool, sites: bool, max_positions: int | None) -> None:
-        self.index = {}
-        self.acts: dict[str, torch.Tensor] = {}
-        self.pre: dict[tuple[int, str], torch.Tensor] = {}
+    """Collects space activations and site pre-activations: in full at plain linear sites (what a
+    regression refits from), as per-unit counts, sums and sums of squares elsewhere (all REPAIR
+    needs)."""
+
+    def __init__(self, net: Network, spaces: bool, sites: bool, max_positions: int | None) -> None:
+        self.index = {b.name: i for i, b in enumerate(net.blocks)}
+        self.batch: dict[str, torch.Tensor] = {}
+        self.pre: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.want_spaces, self.want_sites, self.max_positions = spaces, sites, max_positions
 
     def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         if self.want_sites:
-            self.pre[(self.index[self.block.name], name)] = z
+            key = (self.index[self.block.name], name)
+            if inputs is not None and self.block.sites[name].norm is None:
+                self.pre.setdefault(key, []).append(z)
+            else:
+                f = neuron_features(z).double()
+                part = torch.stack([torch.full((f.shape[0],), float(f.shape[1]), dtype=f.dtype), f.sum(1),
+                                    f.pow(2).sum(1)])
+                self.sums[key] = self.sums[key] + part if key in self.sums else part
         return z
 
     def space(self, name: str, h: torch.Tensor) -> torch.Tensor:
         if self.want_spaces:
-            self.acts[name] = reduce_map(h, self.max_positions) if self.max_positions else h
+            self.batch[name] = reduce_map(h, self.max_positions)
         return h
 
 
 @torch.no_grad()
 def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spaces: bool = True,
            sites: bool = False, max_positions: int | None = 64
-           ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor], torch.Tensor]:
+           ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], SiteRecord], torch.Tensor]:
     """Per space, the activations of the last block writing it (maps thinned to ``max_positions``
-    positions, in float16); per correction site (block index, name), its pre-activation; and the
-    output; on ``x`` in batches."""
+    positions, in float16); per correction site (block index, name), its pre-activations (plain
+    linear sites) or their per-unit (mean, std) (the others); and the output; on ``x`` in
+    batches."""
     tensors = {b.name: {local: net.param_value(b, local, state).float() for local in b.params} for b in net.blocks}
-    acts: list[dict[str, torch.Tensor]] = []
-    pre: list[dict[tuple[int, str], torch.Tensor]] = []
+    tap = _Recorder(net, spaces, sites, max_positions)
+    acts: dict[str, list[torch.Tensor]] = {}
     outs = []
     for start in range(0, len(x), RECORD_BATCH):
-        tap = _Recorder(spaces, sites, max_positions)
-        tap.index = {b.name: i for i, b in enumerate(net.blocks)}
+        tap.batch = {}
         outs.append(run(net, state, x[start:start + RECORD_BATCH], tap, tensors=lambda b: tensors[b.name]))
-        acts.append(tap.acts)
-        pre.append(tap.pre)
-    return ({k: torch.cat([a[k] for a in acts]) for k in acts[0]},
-            {k: torch.cat([p[k] for p in pre]) for k in pre[0]}, torch.cat(outs))
+        for name, value in tap.batch.items():
+            acts.setdefault(name, []).append(value)
+    pre: dict[tuple[int, str], SiteRecord] = {k: torch.cat(v) for k, v in tap.pre.items()}
+    for key, (n, total, squares) in tap.sums.items():
+        mean = total / n
+        pre[key] = (mean, (squares / n - mean.pow(2)).clamp_min(0).sqrt())
+    return {k: torch.cat(v) for k, v in acts.items()}, pre, torch.cat(outs)
 
 
 def _tensors_of(net: Network, state: dict[str, torch.Tensor]):
@@ -130,7 +148,7 @@ class _Correct(Tap):
         if target is None:
             return z
         site, t = self.block.sites[name], self.tensors
-        if self.method == "regress" and inputs is not None and site.norm is None:
+        if self.method == "regress" and inputs is not None and site.norm is None and not isinstance(target, tuple):
             weight, bias = ridge_fit(inputs, target, t[site.weight], t.get(site.bias) if site.bias else None,
                                      self.ridge)
             self._set(site.weight, weight)
@@ -140,7 +158,7 @@ class _Correct(Tap):
         if self.net.all_spaces()[site.space].fixed:
             return z
         mean, std = _pre_stats(z)
-        t_mean, t_std = _pre_stats(target)
+        t_mean, t_std = target if isinstance(target, tuple) else _pre_stats(target)
         scale = torch.where(std > 1e-8, t_std / std.clamp_min(1e-8), torch.ones_like(std))
         shift = t_mean - scale * mean
         if site.norm is not None:

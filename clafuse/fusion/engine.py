@@ -270,25 +270,33 @@ def mixing_rows(net: Network, betas: Mapping[tuple[int, str], list[float]]) -> l
     return rows
 
 
-def site_targets(target: Model, sources: list[Model], mixed: Mixed) -> dict[tuple[int, str], torch.Tensor]:
+def site_targets(target: Model, sources: list[Model], mixed: Mixed) -> dict[tuple[int, str], object]:
     """Per correction site of the target, the parents' pre-activations moved into the target's
-    units and mixed with the weights of the site's primary tensor."""
-    out = {}
-    for (b, name), z in target.pre.items():
+    units and mixed with the weights of the site's primary tensor: in full where they were
+    recorded in full, else their per-unit (mean, std) mixed."""
+    out: dict[tuple[int, str], object] = {}
+    for (b, name), rec in target.pre.items():
         site = target.net.blocks[b].sites[name]
         beta = mixed.betas.get((b, site.primary))
         if beta is None:
             continue
-        total = beta[0] * z.double()
+        parts = [(beta[0], rec)]
         for i, (source, pairing) in enumerate(zip(sources, mixed.pairings)):
-            zs = source.pre.get((b, name)) if beta[i + 1] else None
-            if zs is None:
+            other = source.pre.get((b, name)) if beta[i + 1] else None
+            if other is None:
                 continue
             plan = pairing.plan(site.space)
             if plan is not None:
-                zs = move_axis(zs, plan, 1, reads=False)
-            total += beta[i + 1] * zs.double()
-        out[(b, name)] = total
+                other = (tuple(move_axis(v, plan, 0, reads=False) for v in other) if isinstance(other, tuple)
+                         else move_axis(other, plan, 1, reads=False))
+            parts.append((beta[i + 1], other))
+        if isinstance(rec, tuple):
+            out[(b, name)] = tuple(sum(w * r[k].double() for w, r in parts if isinstance(r, tuple)) for k in range(2))
+        else:
+            total = parts[0][0] * rec.double()
+            for w, r in parts[1:]:
+                total += w * r.double()
+            out[(b, name)] = total
     return out
 
 
