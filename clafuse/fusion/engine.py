@@ -38,6 +38,11 @@ class Model:
     acts: dict[str, torch.Tensor] | None = None
     pre: dict[tuple[int, str], torch.Tensor] | None = None
     cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    mutable: bool = False
+    """The tensors were read for this fusion alone: the target's may be mixed in place."""
+    consumable: bool = False
+    """``state`` is this fusion's own dict: a source's entries are dropped once moved, so that a
+    source and its moved copy are not both held in full."""
 
     def tensor(self, key: str) -> torch.Tensor:
         """A tensor by key, read once per block step (a lazily opened checkpoint reads from disk)."""
@@ -180,6 +185,8 @@ class Pairing:
                 plan = self.plan(a)
                 if plan is not None:
                     value = move_axis(value, plan, i, reads=i in target_param.read_axes())
+        if self.source.consumable and isinstance(self.source.state, dict):
+            self.source.state.pop(param.key, None)
         return value
 
 
@@ -245,7 +252,8 @@ def transport_and_mix(target: Model, sources: list[Model], weights: list[float],
             if beta is None:
                 out[param.key] = value.float().clone()
                 continue
-            mixed = value.float().mul(beta[0])
+            mixed = value.float()
+            mixed = mixed.mul_(beta[0]) if target.mutable or mixed is not value else mixed.mul(beta[0])
             for i, m in moved.items():
                 if beta[i]:
                     mixed.add_(m, alpha=beta[i])

@@ -21,6 +21,7 @@ from clafuse.fusion.balance import gates_of, insert_blocks, merge_blocks, needs_
 from clafuse.fusion.corrections import record
 from clafuse.fusion.engine import Model, fuse_models, mixing_rows
 from clafuse.fusion.otfusion import FusionSettings
+from clafuse.io.lazy import LazyStateDict
 
 
 @dataclass
@@ -88,7 +89,7 @@ def balanced_model(target: Network, source: Source, x: torch.Tensor | None) -> M
         net = merge_blocks(net, state, source.mappings, gates)
     else:
         net = insert_blocks(net, source.mappings, target)
-    return Model(net, state)
+    return Model(net, state, consumable=x is not None)
 
 
 def fuse_members(target: Member, sources: list[Source], weights: list[float], x: torch.Tensor | None,
@@ -101,7 +102,8 @@ def fuse_members(target: Member, sources: list[Source], weights: list[float], x:
     """
     net = target.family.describe(target.spec)
     dtypes: dict[str, torch.dtype] = {}
-    anchor = Model(net, _float(target.state_dict, dtypes) if x is not None else target.state_dict)
+    anchor = Model(net, _float(target.state_dict, dtypes) if x is not None else target.state_dict,
+                   mutable=isinstance(target.state_dict, LazyStateDict))
     models = [balanced_model(net, source, x) for source in sources]
     mixed = fuse_models(anchor, models, weights, x, settings)
     state = mixed.state
