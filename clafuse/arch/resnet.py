@@ -347,7 +347,14 @@ def identity_block(template: Unit, width: int, in_space: str) -> Unit | None:
               for p in block.params.values()}
     last = f"bn{3 if a['kind'] == 'bottleneck' else 2}"
     values[f"{name}.{last}.weight"] = torch.zeros(width)
-    return block.with_(inserted=True, exact=frozenset({f"{last}.weight", f"{last}.bias"}), values=values)
+    stream = f"stream{a['stage']}"
+
+    def forward(t: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap) -> torch.Tensor:
+        tap.site("out", torch.zeros(1, width, 1, 1))  # what the zeroed branch outputs, without computing it
+        return tap.space(stream, F.relu(x))
+
+    return block.with_(inserted=True, exact=frozenset({f"{last}.weight", f"{last}.bias"}), values=values,
+                       forward=forward)
 
 
 def _block_forward(kind: str, stride: int, n: int, mids: list[str], stream: str, downsample: bool):

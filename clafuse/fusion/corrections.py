@@ -38,9 +38,7 @@ class _Recorder(Tap):
             if inputs is not None and self.block.sites[name].norm is None:
                 self.pre.setdefault(key, []).append(z)
             else:
-                f = neuron_features(z).double()
-                part = torch.stack([torch.full((f.shape[0],), float(f.shape[1]), dtype=f.dtype), f.sum(1),
-                                    f.pow(2).sum(1)])
+                part = _moments(z)
                 self.sums[key] = self.sums[key] + part if key in self.sums else part
         return z
 
@@ -109,7 +107,18 @@ def reset_norms(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor) -
     return state
 
 
+def _moments(z: torch.Tensor) -> torch.Tensor:
+    """(3, units): per unit (axis 1) the count, sum and sum of squares of ``z``, in float64."""
+    dims = [d for d in range(z.dim()) if d != 1]
+    count = torch.full((z.shape[1],), float(z.numel() // z.shape[1]), dtype=torch.float64)
+    return torch.stack([count, z.sum(dims, dtype=torch.float64), z.square().sum(dims, dtype=torch.float64)])
+
+
 def _pre_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if z.dim() > 2:  # feature maps: per-channel moments without a float64 copy of the map
+        n, total, squares = _moments(z)
+        mean = total / n
+        return mean, (squares / n - mean.pow(2)).clamp_min(0).sqrt()
     f = neuron_features(z).double()
     return f.mean(1), f.std(1, unbiased=False)
 
@@ -172,7 +181,7 @@ class _Correct(Tap):
             else:
                 shift = torch.zeros_like(shift)
         view = (1, -1) + (1,) * (z.dim() - 2)
-        return (z.double() * scale.view(view) + shift.view(view)).to(z.dtype)
+        return z * scale.to(z.dtype).view(view) + shift.to(z.dtype).view(view)
 
 
 @torch.no_grad()
