@@ -13,13 +13,16 @@ import numpy as np
 import torch
 
 from clafuse.arch.base import Chain, chain_of, describe_chain
+from clafuse.errors import ClafuseError
 from clafuse.fusion.corrections import correct as correct_network
 from clafuse.fusion.engine import Model, fuse_models, mixing_rows
+from clafuse.options import (MIN_REG, Correction, Ground, Inserted, Signal, Solver, check_choice, check_number,
+                             choices)
 
-SIGNALS = ("activations", "weights")
-GROUNDS = ("correlation", "euclidean")
-INSERTED_MODES = ("keep", "average")
-CORRECTIONS = ("regress", "repair", "none")
+SIGNALS = choices(Signal)
+GROUNDS = choices(Ground)
+INSERTED_MODES = choices(Inserted)
+CORRECTIONS = choices(Correction)
 
 
 @dataclass(frozen=True)
@@ -38,16 +41,30 @@ class FusionSettings:
     (layers with BatchNorm fall back to ``repair``); ``repair`` only restores each neuron's mean
     and std. ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
     calibration inputs (the averaged parents' statistics do not describe the fused network).
+    ``reg`` (Sinkhorn, relative to the largest cost) must exceed ``MIN_REG``; ``ridge`` is positive.
+    Bad values raise ClafuseError.
     """
 
-    solver: str = "emd"
+    solver: Solver = "emd"
     reg: float = 0.05
-    signal: str = "activations"
-    ground: str = "correlation"
-    inserted: str | None = None
-    correction: str = "regress"
+    signal: Signal = "activations"
+    ground: Ground = "correlation"
+    inserted: Inserted | None = None
+    correction: Correction = "regress"
     ridge: float = 1e-3
     bn_reset: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("--solver", self.solver, Solver)
+        check_number("--reg", self.reg, above=MIN_REG)
+        check_choice("--signal", self.signal, Signal)
+        check_choice("--ground", self.ground, Ground)
+        if self.inserted is not None:
+            check_choice("--inserted", self.inserted, Inserted)
+        check_choice("--correction", self.correction, Correction)
+        check_number("ridge", self.ridge, above=0.0)
+        if not isinstance(self.bn_reset, bool):
+            raise ClafuseError(f"bn_reset must be True or False, got {self.bn_reset!r}")
 
 
 @dataclass
