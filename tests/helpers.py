@@ -32,3 +32,9 @@ def save_mlp(path: Path, seed: int, widths: list[int] | int, *, inputs: int = 64
     """:func:`mlp` (one hidden layer when ``widths`` is an int) saved to ``path``."""
     hidden = [widths] if isinstance(widths, int) else widths
     return save_safetensors(path, mlp(hidden, inputs=inputs, classes=classes, seed=seed))
+
+
+def without_progress(stderr: str) -> str:
+    """``stderr`` without the ``clafuse: progress: ...`` lines that steps longer than a second show
+    (how long a step takes depends on the machine's load, so tests of other output ignore them)."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("clafuse: progress: "))
