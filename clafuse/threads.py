@@ -2,7 +2,8 @@
 
 torch's own default is one intra-op thread per core. When other processes keep those cores busy,
 OpenMP's threads wait for each other at every operation and small ops run many times slower
-(measured in ``benchmarks/results/threads.md``: a finetune epoch 13x slower on two busy cores).
+(``benchmarks/results/threads.md``, two shared cores: an MNIST MLP finetune epoch took 3.0 s with
+one thread, 45 s with two; with two more busy processes 7.5 s against 134 s).
 clafuse's default is half the cores this process may run on, at least one: on two cores one
 thread, which loses little when the machine is idle and nothing when it is shared; ``--threads``
 sets another count, and ``--threads 0`` leaves torch's own default.

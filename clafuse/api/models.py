@@ -89,7 +89,10 @@ def inspect_checkpoint(path: str | os.PathLike, arch: str | os.PathLike | None =
                        keys: KeyMap | None = None) -> dict[str, Any]:
     """Family, depth, alignable layers, parameter counts and dtypes of a checkpoint, and the key
     handling that made its names fit (with the tensors it left out)."""
-    model = load_model(path, arch, keys=keys)
+    from clafuse import progress
+
+    with progress.step(f"reading {path}"):
+        model = load_model(path, arch, keys=keys)
     dtypes: dict[str, int] = {}
     for v in model.state_dict.values():
         name = str(v.dtype).removeprefix("torch.")
