@@ -248,6 +248,8 @@ def test_finetune_keeps_the_wrapper_too(root: Path, wrapped, tmp_path: Path) -> 
     assert list(got["state_dict"]) == list(wrapped["ckpt"]["state_dict"]) and "optimizer_states" not in got
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
 def test_lightning_loads_the_fused_checkpoint_back(root: Path, wrapped, tmp_path: Path) -> None:
     pl = pytest.importorskip("pytorch_lightning")
 
