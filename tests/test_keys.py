@@ -176,6 +176,8 @@ def wrapped(root: Path) -> dict[str, object]:
     run = invoke("align", root / "deep.ckpt", root / "shallow.pt", "-o", root / "map.json", "--data",
                  root / "x.npz", "--samples", 32, "--ignore-keys", r"^criterion\.", "--json")
     assert run.code == 0, str(run)
+    plain = invoke("fuse", "--map", root / "map.json", "-o", root / "plain.safetensors", "--json")
+    assert plain.code == 0, str(plain)
     return {"deep": deep, "shallow": shallow, "ckpt": ckpt}
 
 
@@ -187,8 +189,6 @@ def test_the_map_records_each_models_key_handling(root: Path, wrapped) -> None:
 
 
 def test_fuse_reads_with_the_maps_key_handling_and_writes_family_names_by_default(root: Path, wrapped) -> None:
-    run = invoke("fuse", "--map", root / "map.json", "-o", root / "plain.safetensors", "--json")
-    assert run.code == 0, str(run)
     fused = load_file(root / "plain.safetensors")
     assert set(fused) == set(_state(DEEP, 0))
 
@@ -234,8 +234,9 @@ def test_keep_wrapper_round_trips_a_tutorial_dict_and_needs_a_torch_output(root:
     net.load_state_dict({k.removeprefix("net."): v for k, v in got["model_state_dict"].items()}, strict=True)
 
 
-def test_report_reads_a_fused_checkpoint_written_in_the_inputs_form(root: Path, wrapped) -> None:
-    run = invoke("report", root / "map.json", "--fused", root / "fused.ckpt", "-o", root / "r.html", "--json")
+def test_report_reads_a_fused_checkpoint_written_in_the_inputs_form(root: Path, wrapped, tmp_path: Path) -> None:
+    assert invoke("fuse", "--map", root / "map.json", "-o", tmp_path / "fused.ckpt", "--keep-wrapper").code == 0
+    run = invoke("report", root / "map.json", "--fused", tmp_path / "fused.ckpt", "-o", tmp_path / "r.html", "--json")
     assert run.code == 0, str(run)
 
 
