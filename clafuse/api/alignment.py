@@ -26,6 +26,7 @@ from clafuse.api.common import DEFAULT_SAMPLES, calibration, is_path, model_inde
 from clafuse.api.models import LoadedModel, check_fits, load_model
 from clafuse.errors import ClafuseError
 from clafuse.io.atomic import sha256_file, write_text_atomic
+from clafuse.io.outputs import Output, plan_outputs
 from clafuse.options import Metric, check_choice, check_integer, check_seed
 
 
@@ -85,6 +86,8 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
     check_integer("--samples", samples, at_least=2)
     check_seed("--seed", seed)
     archs = list(archs) if archs else [None] * len(paths)
+    if out is not None:
+        plan_outputs([*paths, *archs, data], [Output("-o", Path(out))])
     models = [load_model(p, a, lazy=True) for p, a in zip(paths, archs)]
     for m in models[1:]:
         if m.family.name != models[0].family.name:

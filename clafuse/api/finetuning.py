@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -10,17 +11,24 @@ from typing import Any
 import torch
 
 import clafuse
-from clafuse.api.models import check_fits, load_model
+from clafuse.api.models import check_fits, load_model, refuse_nonfinite
 from clafuse.data import has_val_split, load_source
 from clafuse.errors import ClafuseError, DataError
-from clafuse.io.checkpoint import save_checkpoint
+from clafuse.io.atomic import AtomicGroup, NAME_MAX
+from clafuse.io.checkpoint import output_format, save_checkpoint
+from clafuse.io.outputs import Output, checkpoint_output, plan_outputs
 from clafuse.options import Augmentation, Optimizer, Precision, Schedule
 
 
 def train_state_path(out: str | os.PathLike) -> Path:
-    """Where ``finetune_checkpoint`` keeps the training state of a run writing ``out``: ``OUT.state.pt``."""
+    """Where ``finetune_checkpoint`` keeps the training state of a run writing ``out``: ``OUT.state.pt``,
+    or, where that name would be too long for the file system, ``.OUT-PREFIX~DIGEST.state.pt``."""
     out = Path(out)
-    return out.with_name(out.name + ".state.pt")
+    name = f"{out.name}.state.pt"
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return out.with_name(name)
+    digest = hashlib.sha256(os.fsencode(out.name)).hexdigest()[:12]
+    return out.with_name(f".{os.fsdecode(os.fsencode(out.name)[:NAME_MAX - 32])}~{digest}.state.pt")
 
 
 def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data: str, val: str | None = None,
@@ -32,7 +40,8 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                         teacher: str | os.PathLike | None = None, teacher_arch: str | os.PathLike | None = None,
                         kd_alpha: float = 0.5, kd_temperature: float = 4.0,
                         metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-                        resume: bool = False, precision: Precision = "fp32") -> dict[str, Any]:
+                        resume: bool = False, precision: Precision = "fp32",
+                        allow_nonfinite: bool = False) -> dict[str, Any]:
     """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
     test data) to ``out``, in the input's key names and dtypes.
 
@@ -41,6 +50,10 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
     ``out`` is written; ``resume`` continues an interrupted run from it (same settings required).
     ``metrics_out`` gets one JSON line per epoch as training goes; ``plot`` a PNG of the curves.
     ``precision`` ``bf16``/``fp16`` runs the forward passes under autocast (fp16 needs CUDA).
+    Checkpoint, metrics and plot appear together when the run completes; a run that fails leaves
+    the previous files as they were and removes the training state it wrote (an interrupted one
+    keeps it for ``resume``). Weights holding NaN or Inf, read or about to be written, are refused
+    unless ``allow_nonfinite``.
 
     Training runs on CUDA when available (``cuda:LOCAL_RANK``), else on the CPU. Started by torchrun
     with several processes, the run is data parallel (see :func:`clafuse.training.finetune`):
@@ -59,12 +72,21 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                                 warmup_steps=warmup_steps, label_smoothing=label_smoothing, augment=augment,
                                 kd_alpha=kd_alpha, kd_temperature=kd_temperature, precision=precision)
         check_precision(precision, device)
+        output_format(out)
     with ddp.process_group(launch):
         main = ddp.rank() == 0
         state_file = train_state_path(out)
         resume_from = None
         with ddp.agree():
+            if main:
+                plan_outputs([path, data, val, arch, teacher, teacher_arch],
+                             [checkpoint_output("-o", out), Output("--metrics-out", Path(metrics_out))
+                              if metrics_out is not None else None,
+                              Output("--plot", Path(plot)) if plot is not None else None,
+                              Output("training state", state_file)])
             model = load_model(path, arch)
+            if not allow_nonfinite:
+                refuse_nonfinite(model.state_dict, f"{path}: the weights")
             train = load_source(data, split="train")
             if val is None and not has_val_split(data):
                 raise DataError("a .npz training file has no validation split: pass --val")
@@ -96,10 +118,16 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                                            "run without --resume to start afresh")
         if resume:
             resume_from = ddp.broadcast_object(resume_from)
+        wrote_state = False
 
         def on_state(state: dict) -> None:
+            nonlocal wrote_state
             save_train_state(state_file, {**state, "identity": identity})
+            wrote_state = True
 
+        # Every file of the run is written to a temp file and renamed into place at the end, all
+        # together: a run that fails leaves the previous outputs (and metrics) as they were.
+        outputs = AtomicGroup()
         metrics_fh = None
 
         def on_epoch(record: dict) -> None:
@@ -110,10 +138,7 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
         try:
             with ddp.agree():
                 if main and metrics_out is not None:
-                    try:
-                        metrics_fh = open(metrics_out, "w", encoding="utf-8")
-                    except OSError as exc:
-                        raise ClafuseError(f"cannot write {metrics_out}: {exc.strerror or exc}") from None
+                    metrics_fh = open(outputs.temp(metrics_out), "w", encoding="utf-8")
             if metrics_fh is not None and resume_from is not None:
                 for record in resume_from["history"]:
                     on_epoch(record)
@@ -121,20 +146,33 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
             result = finetune(module, train, val_ds, config, on_epoch=on_epoch if main else None,
                               progress=progress and main, teacher=teacher_module,
                               on_state=on_state if main else None, resume_from=resume_from)
+            if metrics_fh is not None:
+                metrics_fh.close()
+            with ddp.agree():
+                if main:
+                    state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
+                    if not allow_nonfinite:
+                        refuse_nonfinite(state, "the finetuned weights (training diverged: try a lower --lr)")
+                    metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
+                                "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
+                    if teacher_model is not None:
+                        metadata["distilled_from"] = teacher_model.sha256
+                    save_checkpoint(out, state, metadata, group=outputs)
+                    if plot is not None:
+                        from clafuse.plots import plot_history
+
+                        plot_history(result.history, plot, group=outputs)
+                    outputs.commit()
+                    state_file.unlink(missing_ok=True)
+        except KeyboardInterrupt:  # resumable: the training state stays
+            outputs.discard()
+            raise
+        except BaseException:
+            outputs.discard()
+            if wrote_state and not resume:  # a failed run leaves no state of its own behind
+                state_file.unlink(missing_ok=True)
+            raise
         finally:
             if metrics_fh is not None:
                 metrics_fh.close()
-        with ddp.agree():
-            if main:
-                state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
-                metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
-                            "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
-                if teacher_model is not None:
-                    metadata["distilled_from"] = teacher_model.sha256
-                save_checkpoint(out, state, metadata)
-                if plot is not None:
-                    from clafuse.plots import plot_history
-
-                    plot_history(result.history, plot)
-                state_file.unlink(missing_ok=True)
     return {"input": str(path), "output": str(out), "best_epoch": result.best_epoch, "history": result.history}

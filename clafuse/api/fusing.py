@@ -13,13 +13,14 @@ import torch
 import clafuse
 from clafuse.align.mapfile import MapFile, ModelEntry, map_digest, read_map
 from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
-from clafuse.api.models import LoadedModel, check_fits, nonfinite_keys
+from clafuse.api.models import LoadedModel, check_fits, nonfinite_keys, refuse_nonfinite
 from clafuse.arch.registry import parse_spec
 from clafuse.errors import ClafuseError, MapError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.checkpoint import open_checkpoint, output_format, save_checkpoint
 from clafuse.io.lazy import LazyStateDict
+from clafuse.io.outputs import checkpoint_output, plan_outputs
 from clafuse.options import Balance, OutputDtype, Signal, check_choice, check_integer, mixing_weights
 
 
@@ -123,6 +124,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
+    calibration_file = data if data is not None else (str(base / doc.data.source) if doc.data is not None else None)
+    plan_outputs([map_path, *(base / entry.path for entry in doc.models), calibration_file],
+                 [checkpoint_output("-o", out)])
     models = [_map_model(entry, base) for entry in doc.models]
     if not allow_nonfinite:
         for m in models:
@@ -169,6 +173,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
     state = cast_state(result.state_dict, dtype)
+    if not allow_nonfinite:
+        refuse_nonfinite(state, "the fused weights")
     metadata = {
         "clafuse_version": clafuse.__version__,
         "map_sha256": map_digest(map_path),
