@@ -3,7 +3,7 @@
 Every command writes through :func:`clafuse.io.atomic.atomic_output`: a temp file beside the
 target, named ``.NAME.tmp-XXXXXXXX`` (8 hex digits), fsynced, then renamed over ``NAME``. So:
 
-- SIGTERM or Ctrl-C (SIGINT) ends a run with exit code 130, the one line ``clafuse: interrupted``,
+- SIGTERM, SIGHUP or Ctrl-C (SIGINT) ends a run with exit code 130, the one line ``clafuse: interrupted``,
   no output and no temp file; an existing output is left as it was.
 - SIGKILL cannot be handled: the requested name holds either nothing (or its previous content) or a
   complete file, identical to an uninterrupted run's. A temp file being written at that moment
@@ -361,17 +361,20 @@ def test_finetune_interrupted_or_killed_before_the_rename(small: Path, env: dict
 
 
 def test_align_signalled_before_the_rename(small: Path, env: dict[str, str]) -> None:
+    """SIGTERM and SIGHUP (a closed terminal or SSH session) end the run like Ctrl-C: exit 130, one
+    line, no temp file; SIGKILL leaves only its temp file."""
     listed = {p.name for p in small.iterdir()}
     runs = {}
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGKILL):
         out = small / f"map-{sig.name}.json"
         runs[sig] = (out, Clafuse(["align", small / "a.safetensors", small / "b.safetensors", "-o", out, "--data",
                                    "digits", "--samples", 50], small, env, pause_before=out))
     for sig, (out, run) in runs.items():
         assert run.paused(), str(run.finish())
         run.send(sig)
-    out, run = runs[signal.SIGTERM]
-    assert_interrupted(run.finish(), out)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        out, run = runs[sig]
+        assert_interrupted(run.finish(), out)
     out, run = runs[signal.SIGKILL]
     assert run.finish().returncode == -signal.SIGKILL and not out.exists()
     markers = {r.marker.name for _, r in runs.values()}
