@@ -15,7 +15,10 @@ from typing import Any, List, Optional
 
 import functools
 import logging
+import warnings
+
 import typer
+from typer.core import TyperGroup
 
 from clafuse.options import (
     MIN_REG,
@@ -36,8 +39,47 @@ from clafuse.options import (
     one_of,
 )
 
+def _err(message: str) -> None:
+    """Write ``message`` as exactly one line, control characters escaped (see :func:`printable`)."""
+    from clafuse.errors import printable
+
+    sys.stderr.write(printable(message) + "\n")
+
+
+# The parser's own errors (typer vendors click in newer releases, so the class is found through
+# typer's public BadParameter rather than imported from click).
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors (a missing argument, an unknown option, ``--epochs abc``) as the one line
+    ``clafuse: error: ...`` and exit code 2, like every other error, instead of a usage block."""
+
+    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERROR as exc:
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain ``clafuse``: the help text
+                exc.show()
+                code = exc.exit_code
+            else:
+                command = ctx.command_path.partition(" ")[2] if ctx is not None else ""
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                _err(f"clafuse: error: {command + ': ' if command else ''}{exc.format_message().rstrip('.')}{hint}")
+                code = exc.exit_code
+        except typer.Abort:
+            _err("clafuse: interrupted")
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="clafuse",
+    cls=_OneLineErrors,
     help="Fuse trained neural-network checkpoints, including networks of different depth and width.",
     no_args_is_help=True,
     add_completion=False,
@@ -79,11 +121,6 @@ def _console():
     return Console()
 
 
-def _err(message: str) -> None:
-    """Write ``message`` as exactly one line: line breaks from file names or contents become spaces."""
-    sys.stderr.write(" ".join(message.split()) + "\n")
-
-
 class _Session:
     """What every command sets up first: torch's thread count and the progress reporter."""
 
@@ -111,39 +148,81 @@ def _keys(strip_prefix: Optional[str], rename: Optional[List[str]], ignore_keys:
 
 
 def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP end a run like Ctrl-C: temp files removed, exit code 130."""
     raise KeyboardInterrupt
 
 
+class _Printable(logging.Filter):
+    """Log records of the ``clafuse`` logger on one line, control characters escaped (file names)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from clafuse.errors import printable
+
+        record.msg, record.args = printable(record.getMessage()), None
+        return True
+
+
+_log = logging.getLogger("clafuse")
+_log.addFilter(_Printable())
+_QUIET = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Each distinct warning once, as one line through the ``clafuse`` logger (no source lines)."""
+    seen = set()
+    for w in caught:
+        text = " ".join(str(w.message).split()) or w.category.__name__
+        if len(text) > 300:
+            text = text[:297] + "..."
+        if (w.category, text) not in seen:
+            seen.add((w.category, text))
+            _log.warning(text)
+
+
 def _guard(command):
-    """Turn every failure inside a command into one line on stderr and an exit code."""
+    """Turn every failure inside a command into one line on stderr and an exit code, and report
+    Python's and torch's warnings once each, briefly, before it."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
-        from clafuse.errors import ClafuseError
-
         try:
-            command(*args, **kwargs)
-        except ClafuseError as exc:
-            _err(f"clafuse: error: {exc}")
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            _err("clafuse: interrupted")
-            raise typer.Exit(130) from None
-        except (typer.Exit, typer.BadParameter):
-            raise
-        except OSError as exc:  # a path the system refuses (name too long, permission denied, ...): bad input
-            if os.environ.get("CLAFUSE_DEBUG"):
-                raise
-            where = f"{exc.filename}: " if exc.filename is not None else ""
-            _err(f"clafuse: error: {where}{exc.strerror or exc}")
-            raise typer.Exit(2) from None
-        except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback for users
-            if os.environ.get("CLAFUSE_DEBUG"):
-                raise
-            _err(f"clafuse: internal error: {type(exc).__name__}: {exc} (set CLAFUSE_DEBUG=1 for a traceback)")
-            raise typer.Exit(1) from None
+            with warnings.catch_warnings(record=True) as caught:
+                if not sys.warnoptions:  # -W or PYTHONWARNINGS: the user's own filters apply
+                    warnings.simplefilter("default")
+                    for quiet in _QUIET:
+                        warnings.simplefilter("ignore", quiet)
+                try:
+                    command(*args, **kwargs)
+                finally:
+                    _report_warnings(caught)
+        except BaseException as exc:
+            _fail(exc)
 
     return run
+
+
+def _fail(exc: BaseException) -> None:
+    """Print ``exc`` as one line and exit with its code (re-raise what is no failure)."""
+    from clafuse.errors import ClafuseError
+
+    if isinstance(exc, ClafuseError):
+        _err(f"clafuse: error: {exc}")
+        raise typer.Exit(2) from None
+    if isinstance(exc, KeyboardInterrupt):
+        _err("clafuse: interrupted")
+        raise typer.Exit(130) from None
+    if isinstance(exc, (typer.Exit, typer.BadParameter, SystemExit, GeneratorExit)):
+        raise exc
+    if os.environ.get("CLAFUSE_DEBUG"):
+        raise exc
+    if isinstance(exc, OSError):  # a path the system refuses (name too long, permission denied, ...): bad input
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        _err(f"clafuse: error: {where}{exc.strerror or exc}")
+        raise typer.Exit(2) from None
+    if isinstance(exc, Exception):  # the last line of defence: no traceback for users
+        _err(f"clafuse: internal error: {type(exc).__name__}: {exc} (set CLAFUSE_DEBUG=1 for a traceback)")
+        raise typer.Exit(1) from None
+    raise exc
 
 
 @app.command()
@@ -238,7 +317,8 @@ def fuse(
                                                    "activations; repair = restore each neuron's mean and std."),
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset",
                                   help="Recompute BatchNorm running statistics of the fused network on the calibration data."),
-    allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
+    allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values, and write a fused "
+                                                     "checkpoint holding them (refused by default)."),
     normalize: Optional[str] = NormalizeOpt,
     keep_wrapper: bool = KeepWrapperOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -313,9 +393,12 @@ def finetune(
     teacher_arch: Optional[Path] = typer.Option(None, help="Architecture spec file of the teacher."),
     kd_alpha: float = typer.Option(0.5, help="Weight of the distillation term (with --teacher), in [0, 1]."),
     kd_temperature: float = typer.Option(4.0, help="Softmax temperature of distillation (with --teacher), positive."),
-    metrics_out: Optional[Path] = typer.Option(None, help="Write one JSON line of metrics per epoch to this file."),
+    metrics_out: Optional[Path] = typer.Option(None, help="Write one JSON line of metrics per epoch to this file "
+                                                        "(in place, replacing any previous one, when the run completes)."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of the loss and accuracy curves."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
+    allow_nonfinite: bool = typer.Option(False, help="Finetune a checkpoint holding NaN/Inf values, and write "
+                                                     "weights holding them (refused by default)."),
     precision: str = typer.Option("fp32", help=f"{one_of(Precision)}: fp32, or bf16/fp16 autocast (weights stay fp32; "
                                                "fp16 needs CUDA)."),
     normalize: Optional[str] = NormalizeOpt,
@@ -353,7 +436,8 @@ def finetune(
                                          nesterov=nesterov, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
                                          augment=augment, teacher=teacher, teacher_arch=teacher_arch, kd_alpha=kd_alpha,
                                          kd_temperature=kd_temperature, metrics_out=metrics_out, plot=plot, resume=resume,
-                                         precision=precision, keys=keys, keep_wrapper=keep_wrapper, normalize=normalize)
+                                         precision=precision, keys=keys, keep_wrapper=keep_wrapper, normalize=normalize,
+                                         allow_nonfinite=allow_nonfinite)
     except ReportedByPeer:
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -421,6 +505,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from clafuse.memory import tune_allocator
 
     tune_allocator()
-    signal.signal(signal.SIGTERM, _terminate)
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _terminate)
     logging.basicConfig(format="clafuse: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     app(args=argv, prog_name="clafuse")

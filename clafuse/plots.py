@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from clafuse.io.atomic import atomic_output
+from clafuse.io.atomic import AtomicGroup, atomic_output
 
 
-def plot_history(history: Sequence[dict], path: str | os.PathLike[str]) -> None:
-    """Write a PNG of train/val loss (left) and accuracy (right) against the epoch, atomically."""
+def plot_history(history: Sequence[dict], path: str | os.PathLike[str], group: AtomicGroup | None = None) -> None:
+    """Write a PNG of train/val loss (left) and accuracy (right) against the epoch, atomically (when
+    ``group`` commits, if given)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -26,5 +27,8 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike[str]) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    if group is not None:
+        fig.savefig(group.temp(path), format="png", dpi=100)
+        return
     with atomic_output(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+PROGRESS = "clafuse: progress: "
+
 
 @dataclass
 class Outcome:
@@ -23,6 +25,9 @@ class Outcome:
     code: int
     stdout: str
     stderr: str
+    progress: str = ""
+    """The ``clafuse: progress:`` lines, kept out of ``stderr``: whether a step lasts long enough to
+    show one depends on the machine's load, so the tests of messages do not see them."""
 
     def __str__(self) -> str:
         return f"clafuse {' '.join(self.args)!r} -> {self.code}\nstdout: {self.stdout[-2000:]}\nstderr: {self.stderr}"
@@ -60,4 +65,7 @@ def invoke(*args: object, cwd: Path | None = None) -> Outcome:
         logger.removeHandler(handler)
     shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     exit_code = code if isinstance(code, int) else (0 if code is None else 1)
-    return Outcome(argv, exit_code, out.getvalue(), err.getvalue() + shown)
+    lines = (err.getvalue() + shown).splitlines(keepends=True)
+    progress = [line for line in lines if line.startswith(PROGRESS)]
+    return Outcome(argv, exit_code, out.getvalue(), "".join(line for line in lines if not line.startswith(PROGRESS)),
+                   "".join(progress))

@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import shutil
+import stat
 import struct
 import warnings
 import zipfile
@@ -776,3 +777,137 @@ def test_seeds_torch_cannot_take_are_usage_errors(world: World, command: str, se
     res = invoke(command, *args, "-o", out, "--data", "digits", f"--seed={seed}")
     assert res.code == 2 and "--seed" in res.stderr, str(res)
     assert "Traceback" not in res.stdout + res.stderr and not out.exists()
+
+
+# --- options and output paths ----------------------------------------------------------------------
+
+NUMBERS = ["0", "-1", "1", "2", "0.5", "1e-9", "1e-4", "1e308", "1e309", "-1e309", "inf", "-inf", "nan", "abc", "",
+           " ", "1,2", "0x10", "1_000", "9" * 40, "-0", "1e3"]
+OPTION_TEXT = st.one_of(st.sampled_from(NUMBERS), st.text(st.characters(blacklist_characters="\x00"), max_size=8))
+FUSE_OPTIONS = {
+    "--solver": ["emd", "sinkhorn", "greedy", ""], "--reg": NUMBERS, "--weights": ["1,1", "0,1", "inf,1", "1e309,0",
+    "1e308,1e308", "nan,1", "1", "-1,2", "0,0", "1,,1", "a,b"], "--dtype": ["fp32", "fp16", "bf16", "int8", ""],
+    "--max-shard-size": ["1", "1KB", "2000", "0", "-5", "1.5kb", "1e9", "GB", "99999999999999999999TB"],
+    "--target": ["A", "B", "C", "deep", "shallow", "0", "1", "-1", "zz"], "--balance": ["add", "merge", "x"],
+    "--signal": ["activations", "weights", "w"], "--samples": ["2", "1", "0", "-3", "30", "abc", "10000000"],
+    "--ground": ["correlation", "euclidean", "x"], "--inserted": ["keep", "average", "x"],
+    "--correction": ["regress", "repair", "none", "x"],
+}
+ALIGN_OPTIONS = {
+    "--metric": ["cka", "euclidean", "wd", "neuron", "x"], "--samples": ["2", "1", "0", "20", "abc", "-7"],
+    "--seed": ["0", "-1", "18446744073709551616", "abc"], "--anchor": ["A", "B", "deep", "shallow", "Q", "5"],
+}
+FINETUNE_OPTIONS = {
+    "--epochs": ["0", "1", "-1", "abc", "1.5"], "--lr": NUMBERS, "--momentum": ["0", "0.9", "1", "-1", "nan"],
+    "--batch-size": ["0", "512", "-5", "1e9", "100000000"], "--schedule": ["cosine", "step", "x"],
+    "--weight-decay": ["0", "-1", "inf"], "--warmup-steps": ["0", "-1", "99999999"],
+    "--label-smoothing": ["0", "0.1", "1", "-0.5"], "--augment": ["none", "crop", "crop-flip", "x"],
+    "--kd-alpha": ["0.5", "2"], "--precision": ["fp32", "bf16", "fp16", "x"], "--optimizer": ["sgd", "adamw", "x"],
+}
+
+
+def _input_files(world: World) -> dict[Path, bytes]:
+    files = [p for p in world.root.iterdir() if p.is_file()] + list(world.fuse_dir.iterdir())
+    return {p: p.read_bytes() for p in files}
+
+
+@pytest.fixture(scope="module")
+def odd_outputs(world: World) -> dict[str, Path]:
+    """Output paths a user can give that must never be written over: inputs (directly, through a
+    symbolic or hard link), folders, a FIFO, a device node (as root) and names the system refuses."""
+    odd = world.root / "odd"
+    odd.mkdir()
+    os.mkfifo(odd / "fifo.safetensors")
+    (odd / "folder.safetensors").mkdir()
+    (odd / "link.safetensors").symlink_to(world.fuse_dir / "shallow.safetensors")
+    os.link(world.fuse_dir / "deep.pt", odd / "hard.pt")
+    paths = {"input_pt": world.fuse_dir / "deep.pt", "input_st": world.fuse_dir / "shallow.safetensors",
+             "map": world.fuse_dir / "map.json", "link": odd / "link.safetensors", "hard": odd / "hard.pt",
+             "fifo": odd / "fifo.safetensors", "folder": odd / "folder.safetensors", "dot": Path("."),
+             "missing_dir": odd / "missing" / "x.safetensors", "too_long": odd / ("x" * 300 + ".safetensors"),
+             "escape": odd / "\x1b[2J\x07.safetensors", "parent": odd / ".." / "fuse" / "deep.pt",
+             "long_ok": None, "fresh": None}
+    if os.geteuid() == 0:
+        os.mknod(odd / "null.safetensors", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        paths["device"] = odd / "null.safetensors"
+    return paths
+
+
+def _output(world: World, odd: dict[str, Path], data: st.DataObject, suffixes: list[str]) -> Path:
+    fresh = data.draw(st.booleans(), label="fresh output")  # half the runs write a new file
+    kind = "fresh" if fresh else data.draw(st.sampled_from(sorted(odd)), label="output kind")
+    if odd[kind] is not None:
+        return odd[kind]
+    suffix = data.draw(st.sampled_from(suffixes[:1] * 3 + suffixes), label="suffix")
+    if kind == "long_ok":
+        return world.out_dir / ("y" * (250 - len(suffix)) + suffix)
+    name = data.draw(st.text(st.characters(blacklist_characters="\x00/"), min_size=1, max_size=12), label="name")
+    return world.fresh(name + suffix)
+
+
+def _options(data: st.DataObject, table: dict[str, list[str]], free_text: bool = True) -> list[str]:
+    """Up to four options of ``table`` with listed (or, with ``free_text``, arbitrary) values."""
+    chosen = data.draw(st.lists(st.sampled_from(sorted(table)), max_size=4, unique=True), label="options")
+    args = []
+    for option in chosen:
+        free = free_text and data.draw(st.integers(0, 3), label=f"{option} free") == 0  # mostly listed values
+        value = data.draw(OPTION_TEXT if free else st.sampled_from(table[option]), label=option)
+        args.append(f"{option}={value}")
+    return args
+
+
+def _check_run(world: World, res: Outcome, before: dict[Path, bytes], inputs: list[Path]) -> None:
+    """Exit 0 or 2, no traceback, no raw escape byte, the run's inputs unchanged (other files of the
+    world a run may legitimately replace are put back for the next example)."""
+    changed = [p for p, content in before.items() if not p.is_file() or p.read_bytes() != content]
+    for path in changed:
+        path.unlink(missing_ok=True)
+        path.write_bytes(before[path])
+    assert res.code in (0, 2), str(res)
+    assert "Traceback" not in res.stdout + res.stderr, str(res)
+    assert "\x1b" not in res.stderr, str(res)
+    assert not set(changed) & set(inputs), f"an input changed: {changed}\n{res}"
+    if res.code == 2:
+        assert_rejected(res)
+    else:
+        assert all(line.startswith("clafuse: warning: ") for line in res.stderr.splitlines()), str(res)
+    fifo = world.root / "odd" / "fifo.safetensors"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and (world.root / "odd" / "folder.safetensors").is_dir()
+    if (world.root / "odd" / "null.safetensors").exists():
+        assert stat.S_ISCHR(os.stat(world.root / "odd" / "null.safetensors").st_mode)
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_fuse_options_and_output_paths(world: World, odd_outputs: dict[str, Path], data: st.DataObject) -> None:
+    """Random option values and output paths (inputs, links to them, FIFOs, devices, folders, long and
+    escape-laden names): a clean result or one error line, never a changed input."""
+    out = _output(world, odd_outputs, data, [".safetensors", ".pt", ".bin", ".txt", ""])
+    before = _input_files(world)
+    res = invoke("fuse", "--map", world.fuse_dir / "map.json", "-o", out, "--json", *_options(data, FUSE_OPTIONS))
+    _check_run(world, res, before, list(world.fuse_dir.iterdir()))
+    if res.code == 0:
+        assert all(Path(f).is_file() for f in json.loads(res.stdout)["files"]), str(res)
+
+
+@fuzz(25)
+@given(data=st.data())
+def test_align_options_and_output_paths(world: World, odd_outputs: dict[str, Path], data: st.DataObject) -> None:
+    out = _output(world, odd_outputs, data, [".json", ".safetensors", ""])
+    before = _input_files(world)
+    inputs = [world.fuse_dir / "deep.pt", world.fuse_dir / "shallow.safetensors"]
+    res = invoke("align", *inputs, "-o", out, "--data", "digits", "--samples", "20", *_options(data, ALIGN_OPTIONS))
+    _check_run(world, res, before, inputs)
+
+
+@fuzz(12)
+@given(data=st.data())
+def test_finetune_options_and_output_paths(world: World, odd_outputs: dict[str, Path], data: st.DataObject) -> None:
+    out = _output(world, odd_outputs, data, [".safetensors", ".pt", ".json"])
+    side = {"--metrics-out": _output(world, odd_outputs, data, [".jsonl", ".safetensors"]),
+            "--plot": _output(world, odd_outputs, data, [".png", ".pt"])}
+    extra = [f"{k}={v}" for k, v in side.items() if data.draw(st.booleans(), label=k)]
+    before = _input_files(world)
+    res = invoke("finetune", world.fuse_dir / "shallow.safetensors", "--data", "digits", "--batch-size=512", "-o", out,
+                 *extra, *_options(data, FINETUNE_OPTIONS, free_text=False))  # no endless training
+    _check_run(world, res, before, [world.fuse_dir / "shallow.safetensors"])

@@ -158,6 +158,6 @@ def test_progress_is_quiet_with_json_unless_asked(root: Path, monkeypatch: pytes
     monkeypatch.setattr(progress, "DEFAULT_DELAY", 0.0)
     args = ["eval", root / "a.safetensors", "--data", root / "d.npz", "--json"]
     quiet, shown = invoke(*args), invoke(*args, "--progress")
-    assert quiet.code == 0 and progress.PREFIX not in quiet.stderr
-    assert shown.code == 0 and f"{progress.PREFIX}evaluating on 96 samples" in shown.stderr
+    assert quiet.code == 0 and progress.PREFIX not in quiet.progress + quiet.stderr
+    assert shown.code == 0 and f"{progress.PREFIX}evaluating on 96 samples" in shown.progress
     assert json.loads(shown.stdout) == json.loads(quiet.stdout)

@@ -30,6 +30,7 @@ from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
 from clafuse.io.atomic import sha256_file, write_text_atomic
 from clafuse.io.keys import KeyMap
+from clafuse.io.outputs import Output, plan_outputs
 from clafuse.options import Metric, check_choice, check_integer, check_seed
 
 
@@ -97,6 +98,8 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
     if norm is not None and metric == "neuron":
         raise ClafuseError("--normalize applies to calibration data, which --metric neuron does not use")
     archs = list(archs) if archs else [None] * len(paths)
+    if out is not None:
+        plan_outputs([*paths, *archs, data], [Output("-o", Path(out))])
     with progress.step(f"reading {len(paths)} checkpoints"):
         models = [load_model(p, a, lazy=True, keys=keys) for p, a in zip(paths, archs)]
     for m in models[1:]:

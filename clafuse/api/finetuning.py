@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,22 +12,29 @@ from typing import Any
 import torch
 
 import clafuse
-from clafuse.api.models import check_fits, load_model
+from clafuse.api.models import check_fits, load_model, refuse_nonfinite
 from clafuse import progress as progress_steps
 from clafuse.api.common import load_data
 from clafuse.data import has_val_split
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError, DataError
-from clafuse.io.checkpoint import save_checkpoint
+from clafuse.io.atomic import NAME_MAX, AtomicGroup
+from clafuse.io.checkpoint import output_format, save_checkpoint
 from clafuse.io.keys import KeyMap
+from clafuse.io.outputs import Output, checkpoint_output, plan_outputs
 from clafuse.io.wrapper import check_keep_wrapper, in_input_form, save_in_input_form
 from clafuse.options import Augmentation, Optimizer, Precision, Schedule
 
 
 def train_state_path(out: str | os.PathLike) -> Path:
-    """Where ``finetune_checkpoint`` keeps the training state of a run writing ``out``: ``OUT.state.pt``."""
+    """Where ``finetune_checkpoint`` keeps the training state of a run writing ``out``: ``OUT.state.pt``,
+    or, where that name would be too long for the file system, ``.OUT-PREFIX~DIGEST.state.pt``."""
     out = Path(out)
-    return out.with_name(out.name + ".state.pt")
+    name = f"{out.name}.state.pt"
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return out.with_name(name)
+    digest = hashlib.sha256(os.fsencode(out.name)).hexdigest()[:12]
+    return out.with_name(f".{os.fsdecode(os.fsencode(out.name)[:NAME_MAX - 32])}~{digest}.state.pt")
 
 
 def untimed_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -45,7 +53,8 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                         kd_alpha: float = 0.5, kd_temperature: float = 4.0,
                         metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
                         resume: bool = False, precision: Precision = "fp32", keys: KeyMap | None = None,
-                        keep_wrapper: bool = False, normalize: str | None = None) -> dict[str, Any]:
+                        keep_wrapper: bool = False, normalize: str | None = None,
+                        allow_nonfinite: bool = False) -> dict[str, Any]:
     """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
     test data) to ``out``, in the input's key names and dtypes.
 
@@ -58,6 +67,10 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
     input's own form (:mod:`clafuse.io.wrapper`). The output's metadata holds no timings, so two
     identical runs write identical bytes; the seconds per epoch are in the report and metrics.
     ``normalize`` (``--normalize`` text) standardises the training and validation inputs.
+    Checkpoint, metrics and plot appear together when the run completes; a run that fails leaves
+    the previous files as they were and removes the training state it wrote (an interrupted one
+    keeps it for ``resume``). Weights holding NaN or Inf, read or about to be written, are refused
+    unless ``allow_nonfinite``.
 
     Training runs on CUDA when available (``cuda:LOCAL_RANK``), else on the CPU. Started by torchrun
     with several processes, the run is data parallel (see :func:`clafuse.training.finetune`):
@@ -77,12 +90,21 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                                 kd_alpha=kd_alpha, kd_temperature=kd_temperature, precision=precision)
         check_precision(precision, device)
         norm = Normalization.parse(normalize)
+        output_format(out)
     with ddp.process_group(launch):
         main = ddp.rank() == 0
         state_file = train_state_path(out)
         resume_from = None
         with ddp.agree():
+            if main:
+                plan_outputs([path, data, val, arch, teacher, teacher_arch],
+                             [checkpoint_output("-o", out), Output("--metrics-out", Path(metrics_out))
+                              if metrics_out is not None else None,
+                              Output("--plot", Path(plot)) if plot is not None else None,
+                              Output("training state", state_file)])
             model = load_model(path, arch, keys=keys)
+            if not allow_nonfinite:
+                refuse_nonfinite(model.state_dict, f"{path}: the weights")
             container = check_keep_wrapper(path, out) if keep_wrapper else None
             train = load_data(data, "train", norm)
             if val is None and not has_val_split(data):
@@ -116,8 +138,12 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
         if resume:
             resume_from = ddp.broadcast_object(resume_from)
 
+        wrote_state = False
+
         def on_state(state: dict) -> None:
+            nonlocal wrote_state
             save_train_state(state_file, {**state, "identity": identity})
+            wrote_state = True
 
         metrics_fh = None
 
@@ -128,13 +154,13 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                 metrics_fh.write(json.dumps(record) + "\n")
                 metrics_fh.flush()
 
+        # Every file of the run is written to a temp file and renamed into place at the end, all
+        # together: a run that fails leaves the previous outputs (and metrics) as they were.
+        outputs = AtomicGroup()
         try:
             with ddp.agree():
                 if main and metrics_out is not None:
-                    try:
-                        metrics_fh = open(metrics_out, "w", encoding="utf-8")
-                    except OSError as exc:
-                        raise ClafuseError(f"cannot write {metrics_out}: {exc.strerror or exc}") from None
+                    metrics_fh = open(outputs.temp(metrics_out), "w", encoding="utf-8")
             if metrics_fh is not None and resume_from is not None:
                 for record in resume_from["history"]:
                     on_epoch(record)
@@ -144,24 +170,39 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                 result = finetune(module, train, val_ds, config, on_epoch=on_epoch if main else None,
                                   progress=progress and main, teacher=teacher_module,
                                   on_state=on_state if main else None, resume_from=resume_from)
+            if metrics_fh is not None:
+                metrics_fh.close()
+            with ddp.agree():
+                if main:
+                    state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
+                    if not allow_nonfinite:
+                        refuse_nonfinite(state, "the finetuned weights (training diverged: try a lower --lr)")
+                    metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
+                                "best_epoch": str(result.best_epoch),
+                                "history": json.dumps(untimed_history(result.history))}
+                    if teacher_model is not None:
+                        metadata["distilled_from"] = teacher_model.sha256
+                    if container is not None:
+                        plan = model.plan or KeyMap().apply(model.state_dict)
+                        save_in_input_form(out, container, in_input_form(container, plan, state), metadata,
+                                           group=outputs)
+                    else:
+                        save_checkpoint(out, state, metadata, group=outputs)
+                    if plot is not None:
+                        from clafuse.plots import plot_history
+
+                        plot_history(result.history, plot, group=outputs)
+                    outputs.commit()
+                    state_file.unlink(missing_ok=True)
+        except KeyboardInterrupt:  # resumable: the training state stays
+            outputs.discard()
+            raise
+        except BaseException:
+            outputs.discard()
+            if wrote_state and not resume:  # a failed run leaves no state of its own behind
+                state_file.unlink(missing_ok=True)
+            raise
         finally:
             if metrics_fh is not None:
                 metrics_fh.close()
-        with ddp.agree():
-            if main:
-                state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
-                metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
-                            "best_epoch": str(result.best_epoch), "history": json.dumps(untimed_history(result.history))}
-                if teacher_model is not None:
-                    metadata["distilled_from"] = teacher_model.sha256
-                if container is not None:
-                    plan = model.plan or KeyMap().apply(model.state_dict)
-                    save_in_input_form(out, container, in_input_form(container, plan, state), metadata)
-                else:
-                    save_checkpoint(out, state, metadata)
-                if plot is not None:
-                    from clafuse.plots import plot_history
-
-                    plot_history(result.history, plot)
-                state_file.unlink(missing_ok=True)
     return {"input": str(path), "output": str(out), "best_epoch": result.best_epoch, "history": result.history}

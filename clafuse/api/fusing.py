@@ -14,13 +14,14 @@ import clafuse
 from clafuse import progress
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
 from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
-from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys
+from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys, refuse_nonfinite
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.checkpoint import output_format, save_checkpoint
 from clafuse.io.keys import KeyMap
+from clafuse.io.outputs import checkpoint_output, plan_outputs
 from clafuse.io.wrapper import check_keep_wrapper, dropped_entries, in_input_form, save_in_input_form
 from clafuse.options import Balance, OutputDtype, Signal, check_choice, check_integer, mixing_weights
 
@@ -120,6 +121,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
+    calibration_file = data if data is not None else (str(base / doc.data.source) if doc.data is not None else None)
+    plan_outputs([map_path, *(base / entry.path for entry in doc.models), calibration_file],
+                 [checkpoint_output("-o", out)])
     if data is None:  # the map's own calibration data will be used: refuse it if it changed since align
         check_data_digest(doc, base)
     with progress.step(f"reading {len(doc.models)} checkpoints"):
@@ -177,6 +181,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
     state = cast_state(result.state_dict, dtype)
+    if not allow_nonfinite:
+        refuse_nonfinite(state, "the fused weights")
     metadata = {
         "clafuse_version": clafuse.__version__,
         "map_sha256": map_digest(map_path),

@@ -85,6 +85,16 @@ def nonfinite_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
             if v.is_floating_point() and not bool(torch.isfinite(v.sum(dtype=torch.float64)))]
 
 
+def refuse_nonfinite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise ClafuseError when ``state_dict`` holds NaN or Inf values: an output about to be written
+    (a checkpoint of garbage must not appear with exit code 0) or an input about to be trained."""
+    bad = nonfinite_keys(state_dict)
+    if bad:
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ClafuseError(f"{what} hold NaN or Inf values ({bad[0]}{more}); pass --allow-nonfinite to "
+                           "use them anyway")
+
+
 def inspect_checkpoint(path: str | os.PathLike, arch: str | os.PathLike | None = None,
                        keys: KeyMap | None = None) -> dict[str, Any]:
     """Family, depth, alignable layers, parameter counts and dtypes of a checkpoint, and the key

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from clafuse.errors import CheckpointError
-from clafuse.io.atomic import atomic_output
+from clafuse.io.atomic import AtomicGroup, atomic_output
 from clafuse.io.common import DDP_PREFIX as _DDP_PREFIX
 from clafuse.io.common import INDEX_SUFFIX, SAFETENSORS_EXTS, TORCH_EXTS
 from clafuse.io.common import one_line as _one_line
@@ -309,6 +309,7 @@ def save_checkpoint(
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     max_shard_size: str | int | None = None,
+    group: AtomicGroup | None = None,
 ) -> list[Path]:
     """Write ``state_dict`` atomically as safetensors (with ``metadata``) or a plain torch dict;
     return the files written.
@@ -317,12 +318,17 @@ def save_checkpoint(
     ``max_shard_size`` (bytes, or text such as ``"2GB"``), split into shards with an index. The
     torch format (``.pt``/``.pth``/``.bin``) has no header, so ``metadata`` is not stored there;
     the file holds exactly the given keys so ``load_state_dict(strict=True)`` works on it.
+    With ``group`` the files are renamed into place when that group commits (together with the
+    other outputs of a run).
     """
     p = Path(path)
     kind, limit = output_format(p, max_shard_size)
     if kind == "safetensors":
-        return save_safetensors(p, _checked(state_dict), metadata, limit)
+        return save_safetensors(p, _checked(state_dict), metadata, limit, group=group)
     tensors = _prepare(state_dict)
-    with atomic_output(p) as tmp:
-        torch.save(tensors, tmp)
+    if group is not None:
+        torch.save(tensors, group.temp(p))
+    else:
+        with atomic_output(p) as tmp:
+            torch.save(tensors, tmp)
     return [p]

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from clafuse.errors import CheckpointError, ClafuseError
-from clafuse.io.atomic import atomic_output
+from clafuse.io.atomic import AtomicGroup, atomic_output
 from clafuse.io.checkpoint import format_of, load_checkpoint, open_checkpoint, output_format, save_checkpoint
 from clafuse.io.common import DDP_PREFIX, INDEX_SUFFIX, one_line
 from clafuse.io.keys import KeyPlan
@@ -120,12 +120,13 @@ def in_input_form(container: Container, plan: KeyPlan, state: Mapping[str, torch
 
 
 def save_in_input_form(out: str | os.PathLike, container: Container, tensors: dict[str, torch.Tensor],
-                       metadata: Mapping[str, str]) -> list[Path]:
+                       metadata: Mapping[str, str], group: AtomicGroup | None = None) -> list[Path]:
     """Write ``tensors`` (already under the stored names) atomically inside the input's wrapper
-    (torch) or as a plain file (safetensors or a torch dict without wrapper)."""
+    (torch) or as a plain file (safetensors or a torch dict without wrapper); with ``group`` the
+    file is renamed into place when that group commits."""
     p = Path(out)
     if container.wrapper_key is None:
-        return save_checkpoint(p, tensors, metadata)
+        return save_checkpoint(p, tensors, metadata, group=group)
     inner = container.obj[container.wrapper_key]
     fresh: dict[str, torch.Tensor] = OrderedDict() if isinstance(inner, OrderedDict) else {}
     fresh.update({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
@@ -133,8 +134,11 @@ def save_in_input_form(out: str | os.PathLike, container: Container, tensors: di
     obj[container.wrapper_key] = fresh
     obj["clafuse"] = dict(metadata)
     output_format(p)
-    with atomic_output(p) as tmp:
-        torch.save(obj, tmp)
+    if group is not None:
+        torch.save(obj, group.temp(p))
+    else:
+        with atomic_output(p) as tmp:
+            torch.save(obj, tmp)
     return [p]
 
 

@@ -12,17 +12,18 @@ is complete.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import sys
 from collections.abc import Mapping
-from contextlib import ExitStack
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from clafuse.errors import ClafuseError
-from clafuse.io.atomic import atomic_output, write_text_atomic
+from clafuse.io.atomic import AtomicGroup, atomic_group
 from clafuse.io.common import INDEX_SUFFIX, SAFETENSORS_DTYPES
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -82,10 +83,18 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
                 fh.write(memoryview(data))
 
 
+def _stem(path: Path) -> str:
+    return path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+
+
 def shard_names(path: Path, count: int) -> list[Path]:
     """``model.safetensors`` -> ``model-00001-of-00003.safetensors``, ... (Hugging Face naming)."""
-    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
-    return [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
+    return [path.with_name(f"{_stem(path)}-{i:05d}-of-{count:05d}.safetensors") for i in range(1, count + 1)]
+
+
+def shard_pattern(path: Path) -> str:
+    """A regular expression of every shard name :func:`shard_names` can give ``path``."""
+    return re.escape(_stem(path)) + r"-[0-9]{5}-of-[0-9]{5}\.safetensors"
 
 
 def index_path(path: Path) -> Path:
@@ -94,15 +103,34 @@ def index_path(path: Path) -> Path:
         path.with_name(path.name + INDEX_SUFFIX)
 
 
+def _existing_shards(path: Path) -> list[Path]:
+    pattern = re.compile(shard_pattern(path))
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [path.parent / name for name in sorted(names) if pattern.fullmatch(name)]
+
+
 def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
-                     max_shard_size: int | None = None) -> list[Path]:
+                     max_shard_size: int | None = None, group: AtomicGroup | None = None) -> list[Path]:
     """Write ``tensors`` atomically to ``path``, or, when they exceed ``max_shard_size`` bytes, to
     shards beside it plus an index (``path`` + ``.index.json``). Returns the files written, the
-    index last."""
+    index last. The files of the other form (an index and its shards where a plain file is
+    written, a plain file where shards are) and shards of an earlier, larger split are removed
+    once the new files are in place. With ``group`` the files are renamed when that group commits.
+    """
+    with (nullcontext(group) if group is not None else atomic_group()) as files_group:
+        return _save_into(files_group, path, tensors, metadata, max_shard_size)
+
+
+def _save_into(group: AtomicGroup, path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None,
+               max_shard_size: int | None) -> list[Path]:
     total = sum(_nbytes(t) for t in tensors.values())
+    index = index_path(path)
     if max_shard_size is None or total <= max_shard_size:
-        with atomic_output(path) as tmp:
-            write_safetensors(tmp, tensors, metadata)
+        write_safetensors(group.temp(path), tensors, metadata)
+        group.remove_after([index, *_existing_shards(path)])
         return [path]
     groups: list[list[str]] = [[]]
     size = 0
@@ -115,18 +143,14 @@ def save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: 
         size += n
     files = shard_names(path, len(groups))
     weight_map: dict[str, str] = {}
-    index = index_path(path)
-    # Every shard is written to a temp file first; they are renamed into place together (an old
-    # index is removed before), and the index written last: an interrupted run leaves no index
-    # pointing at a mix of old and new shards.
-    with ExitStack() as stack:
-        for file, names in zip(files, groups):
-            tmp = stack.enter_context(atomic_output(file))
-            write_safetensors(tmp, {k: tensors[k] for k in names}, metadata)
-            weight_map.update({k: file.name for k in names})
-        index.unlink(missing_ok=True)
+    for file, names in zip(files, groups):
+        write_safetensors(group.temp(file), {k: tensors[k] for k in names}, metadata)
+        weight_map.update({k: file.name for k in names})
     doc = {"metadata": {"total_size": total, **({k: str(v) for k, v in metadata.items()} if metadata else {})},
            "weight_map": dict(sorted(weight_map.items()))}
-    write_text_atomic(index, json.dumps(doc, indent=2) + "\n")
+    group.temp(index).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    # An old index goes before the shards are renamed and the new one comes last, so no index ever
+    # points at a mix of old and new shards; the plain file and surplus old shards go at the end.
+    group.remove_first([index])
+    group.remove_after([path, *(p for p in _existing_shards(path) if p not in files)])
     return [*files, index]
-

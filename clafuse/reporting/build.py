@@ -17,9 +17,10 @@ from clafuse import progress
 from clafuse.api.common import load_data
 from clafuse.data import calibration_inputs
 from clafuse.data.normalize import Normalization
-from clafuse.errors import ClafuseError, SpecError
+from clafuse.errors import ClafuseError, MapError, SpecError
 from clafuse.options import MIN_REG, Solver, check_choice, check_integer, check_number
-from clafuse.io.atomic import atomic_output, write_text_atomic
+from clafuse.io.atomic import atomic_group
+from clafuse.io.outputs import Output, plan_outputs
 from clafuse.io.checkpoint import load_checkpoint, read_metadata
 from clafuse.io.keys import KeyMap
 from clafuse.reporting import figures
@@ -44,33 +45,38 @@ def build_report(map_path: str | os.PathLike, out: str | os.PathLike, *, fused: 
     ``normalize`` (``--normalize`` text) standardises the inputs; by default they are standardised
     as the map's calibration data was. Returns the report's numbers as plain data.
     """
-    _check_destinations(out, png_dir)
     Normalization.parse(normalize)
     if samples is not None:
         check_integer("--samples", samples, at_least=2)
+    _plan(map_path, out, fused, data, png_dir)
     report = collect(map_path, fused=fused, data=data, samples=samples, solver=solver, reg=reg, normalize=normalize)
-    with progress.step(f"writing {out}"):
-        write_text_atomic(out, render_page(report))
     written = []
-    if png_dir is not None:
-        Path(png_dir).mkdir(exist_ok=True)
-        for figure in report.figures():
-            target = Path(png_dir) / f"{figure.name}.png"
-            with atomic_output(target) as tmp:
-                Path(tmp).write_bytes(figure.png)
-            written.append(str(target))
+    with progress.step(f"writing {out}"), atomic_group() as group:  # the page and its PNGs appear together
+        group.temp(out).write_text(render_page(report), encoding="utf-8")
+        if png_dir is not None:
+            Path(png_dir).mkdir(exist_ok=True)
+            for figure in report.figures():
+                target = Path(png_dir) / f"{figure.name}.png"
+                group.temp(target).write_bytes(figure.png)
+                written.append(str(target))
     return {"output": str(out), "pngs": written, **report.summary()}
 
 
-def _check_destinations(out: str | os.PathLike, png_dir: str | os.PathLike | None) -> None:
-    if not Path(out).parent.is_dir():
-        raise ClafuseError(f"cannot write {out}: directory {Path(out).parent} does not exist")
-    if png_dir is not None:
-        png = Path(png_dir)
-        if png.exists() and not png.is_dir():
-            raise ClafuseError(f"--png-dir {png_dir} exists and is not a directory")
-        if not png.parent.is_dir():
-            raise ClafuseError(f"cannot create --png-dir {png_dir}: directory {png.parent} does not exist")
+def _plan(map_path: str | os.PathLike, out: str | os.PathLike, fused: str | os.PathLike | None, data: str | None,
+          png_dir: str | os.PathLike | None) -> None:
+    """Refuse outputs that would overwrite an input (the map, its checkpoints, the fused checkpoint,
+    the data) or each other, before any work."""
+    checkpoints: list[Path] = []
+    if Path(map_path).is_file():
+        try:
+            doc = read_map(map_path)
+        except MapError:
+            doc = None  # reported by collect, in its turn
+        if doc is not None:
+            checkpoints = [Path(map_path).parent / entry.path for entry in doc.models]
+    plan_outputs([map_path, fused, data, *checkpoints],
+                 [Output("-o", Path(out)),
+                  Output("--png-dir", Path(png_dir), siblings=r".+\.png", folder=True) if png_dir is not None else None])
 
 
 def collect(map_path: str | os.PathLike, *, fused: str | os.PathLike | None = None, data: str | None = None,

@@ -30,8 +30,12 @@ def load_train_state(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ClafuseError(f"no training state to resume at {path}") from None
+    except IsADirectoryError:
+        raise ClafuseError(f"cannot read training state {path}: it is a directory") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
-        raise ClafuseError(f"cannot read training state {path}: {type(exc).__name__}: {exc}") from None
+        # torch's own text runs to a page of advice (with terminal colours) about unsafe loading.
+        raise ClafuseError(f"cannot read training state {path}: not a training state written by clafuse "
+                           f"finetune ({type(exc).__name__}); run without --resume to start afresh") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise ClafuseError(f"{path} is not a clafuse training state (version {STATE_VERSION})")
     return state
