@@ -69,3 +69,15 @@ def invoke(*args: object, cwd: Path | None = None) -> Outcome:
     progress = [line for line in lines if line.startswith(PROGRESS)]
     return Outcome(argv, exit_code, out.getvalue(), "".join(line for line in lines if not line.startswith(PROGRESS)),
                    "".join(progress))
+
+
+def assert_refused(res: Outcome, *needles: str) -> str:
+    """Exit code 2 and exactly one ``clafuse: error:`` line holding every needle, with no traceback;
+    the line is returned."""
+    assert res.code == 2, str(res)
+    assert "Traceback" not in res.stdout + res.stderr, str(res)
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clafuse: error: "), str(res)
+    for needle in needles:
+        assert needle in lines[0], str(res)
+    return lines[0]

@@ -21,20 +21,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clafuse.data.common import MAX_IMAGE_PIXELS, MAX_LABEL
-from tests.cli_runner import Outcome, invoke
+from tests.cli_runner import Outcome, assert_refused, invoke
 from tests.helpers import deflated_zeros, gzip_zeros, npy_header, save_mlp, write_zip
 
 pytestmark = pytest.mark.usefixtures("private_cache")
-
-
-def assert_refused(res: Outcome, *needles: str) -> None:
-    """Exit code 2, exactly one line on stderr, ``clafuse: error: ...`` holding every needle."""
-    assert res.code == 2, str(res)
-    assert "Traceback" not in res.stdout + res.stderr, str(res)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("clafuse: error: "), str(res)
-    for needle in needles:
-        assert needle in lines[0], str(res)
 
 
 @pytest.fixture

@@ -21,21 +21,13 @@ import torch
 from hypothesis import assume, given, note
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from torch import nn
 
 from clafuse.errors import CheckpointError
 from clafuse.io.checkpoint import load_checkpoint
 from clafuse.io.tensors import COUNTER_DTYPES, FLOAT_DTYPES
 from tests.cli_runner import invoke
+from tests.helpers import mlp
 from tests.test_fuzz import assert_handled, assert_rejected, fuzz
-
-
-def _mlp(widths: list[int]) -> dict[str, torch.Tensor]:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, o in zip([64, *widths], widths):
-        layers += [nn.Linear(i, o), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], 10))
-    return {k: v.detach().clone() for k, v in nn.Sequential(*layers).state_dict().items()}
 
 
 @dataclass
@@ -64,8 +56,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     root = tmp_path_factory.mktemp("fuzz-inputs")
     (root / "out").mkdir()
     torch.manual_seed(0)
-    state = _mlp([16, 12, 8])
-    save_file(_mlp([16, 8]), str(root / "shallow.safetensors"))
+    state = mlp([16, 12, 8]).state_dict()
+    save_file(mlp([16, 8]).state_dict(), str(root / "shallow.safetensors"))
     folder = root / "model"
     (folder / "sub").mkdir(parents=True)
     keys = sorted(state)

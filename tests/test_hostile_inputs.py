@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from clafuse import api
 from clafuse.align.mapfile import DataEntry, check_data_digest, read_map
@@ -25,18 +24,8 @@ from clafuse.io.atomic import sha256_file
 from clafuse.io.checkpoint import load_checkpoint, open_checkpoint, read_metadata
 from clafuse.io.inputs import MAX_TEXT_BYTES
 from clafuse.io.tensors import MAX_EXPANDED_BYTES
-from tests.cli_runner import Outcome, invoke
-
-
-def assert_refused(res: Outcome, *needles: str) -> str:
-    """Exit code 2 and exactly one ``clafuse: error:`` line, with no traceback; the line is returned."""
-    assert res.code == 2, str(res)
-    assert "Traceback" not in res.stdout + res.stderr, str(res)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("clafuse: error: "), str(res)
-    for needle in needles:
-        assert needle in lines[0], str(res)
-    return lines[0]
+from tests.cli_runner import assert_refused, invoke
+from tests.helpers import mlp
 
 
 @contextlib.contextmanager
@@ -54,21 +43,13 @@ def no_hang(seconds: int = 30) -> Iterator[None]:
         signal.signal(signal.SIGALRM, before)
 
 
-def _mlp(widths: list[int]) -> dict[str, torch.Tensor]:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, o in zip([64, *widths], widths):
-        layers += [nn.Linear(i, o), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], 10))
-    return {k: v.detach().clone() for k, v in nn.Sequential(*layers).state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("pair")
     torch.manual_seed(0)
     deep, shallow = root / "deep.safetensors", root / "shallow.safetensors"
-    save_file(_mlp([16, 12, 8]), str(deep))
-    save_file(_mlp([16, 8]), str(shallow))
+    save_file(mlp([16, 12, 8]).state_dict(), str(deep))
+    save_file(mlp([16, 8]).state_dict(), str(shallow))
     return deep, shallow
 
 
@@ -103,7 +84,7 @@ def test_shard_names_leaving_the_folder_are_refused_without_telling_whether_they
         tmp_path: Path, reader: str) -> None:
     secret = tmp_path / "secret.safetensors"
     save_file({"x": torch.zeros(2)}, str(secret))
-    index, weight_map = _sharded(tmp_path / "model", _mlp([8]))
+    index, weight_map = _sharded(tmp_path / "model", mlp([8]).state_dict())
     (index.parent / "link.safetensors").symlink_to(secret)
     (index.parent / "dangling.safetensors").symlink_to(tmp_path / "absent.safetensors")
     (index.parent / "sub").symlink_to(tmp_path)
@@ -137,7 +118,7 @@ def test_shard_refusal_through_the_cli(tmp_path: Path, pair: tuple[Path, Path]) 
 def test_shards_in_subfolders_and_a_hugging_face_cache_layout_are_accepted(tmp_path: Path) -> None:
     """Shards below the index's folder are fine; so are the hub cache's symlinks, whose targets
     lie beside the index's own (symlinked) file."""
-    state = _mlp([8])
+    state = mlp([8]).state_dict()
     index, weight_map = _sharded(tmp_path / "plain" / "sub", state)
     moved = tmp_path / "plain" / index.name
     moved.write_text(json.dumps({"weight_map": {k: f"sub/{v}" for k, v in weight_map.items()}}))

@@ -21,7 +21,7 @@ import torch
 from clafuse import api
 from clafuse.errors import printable
 from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
-from tests.cli_runner import Outcome, invoke
+from tests.cli_runner import assert_refused, invoke
 from tests.helpers import mlp, save_mlp, save_safetensors
 
 pytestmark = pytest.mark.usefixtures("module_cache")
@@ -36,14 +36,6 @@ def digest(path: Path) -> str:
 def snapshot(folder: Path) -> dict[str, str]:
     """Name -> digest of every regular file in ``folder`` (links followed)."""
     return {p.name: digest(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def assert_refused(res: Outcome, *expect: str) -> None:
-    assert res.code == 2, str(res)
-    lines = res.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("clafuse: error: "), str(res)
-    for text in expect:
-        assert text in lines[0], str(res)
 
 
 def no_temps(folder: Path) -> bool:
