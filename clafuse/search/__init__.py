@@ -1,0 +1,8 @@
+"""Fusion that chooses its settings by what the fused network measures on held-out data.
+
+``split`` draws the calibration data's build and held-out parts, ``scoring`` measures a fused
+network against the parents' weighted ensemble (label-free) or labels, ``refit`` is the
+closed-form head correction towards that ensemble, ``space`` the candidate settings and budget,
+``run`` the search itself, and ``builders`` turn candidates into fused modules (for chain
+families reusing the transport plans between candidates).
+"""
