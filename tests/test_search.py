@@ -135,8 +135,10 @@ def test_accuracy_scoring_uses_labels_and_breaks_ties_by_kl() -> None:
     close = score_outputs(parents[0] * 1.01, ref)
     far = score_outputs(parents[0] * 3, ref)
     assert close["accuracy"] == far["accuracy"] == 0.75 and close["objective"] > far["objective"]
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(DataError, match="labels"):
         make_reference(parents, [1.0], "accuracy")
+    with pytest.raises(ClafuseError, match="unknown scoring"):
+        make_reference(parents, [1.0], "mse")
 
 
 # --- refit -----------------------------------------------------------------------------------
@@ -275,10 +277,17 @@ def test_search_converges_on_a_real_tiny_pair_and_beats_its_start(pair, data) ->
 def test_search_accuracy_scoring_needs_labels(pair, data) -> None:
     parents = [module(m) for m in pair]
     unlabelled = SearchData(data.x_build, data.x_holdout, None)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(DataError, match="labels"):
         search_fusion(lambda c: Mixer(parents, c), parents, unlabelled,
                       Candidate((0.5, 0.5), (0,), "average", "regress", False, 100), mapping_counts=[1],
                       options=SearchOptions(scoring="accuracy"))
+
+
+def test_search_starts_on_the_simplex(pair, data) -> None:
+    parents = [module(m) for m in pair]
+    with pytest.raises(ClafuseError, match="simplex"):
+        search_fusion(lambda c: Mixer(parents, c), parents, data,
+                      Candidate((1.0, 1.0), (0,), "average", "regress", False, 100), mapping_counts=[1])
 
 
 def test_explicit_weights_mean_no_search() -> None:
@@ -317,3 +326,45 @@ def test_fuse_command_repeats_the_choice() -> None:
     plain = fuse_command(c.with_(refit=False), "m.json", "o.pt", target="shallow", mappings=[None])
     assert "--mapping" not in plain and "--refit-head" not in plain and "--target shallow" in plain
     assert np.isclose(sum(c.weights), 1.0)
+
+
+def test_search_through_the_resnet_engine_with_a_head_refit() -> None:
+    """Any family: the engine builder runs the residual engine per candidate and the refit finds
+    the ResNet's ``fc`` head by itself."""
+    import math
+
+    from clafuse.arch.resnet import ResNetFamily, ResNetSpec
+
+    family = ResNetFamily()
+
+    def member(layers: list[int], seed: int) -> Member:
+        spec = ResNetSpec(block="basic", layers=layers, widths=[4, 8], stem_width=4, stem="small", num_classes=3)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in family.build(spec).state_dict().items()}
+        state = {}
+        for key, shape in shapes.items():
+            if key.endswith("num_batches_tracked"):
+                state[key] = torch.tensor(0)
+            elif key.endswith("running_var") or (len(shape) == 1 and key.endswith("weight")):
+                state[key] = 0.5 + torch.rand(shape, generator=gen)
+            elif len(shape) == 1:
+                state[key] = 0.1 * torch.randn(shape, generator=gen)
+            else:
+                state[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        return Member(family, spec, state)
+
+    deep, shallow = member([2, 2], 1), member([1, 1], 2)
+    gen = torch.Generator().manual_seed(0)
+    data = SearchData(torch.randn(64, 3, 8, 8, generator=gen), torch.randn(32, 3, 8, 8, generator=gen))
+    # Per stage the strided first block is pinned; the one alternative is the other second block.
+    maps = [[[0], [0]]]
+    build = engine_builder(ENGINES["resnet"], deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
+    parents = [family.instantiate(m.spec, m.state_dict) for m in (deep, shallow)]
+    start = Candidate((0.5, 0.5), (0,), "keep", "regress", False, 64)
+    result = search_fusion(build, parents, data, start, mapping_counts=[1],
+                           options=SearchOptions(budget=Budget(candidates=5), corrections=("regress",)))
+    assert len(result.table) == 5 and [r["stage"] for r in result.table[:2]] == ["start", "refit"]
+    assert result.table[1]["refit"] is True and result.table[1]["kl"] != result.table[0]["kl"]
+    assert result.score["objective"] == max(r["objective"] for r in result.table)
+    assert set(result.module.state_dict()) == set(deep.state_dict)

@@ -78,6 +78,9 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
     started = time.perf_counter()
     if len(parents) != len(start.weights):
         raise ClafuseError(f"{len(parents)} parents but {len(start.weights)} weights")
+    if abs(sum(start.weights) - 1) > 1e-6 or min(start.weights) < 0:
+        raise ClafuseError(f"the search starts from weights on the simplex (non-negative, sum 1), got "
+                           f"{list(start.weights)}")
     largest = max((start.samples, *options.samples))
     if len(data.x_build) < largest:
         raise ClafuseError(f"a build of {largest} samples needs that many calibration samples, "

@@ -15,16 +15,18 @@ from typing import Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from clafuse.errors import ClafuseError, DataError
+
 Scoring = Literal["kl", "accuracy", "cosine"]
 SCORINGS: tuple[str, ...] = ("kl", "accuracy", "cosine")
 
 
 def _normalised(weights: Sequence[float], count: int) -> list[float]:
     if len(weights) != count:
-        raise ValueError(f"{len(weights)} weights for {count} outputs")
+        raise ClafuseError(f"{len(weights)} ensemble weights for {count} models")
     total = float(sum(weights))
     if total <= 0 or any(w < 0 for w in weights):
-        raise ValueError("weights must be non-negative with a positive sum")
+        raise ClafuseError("ensemble weights must be non-negative with a positive sum")
     return [float(w) / total for w in weights]
 
 
@@ -76,9 +78,9 @@ def make_reference(parent_outputs: Sequence[torch.Tensor], weights: Sequence[flo
                    labels: torch.Tensor | None = None) -> Reference:
     """The reference for ``scoring`` from the parents' outputs on the held-out inputs."""
     if scoring not in SCORINGS:
-        raise ValueError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
+        raise ClafuseError(f"unknown scoring {scoring!r}; choose from {', '.join(SCORINGS)}")
     if scoring == "accuracy" and labels is None:
-        raise ValueError("accuracy scoring needs labels")
+        raise DataError("accuracy scoring needs labels (array 'y') in the calibration data")
     target = ensemble_mean(parent_outputs, weights) if scoring == "cosine" else ensemble_probs(parent_outputs, weights)
     return Reference(scoring, target, labels)
 

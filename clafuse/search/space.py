@@ -50,7 +50,7 @@ class Budget(BaseModel):
     seconds: float | None = Field(default=None, gt=0)
 
 
-DEFAULT_BUDGET = Budget(candidates=16)
+DEFAULT_BUDGET = Budget(candidates=8)
 
 
 def parse_budget(text: str | int | None) -> Budget:
