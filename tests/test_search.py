@@ -368,3 +368,35 @@ def test_search_through_the_resnet_engine_with_a_head_refit() -> None:
     assert result.table[1]["refit"] is True and result.table[1]["kl"] != result.table[0]["kl"]
     assert result.score["objective"] == max(r["objective"] for r in result.table)
     assert set(result.module.state_dict()) == set(deep.state_dict)
+
+
+def test_mapping_alternatives_from_a_map_keep_its_own_first_and_the_pins() -> None:
+    from clafuse.align.mapfile import Alignment, GroupAlignment
+    from clafuse.search.mappings import mapping_alternatives
+
+    rng = np.random.default_rng(2)
+    costs = [rng.random((3, 5)), rng.random((1, 3))]
+    # The map holds a mapping that need not be the cheapest (as if chosen by hand or with ties).
+    groups = [GroupAlignment(name="g0", cost=costs[0].tolist(), mapping=[0, 2, 4], total_cost=0.0),
+              GroupAlignment(name="g1", cost=costs[1].tolist(), mapping=[2], total_cost=0.0)]
+    alignment = Alignment(shallow=1, deep=0, groups=groups)
+    alts = mapping_alternatives(alignment, 4, pin_first=True, pin_last=True, forced_first=[None, None])
+    # Pinned at both ends, the middle layer has 3 places; the single layer keeps the last pin.
+    assert alts[0] == [[0, 2, 4], [2]] and len(alts) == 3
+    assert sorted(maps[0][1] for maps in alts) == [1, 2, 3]
+    assert all(maps[0][0] == 0 and maps[0][2] == 4 and maps[1] == [2] for maps in alts)
+    others = sorted(alts[1:], key=lambda m: float(costs[0][np.arange(3), m[0]].sum()))
+    assert alts[1:] == others, "after the map's own, cheapest first"
+    forced = mapping_alternatives(alignment, 10, pin_first=False, pin_last=True, forced_first=[None, True])
+    # The map's own comes first as it is; the others follow the pins, a forced first pin winning.
+    assert forced[0] == [[0, 2, 4], [2]] and all(maps[1] == [0] for maps in forced[1:])
+    assert {tuple(maps[0]) for maps in forced[1:]} == {(a, b, 4) for a in range(4) for b in range(a + 1, 4)}
+
+
+def test_holdout_size_leaves_the_build_part() -> None:
+    from clafuse.search.split import holdout_size
+
+    assert holdout_size(50_000, 2000) == 2000
+    assert holdout_size(1500, 1000) == 500
+    with pytest.raises(DataError, match="fewer --samples"):
+        holdout_size(1001, 1000)

@@ -2,7 +2,8 @@
 
 ``split`` draws the calibration data's build and held-out parts, ``scoring`` measures a fused
 network against the parents' weighted ensemble (label-free) or labels, ``refit`` is the
-closed-form head correction towards that ensemble, ``space`` the candidate settings and budget,
+closed-form head correction towards that ensemble, ``mappings`` the k best layer mappings from a
+map's stored costs, ``space`` the candidate settings and budget,
 ``run`` the search itself, and ``builders`` turn candidates into fused modules (for chain
 families reusing the transport plans between candidates).
 """

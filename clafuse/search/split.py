@@ -16,6 +16,18 @@ from clafuse.data import Dataset
 from clafuse.errors import DataError
 
 
+DEFAULT_HOLDOUT = 2000
+
+
+def holdout_size(total: int, build: int, wanted: int = DEFAULT_HOLDOUT) -> int:
+    """How many samples to hold out: ``wanted``, or what the source has left after the build part."""
+    left = total - build
+    if left < 2:
+        raise DataError(f"the search needs held-out samples beyond the {build} it builds from, and the data has "
+                        f"only {total}: pass fewer --samples")
+    return min(wanted, left)
+
+
 @dataclass(frozen=True)
 class CalibrationSplit:
     """Indices into the calibration source: ``build[:n]`` builds a fusion of ``n`` samples,
