@@ -325,6 +325,8 @@ def test_fuse_command_repeats_the_choice() -> None:
                     "--inserted average --correction regress --mapping B=0,2,4 --refit-head")
     plain = fuse_command(c.with_(refit=False), "m.json", "o.pt", target="shallow", mappings=[None])
     assert "--mapping" not in plain and "--refit-head" not in plain and "--target shallow" in plain
+    # The target (align index 1) comes first in the candidate; --weights is in align order.
+    assert "--weights 0.65,0.35 " in fuse_command(c, "m.json", "o.pt", align_order=[1, 0])
     assert np.isclose(sum(c.weights), 1.0)
 
 

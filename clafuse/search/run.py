@@ -170,14 +170,20 @@ _METRICS = ("kl", "agreement", "accuracy", "cosine", "objective")
 
 
 def fuse_command(candidate: Candidate, map_path: str, out: str, *, target: str | None = None,
-                 mappings: Sequence[str | None] = ()) -> str:
+                 mappings: Sequence[str | None] = (), align_order: Sequence[int] | None = None) -> str:
     """The ``clafuse fuse`` command line that repeats ``candidate`` without search. ``mappings``:
     per source, ``LETTER=i,j,k`` (groups separated by ``/``) where the candidate's mapping is not
-    the map's, else None."""
+    the map's, else None. ``align_order[p]`` is the align index of the model whose weight is
+    ``candidate.weights[p]`` (target first), so ``--weights`` comes out in align order."""
+    weights = list(candidate.weights)
+    if align_order is not None:
+        weights = [0.0] * len(weights)
+        for position, index in enumerate(align_order):
+            weights[index] = candidate.weights[position]
     args = ["clafuse", "fuse", "--map", map_path, "-o", out]
     if target is not None:
         args += ["--target", target]
-    args += ["--weights", ",".join(f"{w:g}" for w in candidate.weights), "--samples", str(candidate.samples),
+    args += ["--weights", ",".join(f"{w:g}" for w in weights), "--samples", str(candidate.samples),
              "--inserted", candidate.inserted, "--correction", candidate.correction]
     for text in mappings:
         if text is not None:
