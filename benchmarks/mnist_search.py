@@ -45,6 +45,7 @@ from clafuse.data import load_source  # noqa: E402
 from clafuse.fusion.engines import Member  # noqa: E402
 from clafuse.fusion.otfusion import FusionSettings, default_inserted  # noqa: E402
 from clafuse.search.builders import Alternatives, ChainFusionBuilder  # noqa: E402
+from clafuse.search.refit import refit_head, teacher_logits  # noqa: E402
 from clafuse.search.run import search_fusion  # noqa: E402
 from clafuse.search.space import Candidate, SearchOptions, parse_budget  # noqa: E402
 from clafuse.search.split import SearchData, split_dataset  # noqa: E402
@@ -84,10 +85,18 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
     unlabelled = split_dataset(train, BUILD, HOLDOUT, seed=0)
     labelled = SearchData(unlabelled.x_build, val.x, val.y)
     x = unlabelled.x_build
-    t0 = time.perf_counter()
+    # The parents' own heads refit to the ensemble (closed-form, on the 2,000 build samples): does
+    # the label-free teacher make a parent better?
+    with torch.no_grad():
+        teacher = teacher_logits([ma(x[:SAMPLES]), mb(x[:SAMPLES])], [1, 1])
+    for name, m in (("A", ma), ("B", mb)):
+        refit = refit_head(m, x[:SAMPLES], teacher)
+        out[f"{name}_refit"] = {"val": accuracy(refit, val), "test": accuracy(refit, test)}
+    t0, c0 = time.perf_counter(), time.process_time()
     cost = activation_cost(b.layer_outputs(x[:SAMPLES]), a.layer_outputs(x[:SAMPLES]), "cka")
     maps = [[phi] for phi, _ in k_best_alignments(cost, K, pin_first=True, pin_last=True)]
     out["align_seconds"] = round(time.perf_counter() - t0, 3)
+    out["align_cpu_seconds"] = round(time.process_time() - c0, 3)
     out["mappings"] = [m[0] for m in maps]
     member_a = Member(a.family, a.spec, a.state_dict)
     member_b = Member(b.family, b.spec, b.state_dict)
@@ -98,18 +107,21 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
         start = Candidate(weights=(0.5, 0.5), mappings=(0,), inserted=inserted, correction="regress",
                           refit=False, samples=SAMPLES)
         rows: dict[str, Any] = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         default = ChainFusionBuilder(target, [Alternatives(source, maps, deeper)], x, settings)(start)
         rows["fuse_seconds"] = round(time.perf_counter() - t0, 3)
+        rows["fuse_cpu_seconds"] = round(time.process_time() - c0, 3)
         rows["default"] = {"val": accuracy(default, val), "test": accuracy(default, test)}
         for key, _, scoring, budget, samples in SEARCHES:
             data = labelled if scoring == "accuracy" else unlabelled
             builder = ChainFusionBuilder(target, [Alternatives(source, maps, deeper)], x, settings)
             options = SearchOptions(budget=parse_budget(budget), scoring=scoring, samples=samples)
+            c0 = time.process_time()
             result = search_fusion(builder, parents, data, start, mapping_counts=[len(maps)], options=options)
+            cpu = round(time.process_time() - c0, 3)
             chosen = result.best
             rows[key] = {"val": accuracy(result.module, val), "test": accuracy(result.module, test),
-                         "seconds": result.seconds, "candidates": len(result.table), "stopped": result.stopped,
+                         "seconds": result.seconds, "cpu_seconds": cpu, "candidates": len(result.table), "stopped": result.stopped,
                          "chosen": {"weights": list(chosen.weights), "mapping": maps[chosen.mappings[0]][0],
                                     "inserted": chosen.inserted, "correction": chosen.correction,
                                     "refit": chosen.refit, "samples": chosen.samples},
@@ -145,18 +157,26 @@ def markdown(doc: dict[str, Any]) -> str:
              f"benchmarks/mnist_mlp.py), {n} seed pairs. One-shot fusion (no training), test accuracy "
              f"on the 10,000 test images, measured once per chosen model. Search budget: {doc['budget']}.", "",
              "| model | test (mean) | min–max | per pair |", "|---|---:|---:|---|",
-             row("parent A", "A"), row("parent B", "B"), row("ensemble A+B", "ensemble")]
+             row("parent A", "A"), row("parent B", "B"), row("ensemble A+B", "ensemble"),
+             row("parent A, head refit to the ensemble", "A_refit"),
+             row("parent B, head refit to the ensemble", "B_refit")]
     better = [max(p["A"]["test"], p["B"]["test"]) for p in pairs]
     lines.append(f"| better parent | {100 * statistics.fmean(better):.2f}% | "
                  f"{100 * min(better):.2f}–{100 * max(better):.2f}% | {', '.join(f'{100 * v:.2f}' for v in better)} |")
     for arch, balance in (("A", "add"), ("B", "merge")):
         lines.append(row(f"fused in {arch}'s architecture ({balance}): default", f"in_{arch}", "default"))
         lines += [row(f"fused in {arch}'s: {label}", f"in_{arch}", key) for key, label, *_ in SEARCHES]
-    lines += ["", "Above the better parent (test), per pair:", "", "| fused | pairs above |", "|---|---:|"]
+    lines += ["", "Against the default fusion and the better parent (test, points):", "",
+              "| fused | pairs above the better parent | mean gain over default | mean gap to the better parent |",
+              "|---|---:|---:|---:|"]
     for arch in ("A", "B"):
         for key in ("default", *(k for k, *_ in SEARCHES)):
-            above = sum(p[f"in_{arch}"][key]["test"] > b for p, b in zip(pairs, better))
-            lines.append(f"| in {arch}'s architecture, {key} | {above} / {n} |")
+            got = [p[f"in_{arch}"][key]["test"] for p in pairs]
+            default = [p[f"in_{arch}"]["default"]["test"] for p in pairs]
+            above = sum(g > b for g, b in zip(got, better))
+            gain = statistics.fmean(100 * (g - d) for g, d in zip(got, default))
+            gap = statistics.fmean(100 * (g - b) for g, b in zip(got, better))
+            lines.append(f"| in {arch}'s architecture, {key} | {above} / {n} | {gain:+.2f} | {gap:+.2f} |")
     lines += ["", "Chosen settings (weights: target's first; distance from a single parent = the smaller weight):",
               "", "| pair | arch | search | weights | from 0/1 | mapping | inserted | correction | head refit | "
               "candidates | search time |", "|---|---|---|---|---:|---|---|---|---|---:|---:|"]
@@ -169,15 +189,24 @@ def markdown(doc: dict[str, Any]) -> str:
                              f"{r['weight_from_vertex']:g} | {c['mapping']} | {c['inserted']} | {c['correction']} | "
                              f"{'yes' if c['refit'] else 'no'} | {r['candidates']} ({r['stopped']}) | "
                              f"{r['seconds']:.1f} s |")
-    align = statistics.median(p["align_seconds"] for p in pairs)
-    fuse = statistics.median(p[f"in_{a}"]["fuse_seconds"] for p in pairs for a in ("A", "B"))
-    search = statistics.median(p[f"in_{a}"][k]["seconds"] for p in pairs for a in ("A", "B")
-                               for k in ("search_kl", "search_val"))
-    search_24 = statistics.median(p[f"in_{a}"]["search_kl_24"]["seconds"] for p in pairs for a in ("A", "B"))
-    lines += ["", f"Time (median, in-process, {doc['threads']} torch threads, shared 2-core machine): align "
-              f"(CKA on {SAMPLES} samples + {K}-best DP) {align:.2f} s, one default fusion {fuse:.2f} s, "
-              f"search at the default budget {search:.2f} s, at 24 candidates {search_24:.2f} s (a search includes "
-              f"the default fusion as its first candidate).", "",
+    def med(key: str, searches=("search_kl", "search_val")) -> str:
+        if key.startswith("align"):
+            values = [p[key] for p in pairs]
+        elif searches is None:
+            values = [p[f"in_{a}"][key] for p in pairs for a in ("A", "B")]
+        else:
+            values = [p[f"in_{a}"][k][key] for p in pairs for a in ("A", "B") for k in searches]
+        return f"{statistics.median(values):.2f} s"
+
+    lines += ["", f"Time, median, in-process with {doc['threads']} torch threads on a {doc['cpus']}-core machine "
+              f"shared with other jobs (load average {doc['load_avg'][0]:.1f} at the end): wall clock, and CPU "
+              "time of the process (all threads; on 2 idle cores the wall time is at least half of it).", "",
+              "| step | wall | CPU |", "|---|---:|---:|",
+              f"| align (CKA on {SAMPLES} samples + {K}-best DP) | {med('align_seconds')} | {med('align_cpu_seconds')} |",
+              f"| one default fusion | {med('fuse_seconds', None)} | {med('fuse_cpu_seconds', None)} |",
+              f"| search, default budget (incl. the default fusion) | {med('seconds')} | {med('cpu_seconds')} |",
+              f"| search, 24 candidates | {med('seconds', ('search_kl_24',))} | "
+              f"{med('cpu_seconds', ('search_kl_24',))} |", "",
               "The head refit is closed-form (ridge least squares of the last Linear onto the parents' "
               "weighted-ensemble logits on the 2,000 build samples), not training."]
     return "\n".join(lines) + "\n"
