@@ -17,6 +17,25 @@ import functools
 import logging
 import typer
 
+from clafuse.options import (
+    MIN_REG,
+    Augmentation,
+    Balance,
+    Correction,
+    Ground,
+    Inserted,
+    Metric,
+    Optimizer,
+    OutputDtype,
+    Precision,
+    Schedule,
+    SchemaName,
+    Signal,
+    Solver,
+    check_choice,
+    one_of,
+)
+
 app = typer.Typer(
     name="clafuse",
     help="Fuse trained neural-network checkpoints, including networks of different depth and width.",
@@ -27,7 +46,6 @@ app = typer.Typer(
 )
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # the seeds torch's generators take
 
 
 def _emit(doc: Any, as_json: bool, render) -> None:
@@ -106,9 +124,10 @@ def align(
     anchor: Optional[str] = typer.Option(None, help="Model the others are aligned to and fused into by default: "
                                                    "a letter (A, B, ...), deep or shallow (default: the deepest)."),
     data: Optional[str] = typer.Option(None, help="Calibration data: .npz file, data folder (IDX, CIFAR-10/100, image class folders) or built-in (digits, mnist, fashion-mnist)."),
-    samples: int = typer.Option(2000, min=2, help="Number of calibration samples (from the train split)."),
-    metric: str = typer.Option("cka", help="Layer cost: cka, euclidean, wd (from activations) or neuron (data-free)."),
-    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Seed for drawing the calibration samples."),
+    samples: int = typer.Option(2000, help="Number of calibration samples (from the train split), at least 2."),
+    metric: str = typer.Option("cka", help=f"Layer cost: {one_of(Metric)} (neuron compares widths and needs no "
+                                           "data; the others compare activations)."),
+    seed: int = typer.Option(0, help="Seed for drawing the calibration samples."),
     pin_first: bool = typer.Option(True, "--pin-first/--no-pin-first", help="Map first hidden layer to first."),
     pin_last: bool = typer.Option(True, "--pin-last/--no-pin-last", help="Map last hidden layer to last."),
     arch: Optional[List[Path]] = typer.Option(None, help="Spec file per model, in order (repeat for each checkpoint)."),
@@ -134,20 +153,27 @@ def fuse(
     target: Optional[str] = typer.Option(None, help="Output architecture: the map's anchor by default; deep, shallow, or a "
                                                    "model letter (A, B, ... by align order). Each other model is balanced "
                                                    "to it: add (identities) when shallower, merge (folding) when deeper."),
-    balance: Optional[str] = typer.Option(None, help="Two-model maps: add = the deeper architecture (identity layers into the "
-                                            "shallower net), merge = the shallower one (fold the deeper net's unmatched layers)."),
-    solver: str = typer.Option("emd", help="Transport solver: emd (exact) or sinkhorn (entropic)."),
-    reg: float = typer.Option(0.05, min=0.0, help="Sinkhorn regularisation, relative to the largest cost."),
-    signal_: Optional[str] = typer.Option(None, "--signal", help="activations or weights (default: activations when data is available)."),
-    weights: Optional[str] = typer.Option(None, help="Mixing weights, one per model in align order, e.g. 0.5,0.5 (default: equal)."),
-    dtype: Optional[str] = typer.Option(None, help="Floating-point dtype of the output: fp32, fp16 or bf16 (default: the target's)."),
+    balance: Optional[str] = typer.Option(None, help=f"Two-model maps, {one_of(Balance)}: add = the deeper architecture "
+                                                    "(identity layers into the shallower net), merge = the shallower "
+                                                    "one (fold the deeper net's unmatched layers)."),
+    solver: str = typer.Option("emd", help=f"Transport solver: {one_of(Solver)} (emd exact, sinkhorn entropic)."),
+    reg: float = typer.Option(0.05, help=f"Sinkhorn regularisation, relative to the largest cost (above {MIN_REG:g})."),
+    signal_: Optional[str] = typer.Option(None, "--signal", help=f"{one_of(Signal)} (default: activations when data "
+                                                                 "is available)."),
+    weights: Optional[str] = typer.Option(None, help="Mixing weights, one per model in align order, e.g. 0.5,0.5: finite, "
+                                                    "non-negative, not all zero (default: equal)."),
+    dtype: Optional[str] = typer.Option(None, help=f"Floating-point dtype of the output: {one_of(OutputDtype)} "
+                                                  "(default: the target's)."),
     max_shard_size: Optional[str] = typer.Option(None, help="Split a larger .safetensors output into shards of at most this "
                                                         "size (e.g. 2GB, 500MiB) with a .safetensors.index.json index."),
     data: Optional[str] = typer.Option(None, help="Calibration data (default: the data recorded in the map)."),
-    samples: Optional[int] = typer.Option(None, min=2, help="Calibration samples (default: as in the map)."),
-    ground: str = typer.Option("correlation", help="Neuron cost from activations: correlation or euclidean."),
-    inserted: Optional[str] = typer.Option(None, help="average: average real layers with inserted identities; keep: layers only one net has are taken from it (default: keep for networks with BatchNorm, average otherwise)."),
-    correction: str = typer.Option("regress", help="regress: refit layers to the parents' mixed activations; repair: restore each neuron's mean and std; none."),
+    samples: Optional[int] = typer.Option(None, help="Calibration samples, at least 2 (default: as in the map)."),
+    ground: str = typer.Option("correlation", help=f"Neuron cost from activations: {one_of(Ground)}."),
+    inserted: Optional[str] = typer.Option(None, help=f"{one_of(Inserted)}: keep = layers only one net has are taken "
+                                                     "from it; average = average real layers with inserted identities "
+                                                     "(default: keep for networks with BatchNorm, average otherwise)."),
+    correction: str = typer.Option("regress", help=f"{one_of(Correction)}: regress = refit layers to the parents' mixed "
+                                                   "activations; repair = restore each neuron's mean and std."),
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset",
                                   help="Recompute BatchNorm running statistics of the fused network on the calibration data."),
     allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
@@ -157,17 +183,10 @@ def fuse(
     from clafuse.api import fuse as run_fuse
     from clafuse.report import render_fuse
 
-    _choice("--signal", signal_, ("activations", "weights"), optional=True)
-    _choice("--balance", balance, ("add", "merge"), optional=True)
-    _choice("--dtype", dtype, ("fp32", "fp16", "bf16"), optional=True)
-    _choice("--solver", solver, ("emd", "sinkhorn"))
-    _choice("--ground", ground, ("correlation", "euclidean"))
-    _choice("--inserted", inserted, ("keep", "average"), optional=True)
-    _choice("--correction", correction, ("regress", "repair", "none"))
     report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples, signal=signal_,
                       allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
                       correction=correction, bn_reset=bn_reset, dtype=dtype, max_shard_size=max_shard_size)
-    _emit(report, as_json, render_fuse)
+    _emit(report, as_json, lambda d: render_fuse(d, map_file))
 
 
 @app.command("eval")
@@ -192,28 +211,29 @@ def finetune(
     data: str = typer.Option(..., help="Training data: .npz, data folder (IDX, CIFAR-10/100, image class folders) or built-in (train split by default)."),
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the best checkpoint (by validation accuracy)."),
     val: Optional[str] = typer.Option(None, help="Validation data (default: the val split of a built-in source or data folder)."),
-    epochs: int = typer.Option(1, min=1, help="Number of epochs."),
-    lr: float = typer.Option(0.01, min=0.0, help="Peak learning rate."),
-    momentum: float = typer.Option(0.9, min=0.0, help="SGD momentum."),
-    batch_size: int = typer.Option(64, min=1, help="Mini-batch size."),
-    schedule: str = typer.Option("cosine", help="Learning-rate schedule: cosine, step or constant."),
-    weight_decay: float = typer.Option(0.0, min=0.0, help="Weight decay."),
-    seed: int = typer.Option(0, min=SEED_MIN, max=SEED_MAX, help="Seed for initial shuffling and any randomness."),
+    epochs: int = typer.Option(1, help="Number of epochs, at least 1."),
+    lr: float = typer.Option(0.01, help="Peak learning rate, positive."),
+    momentum: float = typer.Option(0.9, help="SGD momentum, in [0, 1)."),
+    batch_size: int = typer.Option(64, help="Mini-batch size, at least 1."),
+    schedule: str = typer.Option("cosine", help=f"Learning-rate schedule: {one_of(Schedule)}."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay, non-negative."),
+    seed: int = typer.Option(0, help="Seed for initial shuffling and any randomness."),
     arch: Optional[Path] = typer.Option(None, help="Architecture spec file; detected when omitted."),
-    optimizer: str = typer.Option("sgd", help="Optimizer: sgd or adamw (momentum and nesterov apply to sgd)."),
+    optimizer: str = typer.Option("sgd", help=f"Optimizer: {one_of(Optimizer)} (momentum and nesterov apply to sgd)."),
     nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (sgd)."),
-    warmup_steps: int = typer.Option(0, min=0, help="Steps of linear learning-rate warm-up before the schedule."),
-    label_smoothing: float = typer.Option(0.0, min=0.0, help="Label smoothing of the cross-entropy, in [0, 1)."),
-    augment: str = typer.Option("none", help="Image augmentation: none, crop or crop-flip (random crop after "
+    warmup_steps: int = typer.Option(0, help="Steps of linear learning-rate warm-up before the schedule."),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing of the cross-entropy, in [0, 1)."),
+    augment: str = typer.Option("none", help=f"Image augmentation: {one_of(Augmentation)} (random crop after "
                                              "zero padding of 2 pixels, 4 for inputs of 28 pixels or more)."),
     teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint to distil from (same classes)."),
     teacher_arch: Optional[Path] = typer.Option(None, help="Architecture spec file of the teacher."),
-    kd_alpha: float = typer.Option(0.5, min=0.0, max=1.0, help="Weight of the distillation term (with --teacher)."),
-    kd_temperature: float = typer.Option(4.0, help="Softmax temperature of distillation (with --teacher)."),
+    kd_alpha: float = typer.Option(0.5, help="Weight of the distillation term (with --teacher), in [0, 1]."),
+    kd_temperature: float = typer.Option(4.0, help="Softmax temperature of distillation (with --teacher), positive."),
     metrics_out: Optional[Path] = typer.Option(None, help="Write one JSON line of metrics per epoch to this file."),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG of the loss and accuracy curves."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
-    precision: str = typer.Option("fp32", help="fp32, or bf16/fp16 autocast (weights stay fp32; fp16 needs CUDA)."),
+    precision: str = typer.Option("fp32", help=f"{one_of(Precision)}: fp32, or bf16/fp16 autocast (weights stay fp32; "
+                                               "fp16 needs CUDA)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Finetune a checkpoint (SGD or AdamW, optionally distilling a teacher), selecting the best epoch on
@@ -222,23 +242,15 @@ def finetune(
     and writes files."""
     from clafuse.api import finetune_checkpoint
     from clafuse.distributed import ReportedByPeer, env_rank
-    from clafuse.errors import ClafuseError
     from clafuse.report import render_finetune
 
     main_rank = env_rank() == 0
     if not main_rank:
         logging.getLogger("clafuse").setLevel(logging.ERROR)
-    try:
-        _choice("--schedule", schedule, ("cosine", "step", "constant"))
-        _choice("--optimizer", optimizer, ("sgd", "adamw"))
-        _choice("--augment", augment, ("none", "crop", "crop-flip"))
-        _choice("--precision", precision, ("fp32", "bf16", "fp16"))
-        if teacher_arch is not None and teacher is None:
-            raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
-    except (ClafuseError, typer.BadParameter):
+    if teacher_arch is not None and teacher is None:
         if not main_rank:  # every rank got the same options: rank 0 reports
-            raise typer.Exit(2) from None
-        raise
+            raise typer.Exit(2)
+        raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
     try:
         report = finetune_checkpoint(ckpt, out, data=data, val=val, epochs=epochs, lr=lr, momentum=momentum,
                                      batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
@@ -259,21 +271,42 @@ def finetune(
 
 @app.command()
 @_guard
-def schema(what: str = typer.Argument("map", help="Which schema: map.")) -> None:
+def schema(what: str = typer.Argument("map", help=f"Which schema: {one_of(SchemaName)}.")) -> None:
     """Print the JSON Schema of the map file format."""
     from clafuse.align.mapfile import map_schema
 
-    _choice("schema", what, ("map",))
+    check_choice("schema", what, SchemaName)
     sys.stdout.write(json.dumps(map_schema(), indent=2) + "\n")
 
 
-def _choice(option: str, value: Optional[str], allowed: tuple[str, ...], optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if value not in allowed:
-        from clafuse.errors import ClafuseError
+@app.command()
+@_guard
+def report(
+    map_file: Path = typer.Argument(..., help="Map file written by 'clafuse align'."),
+    out: Path = typer.Option(..., "-o", "--out", help="HTML page to write (self-contained: loads nothing)."),
+    fused: Optional[Path] = typer.Option(None, help="Fused checkpoint written by 'clafuse fuse' from this map: adds "
+                                                  "per-layer similarity to each parent (and accuracy, with --data)."),
+    data: Optional[str] = typer.Option(None, help="Labelled data for the accuracy table (test split by default); "
+                                                "also the activations' inputs when the map has no calibration data."),
+    samples: Optional[int] = typer.Option(None, help="Inputs for the activation statistics (default: as "
+                                                          "align drew them, else 1000)."),
+    solver: Optional[str] = typer.Option(None, help="Transport solver of the neuron statistics: "
+                                                  f"{one_of(Solver)} (default: the fused checkpoint's, else emd)."),
+    reg: Optional[float] = typer.Option(None, help="Sinkhorn regularisation (default: the fused "
+                                                          "checkpoint's, else 0.05)."),
+    png_dir: Optional[Path] = typer.Option(None, help="Also write every figure as a PNG file into this folder."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write an HTML report of an alignment map: cost heat-maps with the chosen path, the mapping in
+    words, inserted and dropped layers, neuron transport statistics and, with --fused, how the
+    fused network compares to its parents."""
+    from clafuse.reporting.build import build_report
 
-        raise ClafuseError(f"{option}: {value!r} is not one of {', '.join(allowed)}")
+    doc = build_report(map_file, out, fused=fused, data=data, samples=samples, solver=solver, reg=reg,
+                       png_dir=png_dir)
+    _emit(doc, as_json, lambda d: _console().print(
+        f"report written to {d['output']}" + (f" ({len(d['pngs'])} PNGs in {png_dir})" if d["pngs"] else ""),
+        markup=False, soft_wrap=True))
 
 
 def _per_model(arch: Optional[List[Path]], count: int) -> list[Optional[Path]]:

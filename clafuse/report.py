@@ -28,33 +28,55 @@ def render_inspect(doc: dict[str, Any]) -> None:
 
 
 def render_map(doc: dict[str, Any], out: Path) -> None:
+    """Per alignment and group: the cost table with the chosen cells starred (readable without
+    colour), the mapping in words and the layers that balancing inserts or drops."""
+    from clafuse.align.mapfile import MapFile
+    from clafuse.reporting.mapping import mapping_words, balance_changes, pair_views
+
     console = _console()
     models = doc["models"]
-    for alignment in doc["alignments"]:
-        deep, shallow = models[alignment["deep"]], models[alignment["shallow"]]
-        console.print(f"deep [cyan]{deep['path']}[/]  shallow [cyan]{shallow['path']}[/]  "
-                      f"metric {doc['settings']['metric']}")
-        for g, gd, gs in zip(alignment["groups"], deep["groups"], shallow["groups"]):
-            table = Table(title=f"group {g['name']}: total cost {g['total_cost']:.4f}")
-            table.add_column("shallow \\ deep")
+    for view in pair_views(MapFile.model_validate(doc)):
+        deep, shallow = models[view.deep], models[view.shallow]
+        console.print(f"{view.shallow_letter} = {shallow['path']} (shallow) into {view.deep_letter} = "
+                      f"{deep['path']} (deep), metric {doc['settings']['metric']}", markup=False, soft_wrap=True)
+        for g, gd, gs in zip(view.groups, deep["groups"], shallow["groups"]):
+            table = Table(title=f"group {g.name}: total cost {g.total_cost:.4f}", caption="* = chosen")
+            table.add_column(f"{view.shallow_letter} \\ {view.deep_letter}")
             for layer in gd["layers"]:
                 table.add_column(f"{layer['name']} ({layer['width']})", justify="right")
-            for i, (row, layer) in enumerate(zip(g["cost"], gs["layers"])):
-                cells = [f"[bold green]{c:.3f}[/]" if j == g["mapping"][i] else f"{c:.3f}" for j, c in enumerate(row)]
+            for i, (row, layer) in enumerate(zip(g.cost, gs["layers"])):
+                cells = [f"[bold green]*{c:.3f}[/]" if j == g.mapping[i] else f" {c:.3f}" for j, c in enumerate(row)]
                 table.add_row(f"{layer['name']} ({layer['width']})", *cells)
             console.print(table)
-    console.print(f"map written to {out}")
+            console.print(f"mapping: {mapping_words(view, g)}", markup=False, soft_wrap=True)
+        for sentence in balance_changes(view):
+            console.print(sentence, markup=False, soft_wrap=True)
+    console.print(f"map written to {out}", markup=False, soft_wrap=True)
 
 
-def render_fuse(doc: dict[str, Any]) -> None:
+def render_fuse(doc: dict[str, Any], map_path: Path | None = None) -> None:
+    """The fused layers with each model's mixing weight in align order (as the weights in the
+    header line); with the map, what each other model contributes per layer (its matched layer,
+    an inserted identity, folded layers)."""
     console = _console()
     balance = doc["balance"] if isinstance(doc["balance"], str) else \
         ", ".join(f"{name} {method}" for name, method in doc["balance"].items())
+    order = sorted(doc["mixing_order"], key=lambda name: (len(name), name))
+    weights = ", ".join(f"{name} {w:g}" for name, w in zip(order, doc["weights"]))
     console.print(f"fused into the architecture of [cyan]{doc['target']}[/] ({doc['family']}, balance {balance}, "
-                  f"signal {doc['signal']}, weights {', '.join(f'{w:g}' for w in doc['weights'])})")
-    table = Table("layer", "width", f"mixing ({', '.join(doc['mixing_order'])})")
-    for layer, mix in zip(doc["layers"], doc["mixing"]):
-        table.add_row(layer["name"], str(layer["width"]), ", ".join(f"{m:.2f}" for m in mix))
+                  f"signal {doc['signal']}, weights {weights})")
+    notes = None
+    if map_path is not None:
+        from clafuse.align.mapfile import read_map
+        from clafuse.reporting.mapping import target_layer_notes
+
+        notes = target_layer_notes(read_map(map_path), order.index(doc["mixing_order"][0]))
+    table = Table("layer", "width", *(f"mixing {name}" for name in order),
+                  *(("from the other models",) if notes is not None else ()))
+    for k, (layer, mix) in enumerate(zip(doc["layers"], doc["mixing"])):
+        by_name = dict(zip(doc["mixing_order"], mix))
+        table.add_row(layer["name"], str(layer["width"]), *(f"{by_name[name]:.2f}" for name in order),
+                      *((notes[k],) if notes is not None else ()))
     console.print(table)
     files = doc.get("files", [doc["output"]])
     written = files[0] if len(files) == 1 else f"{len(files) - 1} shards and {files[-1]}"

@@ -27,14 +27,16 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.cli_runner import invoke
+import clafuse
 from clafuse import api
 from clafuse.align.mapfile import map_schema, read_map
 from clafuse.arch.registry import detect
 from clafuse.data import load_source
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import mlp
 
 SUBCOMMANDS = ["inspect", "align", "fuse", "eval", "finetune", "schema"]
-SHIPPED_SCHEMA = Path(api.__file__).parent / "schemas" / "map.schema.json"
+SHIPPED_SCHEMA = Path(clafuse.__file__).parent / "schemas" / "map.schema.json"
 DEEP_WIDTHS = [32, 32, 24, 16]
 SHALLOW_WIDTHS = [32, 16]
 DIGITS_TEST = 360  # 1797 images split 60/20/20 by clafuse.data
@@ -77,14 +79,6 @@ def run_many(jobs: dict[str, list[object]], cwd: Path, env: dict[str, str]) -> d
 
 
 # --- models -------------------------------------------------------------------------------------
-
-
-def mlp(widths: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, o in zip([64, *widths], widths):
-        layers += [nn.Linear(i, o), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], 10))
-    return nn.Sequential(*layers)
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 150) -> nn.Module:

@@ -13,16 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-import clafuse.data as data
+import clafuse.data.builtin as data
 from clafuse.data import Dataset, calibration_inputs, describe_source, load_source
 from clafuse.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("CLAFUSE_CACHE", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="session")
@@ -89,9 +85,9 @@ def test_digits_deterministic_and_cached(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert torch.equal(first.x, fresh.x) and torch.equal(first.y, fresh.y)
 
 
-def test_corrupt_cache_is_rebuilt(_private_cache: Path) -> None:
+def test_corrupt_cache_is_rebuilt(private_cache: Path) -> None:
     first = load_source("digits:test")
-    (entry,) = _private_cache.iterdir()
+    (entry,) = private_cache.iterdir()
     (entry / "test_x.npy").write_bytes(b"garbage")
     again = load_source("digits:test")
     assert torch.equal(first.x, again.x)
@@ -105,7 +101,7 @@ def test_unwritable_cache_still_loads(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert len(load_source("digits")) == 1078
 
 
-def test_cached_tensors_are_writable_without_touching_the_cache(_private_cache: Path) -> None:
+def test_cached_tensors_are_writable_without_touching_the_cache(private_cache: Path) -> None:
     load_source("digits")
     ds = load_source("digits")
     ds.x[0] = 7.0
@@ -219,7 +215,7 @@ def _write_bad_npz(path: Path, kind: str) -> None:
         ("length-mismatch", "2 labels for 3 samples"),
         ("2d-y", "one label per sample"),
         ("string-x", "numeric"),
-        ("object-x", "cannot read"),
+        ("object-x", "Python objects"),
         ("nan-x", "NaN"),
         ("empty-x", "no samples"),
     ],

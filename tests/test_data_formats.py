@@ -16,21 +16,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from torch import nn
 
-import clafuse.data as data
 from clafuse import api
 from clafuse.data import describe_source, load_source
 from clafuse.errors import DataError
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import save_mlp
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("CLAFUSE_CACHE", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _raises(match: str, src: str, split: str | None = None) -> str:
@@ -152,7 +146,7 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
 
 
 def _loads_from_cache(monkeypatch: pytest.MonkeyPatch, reader: str, src: str):
-    """Load ``src`` twice, the second time with ``data.<reader>`` failing: the same data must come
+    """Load ``src`` twice, the second time with ``clafuse.data.<reader>`` failing: the same data must come
     back from the cache. Returns the first load."""
     first = load_source(src)
 
@@ -160,7 +154,7 @@ def _loads_from_cache(monkeypatch: pytest.MonkeyPatch, reader: str, src: str):
         raise AssertionError("the cache was not used")
 
     with monkeypatch.context() as patch:
-        patch.setattr(data, reader, not_called)
+        patch.setattr(f"clafuse.data.{reader}", not_called)
         again = load_source(src)
     assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
     return first
@@ -169,7 +163,7 @@ def _loads_from_cache(monkeypatch: pytest.MonkeyPatch, reader: str, src: str):
 def test_cifar_loads_are_deterministic_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "c10"
     _cifar10(folder)
-    first = _loads_from_cache(monkeypatch, "_read_cifar_batch", f"{folder}:val")
+    first = _loads_from_cache(monkeypatch, "cifar._read_cifar_batch", f"{folder}:val")
 
     monkeypatch.setenv("CLAFUSE_CACHE", str(tmp_path / "fresh-cache"))
     fresh = load_source(f"{folder}:val")
@@ -420,7 +414,7 @@ def test_image_folder_train_only_carves_val_and_has_no_test(tmp_path: Path) -> N
 def test_image_folder_is_cached_and_invalidated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cached"
     _gray_folder(root, {"a": 5, "b": 5})
-    _loads_from_cache(monkeypatch, "_read_images", f"{root}:test")
+    _loads_from_cache(monkeypatch, "images._read_images", f"{root}:test")
 
     _save(root / "b" / "extra.png", _gray(99))
     assert sum(len(load_source(str(root), s)) for s in ("train", "val", "test")) == 11
@@ -501,20 +495,10 @@ def _digit_folder(root: Path) -> None:
             _save(root / name / f"{i:02d}.png", pixels)
 
 
-def _save_mlp(path: Path, seed: int, widths: list[int]) -> Path:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, o in zip([64, *widths], widths):
-        layers += [nn.Linear(i, o), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], 2))
-    save_file({k: v.contiguous() for k, v in nn.Sequential(*layers).state_dict().items()}, str(path))
-    return path
-
-
 def test_cli_finetune_and_eval_on_an_image_folder(tmp_path: Path) -> None:
     root = tmp_path / "halves"
     _digit_folder(root)
-    ckpt = _save_mlp(tmp_path / "mlp.safetensors", 0, [16])
+    ckpt = save_mlp(tmp_path / "mlp.safetensors", 0, [16], classes=2)
     out = tmp_path / "ft.safetensors"
     env = {**os.environ, "CLAFUSE_CACHE": str(tmp_path / "cache")}
 
@@ -537,8 +521,8 @@ def test_cli_finetune_and_eval_on_an_image_folder(tmp_path: Path) -> None:
 def test_align_records_a_folder_source_without_a_digest(tmp_path: Path) -> None:
     root = tmp_path / "halves"
     _digit_folder(root)
-    deep = _save_mlp(tmp_path / "deep.safetensors", 1, [16, 12, 8])
-    shallow = _save_mlp(tmp_path / "shallow.safetensors", 2, [16, 8])
+    deep = save_mlp(tmp_path / "deep.safetensors", 1, [16, 12, 8], classes=2)
+    shallow = save_mlp(tmp_path / "shallow.safetensors", 2, [16, 8], classes=2)
     doc = api.align([deep, shallow], tmp_path / "map.json", data=str(root), samples=10)
     assert doc.data.sha256 is None and doc.data.samples == 10
     assert (tmp_path / doc.data.source).resolve() == root.resolve()

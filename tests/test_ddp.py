@@ -16,30 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import nn
 
 from clafuse import api
 from clafuse.arch.registry import FAMILIES
 from clafuse.arch.vgg import VGGLinear, VGGSpec
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import save_mlp, save_safetensors
 
 TOL = {"rtol": 0, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLAFUSE_CACHE", str(tmp_path / "cache"))
-
-
-def _save(path: Path, model: nn.Module) -> Path:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-def _mlp(path: Path, seed: int, hidden: int) -> Path:
-    torch.manual_seed(seed)
-    return _save(path, nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _vgg_bn(path: Path) -> Path:
@@ -47,7 +34,7 @@ def _vgg_bn(path: Path) -> Path:
     spec = VGGSpec(in_channels=1, config=[8, "M", 16, "M"], batch_norm=True, avgpool=None, input_size=(1, 8, 8),
                    classifier=[VGGLinear(index=0, in_features=64, out_features=10)])
     torch.manual_seed(0)
-    return _save(path, FAMILIES["vgg"].build(spec))
+    return save_safetensors(path, FAMILIES["vgg"].build(spec))
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -76,7 +63,7 @@ def _clafuse_lines(stderr: str) -> list[str]:
 
 
 def test_two_processes_train_like_one_with_the_global_batch(tmp_path: Path) -> None:
-    student, teacher = _mlp(tmp_path / "s.safetensors", 0, 16), _mlp(tmp_path / "t.safetensors", 1, 32)
+    student, teacher = save_mlp(tmp_path / "s.safetensors", 0, 16), save_mlp(tmp_path / "t.safetensors", 1, 32)
     # 1078 training digits in batches of 37: parts of 18 and 19, and a last batch of 5 (2 and 3).
     settings = {"epochs": 2, "batch_size": 37, "lr": 0.05, "augment": "crop-flip", "kd_alpha": 0.7}
     one = tmp_path / "one.safetensors"
@@ -150,7 +137,7 @@ def test_batchnorm_and_resume_under_ddp_match_one_process(tmp_path: Path) -> Non
 
 
 def test_an_error_on_one_rank_stops_all_with_one_line(tmp_path: Path) -> None:
-    ckpt = _mlp(tmp_path / "s.safetensors", 0, 16)
+    ckpt = save_mlp(tmp_path / "s.safetensors", 0, 16)
     out = tmp_path / "out.safetensors"
     # Only rank 0 opens the metrics file, so only rank 0 fails; rank 1 must not wait for it forever.
     proc = _torchrun(tmp_path, ["finetune", ckpt, "--data", "digits", "-o", out, "--metrics-out",
@@ -162,7 +149,7 @@ def test_an_error_on_one_rank_stops_all_with_one_line(tmp_path: Path) -> None:
 
 
 def test_bf16_trains_close_to_fp32(tmp_path: Path) -> None:
-    ckpt = _mlp(tmp_path / "s.safetensors", 0, 32)
+    ckpt = save_mlp(tmp_path / "s.safetensors", 0, 32)
     settings = {"data": "digits", "epochs": 2, "batch_size": 64, "lr": 0.2}
     fp32, bf16 = tmp_path / "fp32.safetensors", tmp_path / "bf16.safetensors"
     single = api.finetune_checkpoint(ckpt, fp32, **settings)
@@ -182,7 +169,7 @@ def test_fp16_on_cpu_is_a_clean_error(tmp_path: Path) -> None:
 
     from clafuse.cli import app
 
-    ckpt = _mlp(tmp_path / "s.safetensors", 0, 16)
+    ckpt = save_mlp(tmp_path / "s.safetensors", 0, 16)
     out = tmp_path / "out.safetensors"
     result = CliRunner().invoke(app, ["finetune", str(ckpt), "--data", "digits", "-o", str(out), "--precision", "fp16"])
     assert result.exit_code == 2

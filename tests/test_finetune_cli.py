@@ -10,31 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import nn
 
 from clafuse import api
 from clafuse.errors import ClafuseError, DataError
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import save_mlp
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLAFUSE_CACHE", str(tmp_path / "cache"))
-
-
-def _save_mlp(path: Path, seed: int, hidden: int = 32, classes: int = 10, inputs: int = 64) -> Path:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture
 def ckpts(tmp_path: Path) -> tuple[Path, Path]:
-    return _save_mlp(tmp_path / "student.safetensors", 0, 16), _save_mlp(tmp_path / "teacher.safetensors", 1, 48)
+    return save_mlp(tmp_path / "student.safetensors", 0, 16), save_mlp(tmp_path / "teacher.safetensors", 1, 48)
 
 
 FAST = {"data": "digits", "batch_size": 128, "lr": 0.05}
@@ -59,10 +49,10 @@ def test_distil_with_metrics_and_plot(tmp_path: Path, ckpts: tuple[Path, Path]) 
 def test_teacher_must_fit(tmp_path: Path, ckpts: tuple[Path, Path]) -> None:
     student, _ = ckpts
     out = tmp_path / "ft.safetensors"
-    wrong_classes = _save_mlp(tmp_path / "t12.safetensors", 2, classes=12)
+    wrong_classes = save_mlp(tmp_path / "t12.safetensors", 2, 32, classes=12)
     with pytest.raises(DataError, match="12 classes but the student"):
         api.finetune_checkpoint(student, out, teacher=wrong_classes, **FAST)
-    wrong_inputs = _save_mlp(tmp_path / "t100.safetensors", 2, inputs=100)
+    wrong_inputs = save_mlp(tmp_path / "t100.safetensors", 2, 32, inputs=100)
     with pytest.raises(DataError, match="teacher .* do not fit"):
         api.finetune_checkpoint(student, out, teacher=wrong_inputs, **FAST)
     assert not out.exists() and not api.train_state_path(out).exists()
@@ -95,7 +85,7 @@ def test_resume_gives_the_same_weights(tmp_path: Path, ckpts: tuple[Path, Path],
 
     with pytest.raises(DataError, match="different settings"):
         api.finetune_checkpoint(student, out, resume=True, **{**settings, "lr": 0.02})
-    other = _save_mlp(tmp_path / "other.safetensors", 5, 16)
+    other = save_mlp(tmp_path / "other.safetensors", 5, 16)
     with pytest.raises(ClafuseError, match="different checkpoint"):
         api.finetune_checkpoint(other, out, resume=True, **settings)
 

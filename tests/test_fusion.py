@@ -20,11 +20,7 @@ from clafuse.fusion.transport import transport_plan
 from clafuse.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLAFUSE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 def marginal_errors(plan: np.ndarray) -> tuple[float, float]:

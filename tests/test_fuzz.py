@@ -40,6 +40,7 @@ from clafuse import api
 from clafuse.arch.resnet import ResNetFamily, ResNetSpec
 from clafuse.arch.vgg import VGGFamily, VGGSpec, VGGLinear
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import mlp
 
 SCALE = float(os.environ.get("CLAFUSE_FUZZ_SCALE", "1"))
 
@@ -85,14 +86,6 @@ def assert_handled(res: Outcome, out: Path | None = None,
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def _mlp(widths: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, o in zip([64, *widths], widths):
-        layers += [nn.Linear(i, o), nn.ReLU()]
-    layers.append(nn.Linear(widths[-1], 10))
-    return nn.Sequential(*layers)
-
-
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
 
@@ -133,7 +126,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         mp.delenv("CLAFUSE_DEBUG", raising=False)
         torch.manual_seed(0)
         deep, shallow = root / "deep.safetensors", root / "shallow.safetensors"
-        deep_state, shallow_state = _state(_mlp([16, 12, 8])), _state(_mlp([16, 8]))
+        deep_state, shallow_state = _state(mlp([16, 12, 8])), _state(mlp([16, 8]))
         save_file(deep_state, str(deep))
         save_file(shallow_state, str(shallow))
         deep_pt, legacy_pt = root / "deep.pt", root / "legacy.pt"

@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from clafuse import api
+from clafuse.api import alignment
 from clafuse.arch.registry import detect
 from clafuse.arch.resnet import ResNetFamily, ResNetSpec
 from clafuse.io.checkpoint import load_checkpoint
+from tests.helpers import save_safetensors
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "resnet_keys.json").read_text())
 FAMILY = ResNetFamily()
@@ -175,11 +176,6 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor
     return path, torch.from_numpy(x)
 
 
-def save(path: Path, sd: dict[str, torch.Tensor]) -> Path:
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    return path
-
-
 # --- torchvision layout and detection -----------------------------------------------------------
 
 
@@ -245,7 +241,7 @@ def test_identity_insertion_is_exact(block: str, signal: str, tmp_path: Path,
     npz, x = inputs
     deep_spec, shallow_spec = PAIRS[block]
     a, b = random_state(deep_spec, 1), random_state(shallow_spec, 2)
-    pa, pb = save(tmp_path / "A.safetensors", a), save(tmp_path / "B.safetensors", b)
+    pa, pb = save_safetensors(tmp_path / "A.safetensors", a), save_safetensors(tmp_path / "B.safetensors", b)
     doc = api.align([pa, pb], tmp_path / "map.json", data=str(npz), samples=N_INPUTS)
     assert doc.alignments[0].deep == 0
     for weights, parent in (("0,1", b), ("1,0", a)):
@@ -270,7 +266,7 @@ def test_permuted_copy_fuses_back_to_itself(block: str, signal: str, tmp_path: P
     expected = reference_forward(a, x)
     assert torch.allclose(reference_forward(a_perm, x), expected, atol=1e-5)  # the permutation is a symmetry
     assert not torch.equal(a_perm["layer1.0.conv1.weight"], a["layer1.0.conv1.weight"])
-    pa, pp = save(tmp_path / "A.safetensors", a), save(tmp_path / "P.safetensors", a_perm)
+    pa, pp = save_safetensors(tmp_path / "A.safetensors", a), save_safetensors(tmp_path / "P.safetensors", a_perm)
     api.align([pa, pp], tmp_path / "map.json", data=str(npz), samples=N_INPUTS)
     api.fuse(tmp_path / "map.json", tmp_path / "F.safetensors", weights="0.5,0.5", signal=signal, **FUSE_EXACT)
     fused = load_checkpoint(tmp_path / "F.safetensors")
@@ -288,8 +284,8 @@ def test_torchvision_resnet18_and_resnet34_fuse_without_data(tmp_path: Path) -> 
              "mix": (TORCHVISION["resnet18"], half34)}
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for seed, (case, (s18, s34)) in enumerate(cases.items()):
-        p18 = save(tmp_path / f"{case}18.safetensors", random_state(s18, 10 + seed))
-        p34 = save(tmp_path / f"{case}34.safetensors", random_state(s34, 20 + seed))
+        p18 = save_safetensors(tmp_path / f"{case}18.safetensors", random_state(s18, 10 + seed))
+        p34 = save_safetensors(tmp_path / f"{case}34.safetensors", random_state(s34, 20 + seed))
         api.align([p18, p34], tmp_path / f"{case}.json", metric="neuron")
         out = tmp_path / f"{case}F.safetensors"
         report = api.fuse(tmp_path / f"{case}.json", out, signal="weights")
@@ -311,13 +307,13 @@ def test_merge_gives_shallow_architecture_and_pins_stage_starts(tmp_path: Path, 
     npz, x = inputs
     deep_spec, shallow_spec = PAIRS["basic"]
     a, b = random_state(deep_spec, 6), random_state(shallow_spec, 7)
-    pa, pb = save(tmp_path / "A.safetensors", a), save(tmp_path / "B.safetensors", b)
+    pa, pb = save_safetensors(tmp_path / "A.safetensors", a), save_safetensors(tmp_path / "B.safetensors", b)
 
     # A layer cost that prefers every shallow block one position later than the pin allows.
     def shifted(shallow: list, deep: list, metric: str) -> np.ndarray:
         return np.array([[0.0 if j == i + 1 else 1.0 for j in range(len(deep))] for i in range(len(shallow))])
 
-    monkeypatch.setattr(api, "activation_cost", shifted)
+    monkeypatch.setattr(alignment, "activation_cost", shifted)
     api.align([pa, pb], tmp_path / "map.json", data=str(npz), samples=N_INPUTS, pin_first=False, pin_last=False)
     groups = json.loads((tmp_path / "map.json").read_text())["alignments"][0]["groups"]
     assert [g["name"] for g in groups] == ["layer1", "layer2", "layer3"]
@@ -340,8 +336,8 @@ def test_default_add_fusion_is_finite_and_keeps_deep_architecture(tmp_path: Path
     """Default settings (activations, BN reset, fc refit) at 0.5/0.5 on the bottleneck pair."""
     npz, x = inputs
     deep_spec, shallow_spec = PAIRS["bottleneck"]
-    pa = save(tmp_path / "A.safetensors", random_state(deep_spec, 8))
-    pb = save(tmp_path / "B.safetensors", random_state(shallow_spec, 9))
+    pa = save_safetensors(tmp_path / "A.safetensors", random_state(deep_spec, 8))
+    pb = save_safetensors(tmp_path / "B.safetensors", random_state(shallow_spec, 9))
     api.align([pb, pa], tmp_path / "map.json", data=str(npz), samples=N_INPUTS)
     report = api.fuse(tmp_path / "map.json", tmp_path / "F.safetensors")
     assert report["target"] == str(pa) and report["signal"] == "activations"
@@ -358,8 +354,8 @@ def test_downsample_against_identity_shortcut(tmp_path: Path, inputs: tuple[Path
     deep = ResNetSpec(block="basic", layers=[2, 2], widths=[12, 16], stem_width=8, stem="small", num_classes=5)
     shallow = ResNetSpec(block="basic", layers=[1, 1], widths=[12, 16], stem_width=12, stem="small", num_classes=5)
     a = random_state(deep, 11)
-    pa = save(tmp_path / "A.safetensors", a)
-    pb = save(tmp_path / "B.safetensors", random_state(shallow, 12))
+    pa = save_safetensors(tmp_path / "A.safetensors", a)
+    pb = save_safetensors(tmp_path / "B.safetensors", random_state(shallow, 12))
     api.align([pa, pb], tmp_path / "map.json", data=str(npz), samples=N_INPUTS)
     for signal in ("activations", "weights"):
         api.fuse(tmp_path / "map.json", tmp_path / "F.safetensors", signal=signal, weights="0.5,0.5")
@@ -379,8 +375,8 @@ def cli_failures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subproce
     three = ResNetSpec(block="basic", layers=[1, 1, 1], widths=[4, 8, 8], stem_width=4, stem="small", num_classes=3)
     four = ResNetSpec(block="basic", layers=[1, 1, 1, 2], widths=[4, 8, 8, 8], stem_width=4, stem="small",
                       num_classes=3)
-    save(d / "three.safetensors", random_state(three, 0))
-    save(d / "four.safetensors", random_state(four, 1))
+    save_safetensors(d / "three.safetensors", random_state(three, 0))
+    save_safetensors(d / "four.safetensors", random_state(four, 1))
     np.savez(d / "gray.npz", x=np.zeros((8, 1, 16, 16), np.float32))
     wrong = four.model_dump(mode="json") | {"layers": [1, 1, 1, 3]}
     (d / "wrong.json").write_text(json.dumps(wrong))

@@ -3,28 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from clafuse import api
 from clafuse.errors import ClafuseError
 from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
-
-
-def _mlp(widths: list[int], seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Flatten()]
-    d = 16
-    for w in widths:
-        layers += [nn.Linear(d, w), nn.ReLU()]
-        d = w
-    layers.append(nn.Linear(d, 5))
-    return nn.Sequential(*layers)
+from tests.helpers import mlp
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("target")
-    student, teacher = _mlp([12, 8], 0), _mlp([24, 20, 16, 12], 1)
+    student, teacher = mlp([12, 8], inputs=16, classes=5, seed=0), mlp([24, 20, 16, 12], inputs=16, classes=5, seed=1)
     save_checkpoint(root / "student.safetensors", student.state_dict())
     save_checkpoint(root / "teacher.safetensors", teacher.state_dict())
     np.savez(root / "x.npz", x=np.random.default_rng(0).random((200, 16)).astype(np.float32))

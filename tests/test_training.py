@@ -13,11 +13,10 @@ from torch import nn
 from clafuse.data import Dataset, load_source
 from clafuse.errors import DataError
 from clafuse.training import FinetuneConfig, evaluate, evaluate_ensemble, finetune, predict_logits
+from tests.helpers import mlp
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CLAFUSE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _identity_model(scale: float = 1.0) -> nn.Module:
@@ -34,17 +33,13 @@ def _toy() -> Dataset:
     return Dataset(x=x, y=torch.tensor([0, 1, 2, 2]), name="toy")
 
 
-def _mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
 def _digits() -> tuple[Dataset, Dataset]:
     return load_source("digits"), load_source("digits:val")
 
 
 def _fresh_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return _mlp()
+    return mlp([32])
 
 
 FAST = {"epochs": 3, "lr": 0.1, "batch_size": 16}

@@ -27,11 +27,7 @@ FAMILY: VGGFamily = FAMILIES["vgg"]
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CLAFUSE_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 # --- torchvision's vgg11_bn, written out by hand -------------------------------------------------

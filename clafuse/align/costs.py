@@ -11,7 +11,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-METRICS = ("cka", "euclidean", "wd", "neuron")
+from clafuse.options import Metric, choices
+
+METRICS = choices(Metric)
 
 
 def _features(z: torch.Tensor) -> torch.Tensor:

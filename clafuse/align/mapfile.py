@@ -8,7 +8,6 @@ changed since ``align``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clafuse.errors import MapError
+from clafuse.io.inputs import MAX_TEXT_BYTES, read_input_text, sha256_input
 
 MAP_FORMAT = "clafuse-map"
 MAP_VERSION = 1
@@ -110,7 +110,13 @@ class MapFile(_Strict):
         count = len(self.models)
         if self.anchor >= count:
             raise ValueError(f"anchor {self.anchor} is not a model index")
-        for a in self.alignments:
+        pairs: dict[frozenset[int], int] = {}
+        for k, a in enumerate(self.alignments):
+            pair = frozenset((a.shallow, a.deep))
+            if pair in pairs:
+                raise ValueError(f"alignments {pairs[pair]} and {k} both align models {a.shallow} and {a.deep}; "
+                                 "a map holds one alignment per pair")
+            pairs[pair] = k
             if a.shallow >= count or a.deep >= count or a.shallow == a.deep:
                 raise ValueError("alignment indices must name two different models")
             deep_groups, shallow_groups = self.models[a.deep].groups, self.models[a.shallow].groups
@@ -140,12 +146,7 @@ def dump_map(doc: MapFile) -> str:
 def read_map(path: str | Path) -> MapFile:
     """Parse and validate a map file; every defect is a one-line MapError."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise MapError(f"{path}: no such map file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MapError(f"{path}: cannot read map file ({exc})") from None
+    text = read_input_text(path, "map file", MapError, MAX_TEXT_BYTES)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -166,4 +167,21 @@ def read_map(path: str | Path) -> MapFile:
 
 def map_digest(path: str | Path) -> str:
     """sha256 of the map file's bytes, recorded in fused checkpoints."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_input(path, "map file", MapError)
+
+
+def check_data_digest(doc: MapFile, base: str | Path) -> None:
+    """Raise ``MapError`` if the calibration data file the map records (its path taken relative to
+    ``base``, the map's folder) is gone or changed since align; as for the checkpoints, a map
+    only describes the inputs it was computed from. Named data sets and folders, which the map
+    records without a digest, are not checked."""
+    entry = doc.data
+    if entry is None or entry.sha256 is None:
+        return
+    path = Path(entry.source)
+    if not path.is_absolute():
+        path = Path(base) / path
+    digest = sha256_input(path, "calibration data file (named in the map)", MapError)
+    if digest != entry.sha256:
+        raise MapError(f"{path} changed since align (sha256 {digest[:12]}…, the map has {entry.sha256[:12]}…); "
+                       "run align again, or pass --data to calibrate on other data")

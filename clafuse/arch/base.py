@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
+from clafuse.arch.network import Block, LayerOp, Network, Space, layer_block, pool_block
 from clafuse.errors import SpecError
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -162,7 +163,7 @@ class Family:
     name: ClassVar[str] = ""
     spec_model: ClassVar[type[BaseModel]]
     description: ClassVar[str] = ""
-    engine: ClassVar[str] = "chain"
+    engine: ClassVar[str] = "network"
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> BaseModel | None:
         """A spec if ``state_dict`` looks like this family, else None. Raise SpecError if it
@@ -191,6 +192,11 @@ class Family:
         """The alignment groups, in network order."""
         raise NotImplementedError
 
+    def describe(self, spec: BaseModel) -> Network:
+        """The network as fusion sees it (:mod:`clafuse.arch.network`): spaces, tensors by key and
+        axis, blocks in the order and groups of :meth:`groups`. Built from the spec alone."""
+        raise NotImplementedError
+
     def to_chain(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor]) -> Chain:
         raise NotImplementedError
 
@@ -207,3 +213,64 @@ class Family:
         """The state dict of ``chain`` under ``spec``'s key names, with the dtypes of ``like``."""
         raise NotImplementedError
 
+
+
+def describe_chain(chain: Chain) -> tuple[Network, dict[str, torch.Tensor]]:
+    """The chain as a description with its tensors under keys ``<k>.weight``, ``<k>.bias`` and
+    ``<k>.bn.<leaf>``: hidden layers in alignment groups that change after each max-pool and at the
+    layer that flattens feature maps; max-pools as fixed blocks; the classifier fixed."""
+    state: dict[str, torch.Tensor] = {}
+    blocks: list[Block] = []
+    prev, group, in_group = "input", 0, 0
+    first = chain.layers[0]
+    spaces = {"input": Space("input", first.in_width, fixed=True),
+              "logits": Space("logits", chain.classifier.width, fixed=True)}
+    for k, layer in enumerate(chain.layers):
+        last = k == len(chain.hidden)
+        if layer.flatten_before and in_group:
+            group, in_group = group + 1, 0
+        tensors = {"weight": layer.weight, "bias": layer.bias}
+        if layer.bn is not None:
+            tensors.update({f"bn.{leaf}": layer.bn[leaf] for leaf in BN_KEYS})
+        keys = {local: f"{k}.{local}" for local, t in tensors.items() if t is not None}
+        state.update({keys[local]: tensors[local] for local in keys})
+        op = LayerOp(conv=layer.is_conv, stride=layer.stride, padding=layer.padding, norm=layer.bn is not None,
+                     eps=layer.bn_eps, relu=layer.relu, flatten_before=layer.flatten_before,
+                     avgpool_before=layer.avgpool_before)
+        block = layer_block(str(k), keys, {local: tuple(state[key].shape) for local, key in keys.items()}, op, prev,
+                            None if last else group, out_space="logits" if last else None,
+                            slot="classifier" if last else None)
+        if layer.inserted:
+            block = block.with_(inserted=True, exact=frozenset(block.params))
+        block.attrs["layer"] = layer
+        blocks.append(block)
+        prev, in_group = block.output, in_group + 1
+        if layer.pool_after:
+            blocks.append(pool_block(f"pool{group}", prev, slot=f"pool{group}"))
+            group, in_group = group + 1, 0
+    return Network(spaces, blocks, pre=(lambda x: x.flatten(1)) if chain.flatten_input else (lambda x: x)), state
+
+
+def chain_of(net: Network, state: Mapping[str, torch.Tensor], flatten_input: bool) -> Chain:
+    """A description of weight layers and max-pools (as :func:`describe_chain` makes) as a Chain;
+    a layer whose tensors are the ones it was described from comes back as the same object."""
+    layers: list[ChainLayer] = []
+    pooled: list[bool] = []
+    for block in net.blocks:
+        if "op" not in block.attrs:
+            pooled[-1] = True
+            continue
+        op: LayerOp = block.attrs["op"]
+        t = {local: net.param_value(block, local, state) for local in block.params}
+        bn = {leaf: t[f"bn.{leaf}"] for leaf in BN_KEYS} if op.norm else None
+        original = block.attrs.get("layer")
+        if original is not None and t["weight"] is original.weight and t.get("bias") is original.bias and (
+                bn is None or all(bn[leaf] is original.bn[leaf] for leaf in BN_KEYS)):
+            layers.append(original)
+        else:
+            layers.append(ChainLayer(weight=t["weight"], bias=t.get("bias"), bn=bn, bn_eps=op.eps, relu=op.relu,
+                                     flatten_before=op.flatten_before, stride=op.stride, padding=op.padding,
+                                     inserted=block.inserted, avgpool_before=op.avgpool_before))
+        pooled.append(False)
+    layers = [layer if layer.pool_after == pool else layer.with_(pool_after=pool) for layer, pool in zip(layers, pooled)]
+    return Chain(layers[:-1], layers[-1], flatten_input)

@@ -11,6 +11,7 @@ from torch import nn
 
 from clafuse.arch.base import Chain, ChainLayer, Family, Group, LayerInfo, check_shapes
 from clafuse.arch.modules import LinearChain
+from clafuse.arch.network import LayerOp, Network, Space, layer_block
 from clafuse.errors import SpecError
 
 
@@ -117,6 +118,21 @@ class MLPFamily(Family):
             for layer in spec.layers[:-1]
         )
         return [Group("hidden", hidden)]
+
+    def describe(self, spec: MLPSpec) -> Network:
+        """One block per Linear layer on flattened inputs; the hidden ones are one alignment group,
+        the last one (the classes) is fixed."""
+        spaces = {"input": Space("input", spec.layers[0].in_features, fixed=True),
+                  "logits": Space("logits", spec.layers[-1].out_features, fixed=True)}
+        blocks, prev = [], "input"
+        for i, layer in enumerate(spec.layers):
+            last = i == len(spec.layers) - 1
+            keys = {"weight": f"{layer.name}.weight", **({"bias": f"{layer.name}.bias"} if layer.bias else {})}
+            shapes = {"weight": (layer.out_features, layer.in_features), "bias": (layer.out_features,)}
+            blocks.append(layer_block(layer.name, keys, shapes, LayerOp(relu=not last), prev, None if last else 0,
+                                      out_space="logits" if last else None, slot="classifier" if last else None))
+            prev = f"{layer.name}:out"
+        return Network(spaces, blocks, pre=lambda x: x.flatten(1))
 
     def to_chain(self, spec: MLPSpec, state_dict: Mapping[str, torch.Tensor]) -> Chain:
         layers = [

@@ -19,6 +19,7 @@ from clafuse.arch.mlp import MLPFamily
 from clafuse.arch.resnet import ResNetFamily
 from clafuse.arch.vgg import VGGFamily
 from clafuse.errors import SpecError
+from clafuse.io.inputs import MAX_TEXT_BYTES, read_input_text
 
 FAMILIES: dict[str, Family] = {}
 
@@ -68,12 +69,7 @@ def parse_spec(data: object, source: str = "spec") -> tuple[Family, BaseModel]:
 def load_spec(path: str | Path) -> tuple[Family, BaseModel]:
     """Read a JSON or YAML spec file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: not a text file (not valid UTF-8 at byte {exc.start})") from None
+    text = read_input_text(path, "spec file", SpecError, MAX_TEXT_BYTES)
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError, ValueError, RecursionError) as exc:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, PositiveInt, ValidationError, model_valid
 from torch import nn
 
 from clafuse.arch.base import BN_KEYS, Chain, ChainLayer, Family, Group, LayerInfo, check_shapes
+from clafuse.arch.network import LayerOp, Network, Space, layer_block, pool_block
 from clafuse.errors import SpecError
 
 POOL = "M"
@@ -326,6 +327,40 @@ class VGGFamily(Family):
             # The first classifier layer flattens the feature maps: it cannot be an inserted identity.
             out.append(Group("classifier", hidden, pin_first=True))
         return out
+
+    def describe(self, spec: VGGSpec) -> Network:
+        """One block per conv (with its BatchNorm) and per Linear; the max-pools are fixed blocks
+        between the chunks (alignment groups), the classifier's hidden Linears one more group and
+        its last Linear (the classes) a fixed block."""
+        spaces = {"input": Space("input", spec.in_channels, fixed=True),
+                  "logits": Space("logits", spec.classifier[-1].out_features, fixed=True)}
+        shapes = self.expected_shapes(spec)
+        blocks, prev, group = [], "input", 0
+        for idx, pooled in zip(spec.conv_indices, spec.pools_after):
+            keys = {"weight": f"features.{idx}.weight"}
+            if spec.conv_bias:
+                keys["bias"] = f"features.{idx}.bias"
+            if spec.batch_norm:
+                keys.update({f"bn.{leaf}": f"features.{idx + 1}.{leaf}" for leaf in BN_KEYS})
+            op = LayerOp(conv=True, padding=spec.kernel_size // 2, norm=spec.batch_norm, eps=spec.bn_eps)
+            name = f"features.{idx}"
+            blocks.append(layer_block(name, keys, {k: shapes[v] for k, v in keys.items()}, op, prev, group))
+            prev = f"{name}:out"
+            if pooled:
+                blocks.append(pool_block(f"features.pool{group}", prev, slot=f"pool{group}"))
+                group += 1
+        group = len(spec.chunks())
+        for i, layer in enumerate(spec.classifier):
+            last = i == len(spec.classifier) - 1
+            name = f"classifier.{layer.index}"
+            keys = {"weight": f"{name}.weight", **({"bias": f"{name}.bias"} if layer.bias else {})}
+            op = LayerOp(relu=not last, flatten_before=i == 0,
+                         avgpool_before=tuple(spec.avgpool) if i == 0 and spec.avgpool is not None else None)
+            blocks.append(layer_block(name, keys, {k: shapes[v] for k, v in keys.items()}, op, prev,
+                                      None if last else group, out_space="logits" if last else None,
+                                      slot="classifier" if last else None))
+            prev = f"{name}:out"
+        return Network(spaces, blocks)
 
     def to_chain(self, spec: VGGSpec, state_dict: Mapping[str, torch.Tensor]) -> Chain:
         convs = []

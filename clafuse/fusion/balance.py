@@ -1,155 +1,212 @@
-"""Balancing depths: make two chains the same depth according to a layer mapping.
+"""Balancing depths on descriptions: a source network made to pair block for block with the target.
 
-``add`` inserts exact identity layers into the shallow chain (the result has the deep depth);
-``merge`` folds the deep chain's unmatched layers into their successors (the shallow depth).
+``add`` (the source is shallower) inserts an exact identity block wherever the target has a block
+no source block maps to; ``merge`` (the source is deeper) drops its unmatched blocks where the
+network stays valid without them (residual blocks) and folds them into the next kept block where
+they are an affine map and a ReLU (the ReLU replaced by its gate on calibration data).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Mapping
+
 import torch
 
-from clafuse.arch.base import Chain, ChainLayer
+from clafuse.arch.base import Chain, ChainLayer, chain_of, describe_chain
+from clafuse.arch.network import Block, Network, identity_layer_block, layer_block
 from clafuse.errors import ClafuseError
+from clafuse.fusion.corrections import record
 
 BALANCE_METHODS = ("add", "merge")
+
+
+def check_mapping(mapping: list[int], n: int, m: int) -> None:
+    if len(mapping) != n or any(not 0 <= j < m for j in mapping) or any(
+        a >= b for a, b in zip(mapping, mapping[1:])
+    ):
+        raise ClafuseError(f"invalid layer mapping {mapping} for {n} shallow and {m} deep layers")
+
+
+def _check_groups(net: Network, other: Network, mappings: list[list[int]]) -> list[list[int]]:
+    groups, other_groups = net.groups(), other.groups()
+    if len(groups) != len(other_groups) or len(mappings) != len(groups):
+        raise ClafuseError(f"the networks have {len(groups)} and {len(other_groups)} alignment groups, the "
+                           f"mapping {len(mappings)}")
+    return groups
+
+
+def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) -> Network:
+    """``shallow`` with an identity block at every position of ``deep`` that no shallow block maps
+    to (``mappings``: per group, the deep position of each shallow block). An inserted block reads
+    and writes the units of its predecessor; it is exact where the architecture has an exact
+    identity there (after a ReLU; for an inserted layer before any real one, on non-negative
+    inputs)."""
+    groups = _check_groups(shallow, deep, mappings)
+    by_position: dict[int, Block] = {}
+    for g, (s_idx, d_idx, mapping) in enumerate(zip(groups, deep.groups(), mappings)):
+        check_mapping(mapping, len(s_idx), len(d_idx))
+        for i, j in zip(s_idx, mapping):
+            by_position[d_idx[j]] = shallow.blocks[i]
+    fixed = {b.pairing: b for b in shallow.blocks if not b.alignable}
+    spaces = shallow.all_spaces()
+    current = "input"
+    blocks = []
+    for j, template in enumerate(deep.blocks):
+        if not template.alignable:
+            block = fixed.get(template.pairing)
+            if block is None:
+                raise ClafuseError(f"the shallower network has no {template.pairing}")
+        elif j in by_position:
+            block = by_position[j]
+        else:
+            made = template.identity(template, spaces[current].size, current) if template.identity else None
+            if made is None:
+                raise ClafuseError(f"cannot insert an identity in place of {template.name}: the first fully-connected "
+                                   f"layers of both networks must map to each other, and a block that changes "
+                                   f"resolution or width must be matched")
+            block = made
+            spaces.update({s.name: s for s in made.spaces.values()})
+        blocks.append(block)
+        current = block.output or current
+    return replace(shallow, blocks=blocks)
+
+
+def gates_of(net: Network, pre: Mapping[tuple[int, str], torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per block, from its site pre-activations ``pre`` (where recorded in full: the plain linear
+    layers, the ones that fold), the fraction of calibration samples on which each unit is active:
+    the diagonal that best stands in for the ReLU when it is folded."""
+    out = {}
+    for (b, name), z in pre.items():
+        if name == "out" and isinstance(z, torch.Tensor):
+            out[b] = (z > 0).double().flatten(2).mean(-1).mean(0) if z.dim() > 2 else (z > 0).double().mean(0)
+    return out
+
+
+def needs_folding(deep: Network, mappings: list[list[int]]) -> bool:
+    kept = {deep.groups()[g][j] for g, mapping in enumerate(mappings) for j in mapping}
+    return any(b.alignable and i not in kept and not b.drop for i, b in enumerate(deep.blocks))
+
+
+def merge_blocks(deep: Network, state: Mapping[str, torch.Tensor], mappings: list[list[int]],
+                 gates: Mapping[int, torch.Tensor] | None) -> Network:
+    """``deep`` with its unmatched blocks dropped or folded (``mappings``: per group, the deep
+    position of each kept block; ``gates``: per foldable block, its ReLU's gate). Layers j..k fold
+    into the single Linear W_k D_{k-1} W_{k-1} ... D_j W_j (biases carried through)."""
+    groups = deep.groups()
+    kept = set()
+    for idx, mapping in zip(groups, mappings):
+        check_mapping(mapping, len(mapping), len(idx))
+        kept.update(idx[j] for j in mapping)
+    alignable = [i for i, b in enumerate(deep.blocks) if b.alignable]
+    for position, i in enumerate(alignable):
+        block = deep.blocks[i]
+        if i not in kept and not block.drop and not block.fold:
+            raise ClafuseError(f"merge balancing cannot fold hidden layer {position} of the deeper network: only "
+                               "fully-connected layers without BatchNorm fold into their successor; use --balance "
+                               "add (the deeper architecture)")
+    if gates is None and needs_folding(deep, mappings):
+        raise ClafuseError("folding a deeper network's unmatched layers needs calibration data to "
+                           "approximate their ReLUs: pass --data")
+    blocks, detached = [], list(deep.detached)
+    acc: tuple[torch.Tensor, torch.Tensor | None, str] | None = None
+    for i, block in enumerate(deep.blocks):
+        if block.alignable and i not in kept and block.drop:
+            detached.append(block)
+            continue
+        if acc is not None:
+            if "op" not in block.attrs or block.params["weight"].shape.__len__() != 2:
+                raise ClafuseError(f"cannot fold into {block.name}: only into a fully-connected layer")
+            block = _folded(deep, block, state, acc)
+            acc = None
+        if block.alignable and i not in kept:
+            detached.append(block)
+            gate = gates[i].double()
+            w = deep.param_value(block, "weight", state).double()
+            b = deep.param_value(block, "bias", state).double() if "bias" in block.params else None
+            acc = (gate[:, None] * w, gate * b if b is not None else None, block.attrs["in_space"])
+            continue
+        blocks.append(block)
+    return replace(deep, blocks=blocks, detached=detached)
+
+
+def _folded(net: Network, block: Block, state: Mapping[str, torch.Tensor],
+            acc: tuple[torch.Tensor, torch.Tensor | None, str]) -> Block:
+    """``block`` (a Linear layer) applied after the folded affine map ``acc``: one Linear reading
+    the folded layers' inputs."""
+    acc_w, acc_b, in_space = acc
+    w = net.param_value(block, "weight", state).double()
+    b = net.param_value(block, "bias", state).double() if "bias" in block.params else None
+    weight = w @ acc_w
+    if acc_b is not None:
+        b = w @ acc_b if b is None else w @ acc_b + b
+    values = {"weight": weight.float()}
+    if b is not None:
+        values["bias"] = b.float()
+    keys = {local: block.params[local].key if local in block.params else f"{block.name}.{local}" for local in values}
+    made = layer_block(block.name, keys, {k: tuple(v.shape) for k, v in values.items()}, block.attrs["op"], in_space,
+                       block.group, out_space=block.attrs["out_space"], slot=block.slot)
+    return made.with_(values={keys[k]: v for k, v in values.items()})
+
+
+# --- the same on layer chains (:class:`~clafuse.arch.base.Chain`), through their descriptions -----
+
+
+def _groups_of(chain_net: Network) -> list[int]:
+    """Per hidden layer of a described chain, its alignment group."""
+    return [b.group for b in chain_net.blocks if b.alignable]
+
+
+def _per_group(mapping: list[int], s_groups: list[int], d_groups: list[int]) -> list[list[int]]:
+    starts = {g: d_groups.index(g) for g in set(d_groups)}
+    out: list[list[int]] = [[] for _ in sorted(set(d_groups))]
+    for i, j in enumerate(mapping):
+        if s_groups[i] != d_groups[j]:
+            raise ClafuseError(f"shallow hidden layer {i} is in chunk {s_groups[i]} but deep position {j} in chunk "
+                               f"{d_groups[j]}: layers must map within their chunk")
+        out[d_groups[j]].append(j - starts[d_groups[j]])
+    return out
+
+
+def insert_identities(shallow: Chain, mapping: list[int], deep: Chain) -> Chain:
+    """The shallow chain with an identity layer at every deep position no shallow layer maps to
+    (``mapping[i]``: the deep position of shallow hidden layer i, strictly increasing); max-pools
+    stay between the chunks, which layers map within."""
+    check_mapping(mapping, len(shallow.hidden), len(deep.hidden))
+    s_net, state = describe_chain(shallow)
+    d_net, _ = describe_chain(deep)
+    s_groups, d_groups = _groups_of(s_net), _groups_of(d_net)
+    if len(set(s_groups)) != len(set(d_groups)):
+        raise ClafuseError(f"the shallow network has {len(set(s_groups))} chunks, the deep one {len(set(d_groups))}: "
+                           f"they must pool equally often")
+    balanced = insert_blocks(s_net, _per_group(mapping, s_groups, d_groups), d_net)
+    return chain_of(balanced, state, shallow.flatten_input)
 
 
 def identity_layer(width: int, template: ChainLayer) -> ChainLayer:
     """A layer computing ReLU(x) = x on non-negative inputs of ``width`` features, shaped like
     ``template`` (Linear or k x k conv, with a zero bias / identity BatchNorm where it has them)."""
-    if template.is_conv:
-        k = int(template.weight.shape[-1])
-        weight = torch.zeros(width, width, k, k)
-        weight[torch.arange(width), torch.arange(width), k // 2, k // 2] = 1.0
-        padding = k // 2
-    else:
-        weight = torch.eye(width)
-        padding = 0
-    bn = None
-    if template.bn is not None:
-        bn = {
-            "weight": torch.ones(width),
-            "bias": torch.zeros(width),
-            "running_mean": torch.zeros(width),
-            "running_var": torch.full((width,), 1.0 - template.bn_eps),
-        }
-    return ChainLayer(
-        weight=weight,
-        bias=torch.zeros(width) if template.bias is not None else None,
-        bn=bn,
-        bn_eps=template.bn_eps,
-        relu=True,
-        stride=1,
-        padding=padding,
-        inserted=True,
-    )
-
-
-def insert_identities(shallow: Chain, mapping: list[int], deep: Chain) -> Chain:
-    """The shallow chain with an identity layer at every deep position no shallow layer maps to.
-
-    ``mapping[i]`` is the deep position of shallow hidden layer i (strictly increasing). The
-    inserted layer has the width of its predecessor, so the result computes exactly the shallow
-    chain's function (identity layers see post-ReLU, hence non-negative, inputs; before the first
-    real layer they are exact only when the network inputs are non-negative). Max-pools go where
-    the deep chain has them, which is exact because identities commute with max-pooling, provided
-    every shallow layer keeps the number of pools before it (layers map within their chunk).
-    """
-    _check_mapping(mapping, len(shallow.hidden), len(deep.hidden))
-    by_position = dict(zip(mapping, shallow.hidden))
-    hidden: list[ChainLayer] = []
-    width = shallow.hidden[0].in_width if shallow.hidden else shallow.classifier.in_width
-    for j, deep_layer in enumerate(deep.hidden):
-        layer = by_position.get(j)
-        if layer is None:
-            layer = identity_layer(width, deep_layer)
-        if layer.flatten_before != deep_layer.flatten_before:
-            raise ClafuseError(f"deep hidden layer {j} {'flattens' if deep_layer.flatten_before else 'does not flatten'} "
-                               f"the feature maps but the shallow layer mapped there does not match: the first "
-                               f"fully-connected layers of both networks must map to each other")
-        hidden.append(layer)
-        width = layer.width
-    if any(layer.pool_after for layer in (*shallow.hidden, *deep.hidden)):
-        hidden = _pools_like(hidden, shallow, mapping, deep)
-    return Chain(hidden=hidden, classifier=shallow.classifier, flatten_input=shallow.flatten_input)
-
-
-def _pools_like(hidden: list[ChainLayer], shallow: Chain, mapping: list[int], deep: Chain) -> list[ChainLayer]:
-    """``hidden`` with the max-pools at the deep chain's positions, if that keeps its function."""
-
-    def before(layers: list[ChainLayer]) -> list[int]:
-        counts = [0]
-        for layer in layers:
-            counts.append(counts[-1] + int(layer.pool_after))
-        return counts
-
-    s_pools, d_pools = before(shallow.hidden), before(deep.hidden)
-    if s_pools[-1] != d_pools[-1]:
-        raise ClafuseError(f"the shallow network has {s_pools[-1]} max-pools, the deep one {d_pools[-1]}: "
-                           f"they must pool equally often")
-    for i, j in enumerate(mapping):
-        if s_pools[i] != d_pools[j]:
-            raise ClafuseError(f"shallow hidden layer {i} follows {s_pools[i]} max-pools but would follow "
-                               f"{d_pools[j]} at deep position {j}: layers must map within their chunk")
-    return [layer if layer.pool_after == d.pool_after else layer.with_(pool_after=d.pool_after)
-            for layer, d in zip(hidden, deep.hidden)]
+    net, state = describe_chain(Chain([template.with_(flatten_before=False, avgpool_before=None)], template))
+    made = identity_layer_block(net.blocks[0], width, "input")
+    return chain_of(replace(net, blocks=[made, net.blocks[-1]]), state, False).hidden[0]
 
 
 @torch.no_grad()
 def relu_gates(deep: Chain, x: torch.Tensor) -> list[torch.Tensor]:
     """Per hidden layer of ``deep``, the fraction of calibration samples on which each unit is
     active: the diagonal that best stands in for the ReLU when the layer is folded away."""
-    pre, _, _ = deep.forward_record(x)
-    return [(z > 0).double().flatten(2).mean(-1).mean(0) if z.dim() > 2 else (z > 0).double().mean(0)
-            for z in pre]
+    net, state = describe_chain(deep)
+    gates = gates_of(net, record(net, state, x, spaces=False, sites=True)[1])
+    return [gates[i] for i, b in enumerate(net.blocks) if b.alignable]
 
 
 def merge_layers(deep: Chain, mapping: list[int], gates: list[torch.Tensor]) -> Chain:
-    """The deep chain with each unmatched hidden layer folded into the next kept layer.
-
-    A folded layer's ReLU is replaced by diag(gate), so layers j, ..., k become the single
-    Linear W_k D_{k-1} W_{k-1} ... D_j W_j (biases carried through). Layers after the last
-    matched one fold into the classifier.
-    """
-    _check_mapping(mapping, len(mapping), len(deep.hidden))
-    kept = set(mapping)
-    for j, layer in enumerate(deep.hidden):
-        if j not in kept and (layer.is_conv or layer.bn is not None):
-            raise ClafuseError(f"merge balancing cannot fold hidden layer {j} of the deeper network: only "
-                               "fully-connected layers without BatchNorm fold into their successor; use --balance "
-                               "add (the deeper architecture)")
-    hidden: list[ChainLayer] = []
-    acc_w: torch.Tensor | None = None
-    acc_b: torch.Tensor | None = None
-    for j, layer in enumerate(deep.layers):
-        w = layer.weight.double()
-        b = layer.bias.double() if layer.bias is not None else None
-        if acc_w is not None:
-            w, b = w @ acc_w, _affine_bias(w, acc_b, b)
-        if j < len(deep.hidden) and j not in kept:
-            gate = gates[j].double()
-            acc_w = gate[:, None] * w
-            acc_b = gate * b if b is not None else None
-            continue
-        acc_w = acc_b = None
-        merged = layer.with_(weight=w.float(), bias=b.float() if b is not None else None)
-        if j < len(deep.hidden):
-            hidden.append(merged)
-        else:
-            classifier = merged
-    return Chain(hidden=hidden, classifier=classifier, flatten_input=deep.flatten_input)
-
-
-def _affine_bias(w: torch.Tensor, carried: torch.Tensor | None, own: torch.Tensor | None) -> torch.Tensor | None:
-    """Bias of W (x' + carried) + own: the carried bias of folded layers passes through W."""
-    if carried is None:
-        return own
-    through = w @ carried
-    return through if own is None else through + own
-
-
-def _check_mapping(mapping: list[int], n: int, m: int) -> None:
-    if len(mapping) != n or any(not 0 <= j < m for j in mapping) or any(
-        a >= b for a, b in zip(mapping, mapping[1:])
-    ):
-        raise ClafuseError(f"invalid layer mapping {mapping} for {n} shallow and {m} deep layers")
+    """The deep chain with each unmatched hidden layer folded into the next kept layer, its ReLU
+    replaced by diag(gate); layers after the last kept one fold into the last layer."""
+    check_mapping(mapping, len(mapping), len(deep.hidden))
+    net, state = describe_chain(deep)
+    groups = _groups_of(net)
+    hidden = [i for i, b in enumerate(net.blocks) if b.alignable]
+    per_group = _per_group(mapping, [groups[j] for j in mapping], groups)
+    merged = merge_blocks(net, state, per_group, dict(zip(hidden, gates)))
+    return chain_of(merged, state, deep.flatten_input)

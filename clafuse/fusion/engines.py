@@ -1,11 +1,10 @@
-"""Fusion engines: how aligned networks of one family are balanced and fused into a target.
+"""Fusion of checkpoints of one family: describe, balance, record, transport and mix, correct.
 
-Fusion is many-to-one: every source network is balanced to the target's depth (identity layers
-inserted where it is shallower, its unmatched layers folded where it is deeper), transported into
-the target's neuron order and averaged with the mixing weights. A family names its engine
-(``Family.engine``); ``chain`` serves every family that can be written as a
-:class:`~clafuse.arch.base.Chain` (MLPs, VGG-style CNNs). Families with other topologies (residual
-networks) register their own engine here.
+Fusion is many-to-one: every source network is balanced to the target's depth (identity blocks
+inserted where it is shallower; its unmatched blocks dropped or folded where it is deeper),
+transported into the target's units and mixed with the mixing weights, then corrected on
+calibration data. Everything works on the families' descriptions (:meth:`Family.describe`), so one
+engine serves every family; ``ENGINES`` keeps the names families and callers used to pick one.
 """
 
 from __future__ import annotations
@@ -16,11 +15,13 @@ from typing import Callable, Mapping
 import torch
 from pydantic import BaseModel
 
-from clafuse.arch.base import Chain, Family
-from clafuse.errors import ClafuseError
-from clafuse.fusion.balance import insert_identities, merge_layers, relu_gates
-from clafuse.fusion.otfusion import FusionSettings, fuse_chains, materialized
-from clafuse.io.lazy import LazyStateDict, materializer
+from clafuse.arch.base import Family
+from clafuse.arch.network import Network
+from clafuse.fusion.balance import gates_of, insert_blocks, merge_blocks, needs_folding
+from clafuse.fusion.corrections import record
+from clafuse.fusion.engine import Model, fuse_models, mixing_rows
+from clafuse.fusion.otfusion import FusionSettings
+from clafuse.io.lazy import LazyStateDict
 
 
 @dataclass
@@ -39,7 +40,7 @@ class Member:
 class Source:
     """A network fused into the target. ``mappings`` are the alignment's per-group mappings from
     the shallower of the two networks into the deeper one; ``deeper`` says the source is the deeper
-    one (its unmatched layers are folded away), else identities are inserted into it."""
+    one (its unmatched blocks are dropped or folded), else identities are inserted into it."""
 
     member: Member
     mappings: list[list[int]]
@@ -49,22 +50,10 @@ class Source:
 @dataclass
 class FusionOutcome:
     """The fused weights in the target's key names and dtypes, and the mixing weights (target's
-    first, then one per source) each of the target's layers got."""
+    first, then one per source) each of the target's reported blocks got."""
 
     state_dict: dict[str, torch.Tensor]
     mixing: list[list[float]]
-
-
-Engine = Callable[[Member, list[Source], list[float], "torch.Tensor | None", FusionSettings], FusionOutcome]
-ENGINES: dict[str, Engine] = {}
-
-
-def register_engine(name: str) -> Callable[[Engine], Engine]:
-    def add(engine: Engine) -> Engine:
-        ENGINES[name] = engine
-        return engine
-
-    return add
 
 
 def global_mapping(mappings: list[list[int]], deep_sizes: list[int]) -> list[int]:
@@ -77,39 +66,51 @@ def global_mapping(mappings: list[list[int]], deep_sizes: list[int]) -> list[int
     return out
 
 
-@register_engine("chain")
-def fuse_chain_models(target: Member, sources: list[Source], weights: list[float], x: torch.Tensor | None,
-                      settings: FusionSettings) -> FusionOutcome:
-    """Balance each source chain to the target's depth (identities into a shallower source, a
-    deeper one's unmatched layers folded with their ReLU gates on ``x``), then OT-fuse them all
-    into the target's architecture. ``weights``: the target's first, then the sources'."""
-    target_chain = _chain(target)
-    balanced = []
-    for source in sources:
-        m = source.member
-        chain = _chain(m)
-        if source.deeper:
-            if x is None:
-                raise ClafuseError("folding a deeper network's unmatched layers needs calibration data to "
-                                   "approximate their ReLUs: pass --data")
-            chain = materialized(chain, materializer(m.state_dict))
-            mapping = global_mapping(source.mappings, m.group_sizes())
-            balanced.append(merge_layers(chain, mapping, relu_gates(chain, x)))
-        else:
-            mapping = global_mapping(source.mappings, target.group_sizes())
-            balanced.append(insert_identities(chain, mapping, target_chain))
-    load = materializer(target.state_dict, *(s.member.state_dict for s in sources))
-    result = fuse_chains(target_chain, balanced, list(weights), x, settings, load=load, keep_plans=False)
-    state = target.family.from_chain(target.spec, result.chain, target.state_dict)
-    return FusionOutcome(state, result.mixing)
+def _float(state: Mapping[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+    """All of ``state`` read, floating-point tensors as float32 (their dtypes noted in ``dtypes``)."""
+    out = {}
+    for k, v in state.items():
+        if dtypes is not None:
+            dtypes[k] = v.dtype
+        out[k] = v.float() if v.is_floating_point() else v
+    return out
 
 
-def _chain(member: Member) -> Chain:
-    """The member's chain; for a lazily opened checkpoint, with shape-only stand-ins for its
-    tensors (read layer by layer later)."""
-    sd = member.state_dict
-    return member.family.to_chain(member.spec, sd.skeleton() if isinstance(sd, LazyStateDict) else sd)
+def balanced_model(target: Network, source: Source, x: torch.Tensor | None) -> Model:
+    """The source described and balanced to pair block for block with ``target``; read in full
+    (float32) when there is calibration data, else left as it is (read tensor by tensor)."""
+    m = source.member
+    net = m.family.describe(m.spec)
+    state = _float(m.state_dict) if x is not None else m.state_dict
+    if source.deeper:
+        gates = None
+        if x is not None and needs_folding(net, source.mappings):
+            gates = gates_of(net, record(net, state, x, spaces=False, sites=True)[1])
+        net = merge_blocks(net, state, source.mappings, gates)
+    else:
+        net = insert_blocks(net, source.mappings, target)
+    return Model(net, state, consumable=x is not None)
 
 
-# Engines of other families register themselves on import.
-from clafuse.fusion import resnet as _resnet  # noqa: E402,F401  (registers "resnet")
+def fuse_members(target: Member, sources: list[Source], weights: list[float], x: torch.Tensor | None,
+                 settings: FusionSettings) -> FusionOutcome:
+    """Fuse ``sources`` into the target's architecture; ``weights``: the target's first.
+
+    With calibration inputs ``x``: activations drive the transport (``signal="activations"``),
+    BatchNorm statistics are recomputed (``bn_reset``) and the ``correction`` runs; without, the
+    fusion streams block by block through lazily opened checkpoints.
+    """
+    net = target.family.describe(target.spec)
+    dtypes: dict[str, torch.dtype] = {}
+    anchor = Model(net, _float(target.state_dict, dtypes) if x is not None else target.state_dict,
+                   mutable=isinstance(target.state_dict, LazyStateDict))
+    models = [balanced_model(net, source, x) for source in sources]
+    mixed = fuse_models(anchor, models, weights, x, settings)
+    state = mixed.state
+    dtypes = {**mixed.dtypes, **dtypes}
+    out = {key: state[key].to(dtypes[key]) if key in state else target.state_dict[key] for key in target.state_dict}
+    return FusionOutcome(out, mixing_rows(net, mixed.betas))
+
+
+Engine = Callable[[Member, list[Source], list[float], "torch.Tensor | None", FusionSettings], FusionOutcome]
+ENGINES: dict[str, Engine] = {"network": fuse_members, "chain": fuse_members, "resnet": fuse_members}

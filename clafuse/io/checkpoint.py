@@ -23,39 +23,31 @@ from safetensors.torch import load_file
 
 from clafuse.errors import CheckpointError
 from clafuse.io.atomic import atomic_output
+from clafuse.io.common import DDP_PREFIX as _DDP_PREFIX
+from clafuse.io.common import INDEX_SUFFIX, SAFETENSORS_EXTS, TORCH_EXTS
+from clafuse.io.common import one_line as _one_line
+from clafuse.io.lazy import lazy_safetensors
+from clafuse.io.writer import parse_size, save_safetensors
+from clafuse.io.inputs import MAX_TEXT_BYTES, check_input, open_input, read_input_text
+from clafuse.io.tensors import admit_tensors
 
-SAFETENSORS_EXTS = (".safetensors",)
-TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
-INDEX_SUFFIX = ".safetensors.index.json"
 _TORCH_OUTPUT_EXTS = (".pt", ".pth", ".bin")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-_DDP_PREFIX = "module."
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()).split(". ")[0]
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return text or type(exc).__name__
-
-
 def _existing_file(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory, expected a checkpoint file")
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such file")
-    return p
+    """``path`` once it is known to be a regular file (not a FIFO or device, which could block)."""
+    return check_input(path, "file", CheckpointError)
 
 
 def _sniff(p: Path) -> str:
     """Tell safetensors from torch by the file's first bytes, for files with an unknown extension."""
     try:
-        size = p.stat().st_size
-        with open(p, "rb") as fh:
+        with open_input(p, "file", CheckpointError) as fh:
+            size = os.fstat(fh.fileno()).st_size
             head = fh.read(9)
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot read: {_one_line(exc)}") from exc
@@ -85,13 +77,59 @@ def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_weight_map(p: Path) -> dict[str, str]:
+    text = read_input_text(p, "safetensors index", CheckpointError, MAX_TEXT_BYTES)
     try:
-        weight_map = json.loads(p.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:  # ValueError: bad UTF-8 or JSON
+        weight_map = json.loads(text)["weight_map"]
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:  # ValueError: bad JSON
         raise CheckpointError(f"{p}: not a valid safetensors index (needs a \"weight_map\" object)") from exc
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(weight_map, dict):
         raise CheckpointError(f"{p}: \"weight_map\" must map tensor names to shard file names")
+    for key, shard_name in weight_map.items():
+        if key == "__metadata__":
+            raise CheckpointError(f"{p}: \"weight_map\" lists \"__metadata__\", which is not a tensor name "
+                                  "(an index keeps metadata in its \"metadata\" object)")
+        if not isinstance(shard_name, str):
+            raise CheckpointError(f"{p}: \"weight_map\" entry {key!r} is a {type(shard_name).__name__}, "
+                                  "expected a shard file name")
+    for shard_name in dict.fromkeys(weight_map.values()):  # every name is confined before any shard is opened
+        _shard_path(p, shard_name)
     return weight_map
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _shard_path(p: Path, shard_name: str) -> Path:
+    """Where the shard ``shard_name`` of index ``p`` is: a file in the index's folder or below.
+
+    Names that are absolute or climb with ``..`` are refused from the name alone, and so are
+    names that resolve (through symlinks) outside both the folder the index is named in and the
+    folder its file really is in (which is where a Hugging Face cache keeps the shards). The
+    refusal never depends on whether the named file exists, so it reveals nothing about files
+    outside the folder."""
+    parts = shard_name.replace("\\", "/").split("/")
+    refused = CheckpointError(f"{p}: shard name {shard_name!r} leaves the index's folder; an index may only "
+                              "name shards beside it")
+    if not shard_name or "\x00" in shard_name or os.path.isabs(shard_name) or shard_name.startswith(("/", "\\")) \
+            or ".." in parts or Path(shard_name).drive:
+        raise refused
+    shard = p.parent / shard_name
+    real = os.path.realpath(shard)
+    if not any(_within(real, home) for home in (os.path.realpath(p.parent), os.path.dirname(os.path.realpath(p)))):
+        raise refused
+    return shard
+
+
+def _shard_file(p: Path, shard_name: str) -> Path:
+    """The confined shard path, checked to be a regular file."""
+    shard = _shard_path(p, shard_name)
+    try:
+        return check_input(shard, "file", CheckpointError)
+    except CheckpointError:
+        if not shard.exists():
+            raise CheckpointError(f"{p}: shard {shard_name!r} listed in the index does not exist") from None
+        raise
 
 
 def _load_index(p: Path) -> dict[str, torch.Tensor]:
@@ -99,10 +137,7 @@ def _load_index(p: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, shard_name in _read_weight_map(p).items():
         if shard_name not in shards:
-            shard = p.parent / shard_name
-            if not shard.is_file():
-                raise CheckpointError(f"{p}: shard {shard_name} listed in the index does not exist")
-            shards[shard_name] = _load_safetensors(shard)
+            shards[shard_name] = _load_safetensors(_shard_file(p, shard_name))
         if key not in shards[shard_name]:
             raise CheckpointError(f"{p}: tensor {key!r} is not in its shard {shard_name}")
         out[key] = shards[shard_name][key]
@@ -111,7 +146,7 @@ def _load_index(p: Path) -> dict[str, torch.Tensor]:
 
 def _load_torch(p: Path) -> Any:
     try:
-        with open(p, "rb") as fh:
+        with open_input(p, "file", CheckpointError) as fh:
             head = fh.read(4)
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot read: {_one_line(exc)}") from exc
@@ -119,7 +154,9 @@ def _load_torch(p: Path) -> Any:
         raise CheckpointError(f"{p}: not a torch checkpoint (neither a zip archive nor a pickle)")
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            # torch warns about what it unpickles (old protocols, sparse or quantized storages); the
+            # tensors themselves are checked after loading and refused with a clear message if unfit.
+            warnings.simplefilter("ignore")
             return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _UNSAFE_GLOBAL.search(str(exc))
@@ -131,6 +168,11 @@ def _load_torch(p: Path) -> Any:
             "clafuse never executes pickled code"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - torch's unpickler lets IndexError, KeyError, ... escape on bad bytes
+        wanted = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(exc))
+        if isinstance(exc, MemoryError) or wanted:
+            size = f" ({int(wanted.group(1)) / 2**30:.1f} GiB for one storage)" if wanted else ""
+            raise CheckpointError(f"{p}: cannot allocate the memory its tensors declare{size}; the file is corrupt, "
+                                  "or larger than this machine can load") from None
         raise CheckpointError(f"{p}: corrupt or truncated torch checkpoint: {_one_line(exc)}") from exc
 
 
@@ -158,9 +200,11 @@ def _unwrap(p: Path, obj: Any) -> dict[str, torch.Tensor]:
                 f"{p}: entry {prefix}{key!r} is a {type(value).__name__}, not a tensor; "
                 "expected a plain mapping of names to tensors"
             )
-    if all(k.startswith(_DDP_PREFIX) for k in obj):
-        return {k[len(_DDP_PREFIX):]: v for k, v in obj.items()}
-    return dict(obj)
+    tensors = admit_tensors(p, {f"{prefix}{k}": v for k, v in obj.items()})
+    tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    if all(k.startswith(_DDP_PREFIX) for k in tensors):
+        return {k[len(_DDP_PREFIX):]: v for k, v in tensors.items()}
+    return tensors
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -177,16 +221,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     """Like :func:`load_checkpoint`, but a safetensors file or sharded index is opened lazily: a
     :class:`~clafuse.io.lazy.LazyStateDict` that reads each tensor when it is looked up. Torch
     files are loaded eagerly (their pickles cannot be read in part safely)."""
-    from clafuse.io.lazy import lazy_safetensors
-
     p = _existing_file(path)
     if p.name.lower().endswith(INDEX_SUFFIX):
         files = {}
+        checked: dict[str, Path] = {}
         for key, shard_name in _read_weight_map(p).items():
-            shard = p.parent / shard_name
-            if not shard.is_file():
-                raise CheckpointError(f"{p}: shard {shard_name} listed in the index does not exist")
-            files[key] = shard
+            if shard_name not in checked:
+                checked[shard_name] = _shard_file(p, shard_name)
+            files[key] = checked[shard_name]
     elif format_of(p) == "safetensors":
         try:
             with safe_open(p, framework="pt") as fh:
@@ -207,7 +249,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         shards = list(_read_weight_map(p).values())
         if not shards:
             return {}
-        p = _existing_file(p.parent / shards[0])
+        p = _shard_file(p, shards[0])
     elif format_of(p) != "safetensors":
         return {}
     try:
@@ -250,8 +292,6 @@ def _prepare(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def output_format(path: str | os.PathLike[str], max_shard_size: str | int | None = None) -> tuple[str, int | None]:
     """The format an output name asks for (``"safetensors"`` or ``"torch"``) and the shard size in
     bytes; raise ``CheckpointError`` for an unsupported extension or shards of a torch file."""
-    from clafuse.io.writer import parse_size
-
     name = Path(path).name.lower()
     limit = parse_size(max_shard_size)
     if name.endswith(SAFETENSORS_EXTS):
@@ -277,8 +317,6 @@ def save_checkpoint(
     torch format (``.pt``/``.pth``/``.bin``) has no header, so ``metadata`` is not stored there;
     the file holds exactly the given keys so ``load_state_dict(strict=True)`` works on it.
     """
-    from clafuse.io.writer import save_safetensors
-
     p = Path(path)
     kind, limit = output_format(p, max_shard_size)
     if kind == "safetensors":

@@ -18,13 +18,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from clafuse.errors import CheckpointError
-from clafuse.io.checkpoint import _DDP_PREFIX, _one_line
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from clafuse.io.common import DDP_PREFIX as _DDP_PREFIX
+from clafuse.io.common import SAFETENSORS_DTYPES
+from clafuse.io.common import one_line as _one_line
+from clafuse.io.inputs import MAX_HEADER_BYTES, open_input
+from clafuse.io.tensors import check_declared
 
 
 class LazyStateDict(Mapping[str, torch.Tensor]):
@@ -49,9 +47,10 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             dtype = info["dtype"]
             if dtype not in SAFETENSORS_DTYPES:
                 raise CheckpointError(f"{file}: tensor {stored!r} has dtype {dtype}, which clafuse does not support")
+            shape = tuple(int(d) for d in info["shape"])
+            check_declared(file, stored, SAFETENSORS_DTYPES[dtype], shape)
             begin, end = info["data_offsets"]
-            self._entries[name] = (file, SAFETENSORS_DTYPES[dtype], tuple(int(d) for d in info["shape"]),
-                                   start + begin, end - begin)
+            self._entries[name] = (file, SAFETENSORS_DTYPES[dtype], shape, start + begin, end - begin)
         self._skeleton: dict[str, torch.Tensor] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -90,10 +89,13 @@ def _read_header(file: Path) -> tuple[int, dict]:
     """(start of the data section, header) of a safetensors file, after ``safe_open`` has checked it
     (header syntax, dtypes, offsets within the file and without gaps or overlaps)."""
     try:
-        with safe_open(str(file), framework="pt", device="cpu"):
-            pass
-        with open(file, "rb") as fh:
+        with open_input(file, "file", CheckpointError) as fh:
+            with safe_open(str(file), framework="pt", device="cpu"):
+                pass
             length = int.from_bytes(fh.read(8), "little")
+            if length > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{file}: safetensors header of {length} bytes is over the "
+                                      f"{MAX_HEADER_BYTES} clafuse reads")
             header = json.loads(fh.read(length))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{file}: not a valid safetensors file: {_one_line(exc)}") from None

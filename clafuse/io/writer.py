@@ -23,8 +23,7 @@ import torch
 
 from clafuse.errors import ClafuseError
 from clafuse.io.atomic import atomic_output, write_text_atomic
-from clafuse.io.checkpoint import INDEX_SUFFIX
-from clafuse.io.lazy import SAFETENSORS_DTYPES
+from clafuse.io.common import INDEX_SUFFIX, SAFETENSORS_DTYPES
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -1,0 +1,140 @@
+"""``finetune``: train a checkpoint (optionally distilling a teacher) and keep its best epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import clafuse
+from clafuse.api.models import check_fits, load_model
+from clafuse.data import has_val_split, load_source
+from clafuse.errors import ClafuseError, DataError
+from clafuse.io.checkpoint import save_checkpoint
+from clafuse.options import Augmentation, Optimizer, Precision, Schedule
+
+
+def train_state_path(out: str | os.PathLike) -> Path:
+    """Where ``finetune_checkpoint`` keeps the training state of a run writing ``out``: ``OUT.state.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".state.pt")
+
+
+def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data: str, val: str | None = None,
+                        epochs: int = 1, lr: float = 0.01, momentum: float = 0.9, batch_size: int = 64,
+                        schedule: Schedule = "cosine", weight_decay: float = 0.0, seed: int = 0,
+                        arch: str | os.PathLike | None = None, progress: bool = False,
+                        optimizer: Optimizer = "sgd", nesterov: bool = False, warmup_steps: int = 0,
+                        label_smoothing: float = 0.0, augment: Augmentation = "none",
+                        teacher: str | os.PathLike | None = None, teacher_arch: str | os.PathLike | None = None,
+                        kd_alpha: float = 0.5, kd_temperature: float = 4.0,
+                        metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
+                        resume: bool = False, precision: Precision = "fp32") -> dict[str, Any]:
+    """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
+    test data) to ``out``, in the input's key names and dtypes.
+
+    With ``teacher`` the student is distilled from that checkpoint (same classes, same inputs).
+    The training state is saved to :func:`train_state_path` after every epoch and removed once
+    ``out`` is written; ``resume`` continues an interrupted run from it (same settings required).
+    ``metrics_out`` gets one JSON line per epoch as training goes; ``plot`` a PNG of the curves.
+    ``precision`` ``bf16``/``fp16`` runs the forward passes under autocast (fp16 needs CUDA).
+
+    Training runs on CUDA when available (``cuda:LOCAL_RANK``), else on the CPU. Started by torchrun
+    with several processes, the run is data parallel (see :func:`clafuse.training.finetune`):
+    ``batch_size`` is the global batch, every rank reads the inputs itself, and rank 0 alone writes
+    ``out``, the metrics, the plot and the training state (and reads it to resume); every rank
+    returns the same report.
+    """
+    from clafuse import distributed as ddp
+    from clafuse.training import FinetuneConfig, check_precision, finetune, load_train_state, save_train_state
+
+    with ddp.same_on_every_rank():
+        launch = ddp.launch_from_env()
+        device = ddp.default_device(launch)
+        config = FinetuneConfig(epochs=epochs, lr=lr, momentum=momentum, batch_size=batch_size, schedule=schedule,
+                                weight_decay=weight_decay, seed=seed, optimizer=optimizer, nesterov=nesterov,
+                                warmup_steps=warmup_steps, label_smoothing=label_smoothing, augment=augment,
+                                kd_alpha=kd_alpha, kd_temperature=kd_temperature, precision=precision)
+        check_precision(precision, device)
+    with ddp.process_group(launch):
+        main = ddp.rank() == 0
+        state_file = train_state_path(out)
+        resume_from = None
+        with ddp.agree():
+            model = load_model(path, arch)
+            train = load_source(data, split="train")
+            if val is None and not has_val_split(data):
+                raise DataError("a .npz training file has no validation split: pass --val")
+            val_ds = load_source(val if val is not None else data, split="val")
+            for ds, name in ((train, data), (val_ds, val or data)):
+                if ds.y is None:
+                    raise DataError(f"data {name}: finetuning needs labels (array 'y')")
+                check_fits(model, ds.x, f"data {name}")
+            teacher_model = teacher_module = None
+            if teacher is not None:
+                teacher_model = load_model(teacher, teacher_arch)
+                check_fits(teacher_model, train.x, f"teacher {teacher} on data {data}")
+                with torch.no_grad():
+                    probe = train.x[:2]
+                    student_classes = model.family.forward(model.spec, model.state_dict, probe).shape[-1]
+                    teacher_classes = teacher_model.family.forward(teacher_model.spec, teacher_model.state_dict,
+                                                                   probe).shape[-1]
+                if student_classes != teacher_classes:
+                    raise DataError(f"teacher {teacher} has {teacher_classes} classes but the student {path} has "
+                                    f"{student_classes}")
+                teacher_module = teacher_model.module().to(device)
+            if main:
+                identity = {"input_sha256": model.sha256,
+                            "teacher_sha256": teacher_model.sha256 if teacher_model is not None else None}
+                if resume:
+                    resume_from = load_train_state(state_file)
+                    if resume_from.get("identity") != identity:
+                        raise ClafuseError(f"{state_file} was saved for a different checkpoint or teacher; "
+                                           "run without --resume to start afresh")
+        if resume:
+            resume_from = ddp.broadcast_object(resume_from)
+
+        def on_state(state: dict) -> None:
+            save_train_state(state_file, {**state, "identity": identity})
+
+        metrics_fh = None
+
+        def on_epoch(record: dict) -> None:
+            if metrics_fh is not None:
+                metrics_fh.write(json.dumps(record) + "\n")
+                metrics_fh.flush()
+
+        try:
+            with ddp.agree():
+                if main and metrics_out is not None:
+                    try:
+                        metrics_fh = open(metrics_out, "w", encoding="utf-8")
+                    except OSError as exc:
+                        raise ClafuseError(f"cannot write {metrics_out}: {exc.strerror or exc}") from None
+            if metrics_fh is not None and resume_from is not None:
+                for record in resume_from["history"]:
+                    on_epoch(record)
+            module = model.module().to(device)
+            result = finetune(module, train, val_ds, config, on_epoch=on_epoch if main else None,
+                              progress=progress and main, teacher=teacher_module,
+                              on_state=on_state if main else None, resume_from=resume_from)
+        finally:
+            if metrics_fh is not None:
+                metrics_fh.close()
+        with ddp.agree():
+            if main:
+                state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
+                metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
+                            "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
+                if teacher_model is not None:
+                    metadata["distilled_from"] = teacher_model.sha256
+                save_checkpoint(out, state, metadata)
+                if plot is not None:
+                    from clafuse.plots import plot_history
+
+                    plot_history(result.history, plot)
+                state_file.unlink(missing_ok=True)
+    return {"input": str(path), "output": str(out), "best_epoch": result.best_epoch, "history": result.history}

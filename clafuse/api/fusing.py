@@ -1,0 +1,230 @@
+"""``fuse``: balance and fuse the models of a map into the target's architecture."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import clafuse
+from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
+from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
+from clafuse.api.models import LoadedModel, check_fits, nonfinite_keys
+from clafuse.arch.registry import parse_spec
+from clafuse.errors import ClafuseError, MapError
+from clafuse.fusion.engines import ENGINES, Member, Source
+from clafuse.fusion.otfusion import FusionSettings
+from clafuse.io.checkpoint import open_checkpoint, output_format, save_checkpoint
+from clafuse.io.lazy import LazyStateDict
+from clafuse.options import Balance, OutputDtype, Signal, check_choice, check_integer, mixing_weights
+
+
+def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
+    path = base / entry.path
+    if not path.exists():
+        raise MapError(f"{path}: checkpoint named in the map does not exist")
+    family, spec = parse_spec(entry.spec, f"map entry {entry.path}")
+    state_dict = open_checkpoint(path)
+    family.check(spec, state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict)
+    model = LoadedModel(path, state_dict, family, spec)
+    if model.sha256 != entry.sha256:
+        raise MapError(f"{path} changed since align (sha256 {model.sha256[:12]}…, the map has {entry.sha256[:12]}…); "
+                       f"run align again")
+    return model
+
+
+def resolve_target(doc: MapFile, target: str | int | None, balance: Balance | None) -> int:
+    """The index of the model whose architecture the fused checkpoint takes.
+
+    By default the map's anchor; ``target`` names another (deep, shallow, a letter or an index),
+    which needs an alignment between it and every other model, i.e. a two-model map or the anchor.
+    ``balance`` (two-model maps) says the same by method: ``add`` = the deeper, ``merge`` = the
+    shallower; given together they must agree.
+    """
+    depths = [sum(len(g.layers) for g in m.groups) for m in doc.models]
+    if target is not None:
+        chosen = model_index(target, [m.path for m in doc.models], depths, "--target")
+        if len(doc.models) == 2 and target in ("deep", "shallow"):
+            pair = doc.alignments[0]
+            chosen = pair.deep if target == "deep" else pair.shallow
+    elif balance is not None:
+        check_choice("--balance", balance, Balance)
+        if len(doc.models) != 2:
+            raise ClafuseError("--balance chooses between the two models of a two-model map; with more models "
+                               "use --target (each model is balanced to the target as its depth needs)")
+        pair = doc.alignments[0]
+        chosen = pair.deep if balance == "add" else pair.shallow
+    else:
+        chosen = doc.anchor
+    linked = {i for a in doc.alignments for i in (a.deep, a.shallow) if chosen in (a.deep, a.shallow)} - {chosen}
+    missing = [model_letter(i) for i in range(len(doc.models)) if i != chosen and i not in linked]
+    if missing:
+        raise ClafuseError(f"the map does not align model {', '.join(missing)} to {model_letter(chosen)}: run align "
+                           f"again with --anchor {model_letter(chosen)} to fuse into that model's architecture")
+    if balance is not None and len(doc.models) == 2:
+        pair = doc.alignments[0]
+        wanted = "add" if chosen == pair.deep else "merge"
+        if balance != wanted:
+            raise ClafuseError(f"--target {target} needs --balance {wanted} (the "
+                               f"{'deeper' if wanted == 'add' else 'shallower'} architecture), not --balance {balance}")
+    return chosen
+
+
+def parse_weights(text: str | Sequence[float] | None, count: int) -> list[float]:
+    """Mixing weights as given, one per model in align order (equal weights when not given); finite,
+    non-negative and not all zero (:func:`~clafuse.options.mixing_weights` scales them for fusing)."""
+    if text is None:
+        return [1.0 / count] * count
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    except (ValueError, TypeError):
+        raise ClafuseError(f"--weights must be {count} comma-separated numbers, got {text!r}") from None
+    if len(values) != count:
+        raise ClafuseError(f"--weights must be {count} non-negative numbers with a positive sum, got {text!r}")
+    mixing_weights(values)
+    return values
+
+
+def _fusion_settings(signal: str, options: dict[str, Any]) -> FusionSettings:
+    try:
+        return FusionSettings(signal=signal, **options)
+    except TypeError as exc:
+        raise ClafuseError(f"unknown fusion option: {exc}") from None
+
+
+def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balance | None = None,
+         target: str | int | None = None, weights: str | Sequence[float] | None = None, data: str | None = None,
+         samples: int | None = None, signal: Signal | None = None, allow_nonfinite: bool = False,
+         dtype: str | None = None, max_shard_size: str | int | None = None, **options: Any) -> dict[str, Any]:
+    """Balance and fuse all models of a map into one checkpoint written to ``out``.
+
+    The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
+    e.g. to fuse a deep teacher into a shallow student's. Each other model is balanced to it (add:
+    identities into a shallower model; merge: a deeper model's unmatched layers folded),
+    transported into its neuron order and averaged with ``weights`` (one per model, align order).
+    Activations drive the transport when calibration data is at hand (the map's, or ``data``), else
+    weights; ``options`` are further :class:`~clafuse.fusion.otfusion.FusionSettings` fields.
+    ``dtype`` overrides the target's floating-point dtype; above ``max_shard_size`` the output is
+    written as shards with an index.
+    """
+    started = time.perf_counter()
+    check_output(out, dtype, max_shard_size)
+    if balance is not None:
+        check_choice("--balance", balance, Balance)
+    if signal is not None:
+        check_choice("--signal", signal, Signal)
+    if samples is not None:
+        check_integer("--samples", samples, at_least=2)
+    _fusion_settings(signal or "activations", options)  # refuse bad options before any work
+    doc = read_map(map_path)
+    alpha = parse_weights(weights, len(doc.models))
+    base = Path(map_path).parent
+    if data is None:  # the map's own calibration data will be used: refuse it if it changed since align
+        check_data_digest(doc, base)
+    models = [_map_model(entry, base) for entry in doc.models]
+    if not allow_nonfinite:
+        for m in models:
+            bad = nonfinite_keys(m.state_dict)
+            if bad:
+                raise ClafuseError(f"{m.path}: {bad[0]} has NaN or Inf values; pass --allow-nonfinite to fuse anyway")
+    chosen = resolve_target(doc, target, balance)
+    sources, methods = [], {}
+    for i, m in enumerate(models):
+        if i == chosen:
+            continue
+        pair = next(a for a in doc.alignments if {a.deep, a.shallow} == {i, chosen})
+        sources.append((i, Source(Member(m.family, m.spec, m.state_dict), [g.mapping for g in pair.groups],
+                                  deeper=pair.deep == i)))
+        methods[model_letter(i)] = "merge" if pair.deep == i else "add"
+    if len(models) == 2:
+        balance = next(iter(methods.values()))
+
+    # Calibration data serves the activation signal, the corrections, BN reset and merge's ReLU
+    # gates, so it is used whenever there is some, whatever the signal.
+    x = None
+    if data is not None or doc.data is not None:
+        source = data if data is not None else doc.data.source
+        n = samples or (doc.data.samples if doc.data else DEFAULT_SAMPLES)
+        seed = doc.data.seed if doc.data else 0
+        x = calibration(source, n, seed, base=None if data is not None else base)
+        for m in models:
+            check_fits(m, x, f"data {source}")
+    if signal is None:
+        signal = "activations" if x is not None else "weights"
+    if signal == "activations" and x is None:
+        raise ClafuseError("the activation signal needs calibration data: pass --data, or --signal weights")
+    without_data = x is None and options.get("correction", "regress") != "none"
+    if without_data:
+        options["correction"] = "none"
+    settings = _fusion_settings(signal, options)
+
+    target_model = models[chosen]
+    engine = ENGINES[target_model.family.engine]
+    mixing = mixing_weights(alpha)
+    order = [chosen, *(i for i, _ in sources)]
+    result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
+                    [source for _, source in sources], [mixing[i] for i in order], x, settings)
+    if without_data:
+        log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
+    state = cast_state(result.state_dict, dtype)
+    metadata = {
+        "clafuse_version": clafuse.__version__,
+        "map_sha256": map_digest(map_path),
+        "inputs": json.dumps([{"path": e.path, "sha256": e.sha256} for e in doc.models]),
+        "target": doc.models[chosen].path,
+        "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
+                                "dtype": dtype, **settings.__dict__}),
+    }
+    shards = save_checkpoint(out, state, metadata, max_shard_size=max_shard_size)
+    return {
+        "output": str(out),
+        "files": [str(f) for f in shards],
+        "target": str(target_model.path),
+        "family": target_model.family.name,
+        "balance": balance if len(models) == 2 else methods,
+        "weights": alpha,
+        "signal": signal,
+        "correction": settings.correction,
+        "calibration_samples": int(x.shape[0]) if x is not None else 0,
+        "mapping": sources[0][1].mappings if len(models) == 2 else {model_letter(i): s.mappings for i, s in sources},
+        "layers": [{"name": l.name, "width": l.width} for g in target_model.groups for l in g.layers],
+        "mixing": [[round(float(v), 6) for v in row] for row in result.mixing],
+        "mixing_order": [model_letter(i) for i in order],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def check_output(out: str | os.PathLike, dtype: str | None = None, max_shard_size: str | int | None = None) -> None:
+    """Refuse an unusable output name, dtype or shard size before any work is done."""
+    output_format(out, max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        check_choice("--dtype", dtype, OutputDtype)
+    if not Path(out).parent.is_dir():
+        raise ClafuseError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+
+
+def cast_state(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
+    """``state`` with its floating-point tensors in ``dtype`` (fp32, fp16, bf16); unchanged for None."""
+    if dtype is None:
+        return state
+    if dtype not in DTYPES:
+        check_choice("--dtype", dtype, OutputDtype)
+    wanted = DTYPES[dtype]
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point() and value.dtype != wanted:
+            converted = value.to(wanted)
+            if not bool(torch.isfinite(converted.sum(dtype=torch.float64))) and \
+                    bool(torch.isfinite(value.sum(dtype=torch.float64))):
+                raise ClafuseError(f"{key} does not fit in {dtype}: its values overflow to Inf")
+            value = converted
+        out[key] = value
+    return out

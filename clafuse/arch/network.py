@@ -1,0 +1,354 @@
+"""The description of a network that every family produces and the one fusion engine consumes.
+
+A :class:`Network` says, as data, what fusion needs to know about an architecture:
+
+* **neuron spaces** (:class:`Space`): sets of interchangeable units that one transport plan acts
+  on — a layer's outputs, a residual stream shared by every tensor that writes into it or reads
+  from it, the classes (fixed). Room is made for attention heads (``heads``).
+* **parameters** (:class:`Param`): for each tensor of the checkpoint, which axis lives in which
+  space, so that moving a network into another's neuron order is one generic operation.
+* **blocks** (:class:`Block`): the units alignment matches, balancing inserts (``identity``),
+  folds (``fold``) or drops (``drop``), grouped into alignment groups; fixed blocks (a stem, a
+  pool, a classifier) pair by name. Each block can run (``forward``), calling a :class:`Tap` at
+  the points fusion observes or corrects: normalisations, correction sites, neuron spaces.
+
+A family builds the description from its spec alone (shapes, not values); the tensors stay in the
+checkpoint's state dict and are read by key when needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+NORM_LEAVES = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class Space:
+    """A set of units one transport plan acts on.
+
+    ``signature`` lists candidate groups of parameter keys whose slices along this space tell its
+    units apart (the weight ground cost); the engine uses the first group whose first key both
+    networks really have, the rest of a group filling in with zeros where one side lacks it.
+    ``owner`` (a block name) makes it an inner space of that block, paired with the other
+    network's space of the same ``local`` name in the matched block; otherwise spaces pair by
+    name. ``same_as`` names another space of this network that holds the same units (a stem that
+    writes straight into the first stage's stream). ``heads`` > 1 marks an attention space: units
+    grouped into heads of ``size // heads`` units, permuted by head and within heads.
+    """
+
+    name: str
+    size: int
+    signature: tuple[tuple[str, ...], ...] = ()
+    owner: str | None = None
+    local: str = ""
+    fixed: bool = False
+    same_as: str | None = None
+    heads: int = 1
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tensor: its key and, per axis, the space it lives in (None: not permuted).
+
+    Axes in ``reads`` are read from their space (input columns: moved by summing the units sent to
+    each target unit); the others belong to it (rows, biases, norm vectors: averaged).
+    ``implied`` marks a tensor the architecture implies without storing it (the identity of a
+    plain shortcut), given by the network's ``values``.
+    """
+
+    key: str
+    axes: tuple[str | None, ...]
+    shape: tuple[int, ...] = ()
+    kind: str = "weight"
+    reads: tuple[int, ...] | None = None
+    implied: bool = False
+
+    def read_axes(self) -> tuple[int, ...]:
+        return tuple(range(1, len(self.axes))) if self.reads is None else self.reads
+
+
+@dataclass(frozen=True)
+class Site:
+    """A pre-activation the corrections act on: the output of ``weight`` (with ``bias``) and of
+    the normalisation ``norm`` (a local prefix of its four tensors) when there is one, in
+    ``space``. A plain linear site (no norm, 2-D weight) can be refit by regression."""
+
+    space: str
+    weight: str
+    bias: str | None = None
+    norm: str | None = None
+
+    @property
+    def primary(self) -> str:
+        """The local parameter whose mixing weights the site's correction target uses."""
+        return f"{self.norm}.weight" if self.norm else self.weight
+
+
+class Tap:
+    """What a block's forward calls at the points fusion cares about; this base only computes.
+
+    ``block`` and ``tensors`` (the block's local tensors) are set by :func:`run` before each
+    block runs.
+    """
+
+    block: "Block"
+    tensors: Mapping[str, torch.Tensor]
+
+    def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
+        t = self.tensors
+        return F.batch_norm(z, t[f"{local}.running_mean"], t[f"{local}.running_var"], t[f"{local}.weight"],
+                            t[f"{local}.bias"], training=False, eps=eps)
+
+    def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """``z``: site ``name``'s pre-activation; ``inputs``: what its linear map read, for a
+        plain linear site."""
+        return z
+
+    def space(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """``h``: the activations of space ``name`` (what the activation signal compares)."""
+        return h
+
+
+Forward = Callable[[Mapping[str, torch.Tensor], torch.Tensor, Tap], torch.Tensor]
+
+
+@dataclass
+class Block:
+    """A unit of the network: its tensors (local name -> :class:`Param`), its inner spaces, its
+    correction sites and how it runs.
+
+    ``group`` is its alignment group; a fixed block (no group) pairs with the other network's
+    block of the same ``slot`` (default: its name). ``output`` is the space its result lives in
+    (None: the space it reads, e.g. a pool). ``identity`` builds an
+    exact identity block in this block's place given the width and space of its input, or returns
+    None when the architecture has none; ``fold`` (an affine map followed by a ReLU, nothing else) lets a
+    deeper network fold it into the next block; ``drop`` says the network stays valid without it.
+    An inserted block marks the tensors that make it an identity as ``exact``; its other tensors
+    are placeholders that are never mixed.
+    """
+
+    name: str
+    params: dict[str, Param]
+    forward: Forward
+    spaces: dict[str, Space] = field(default_factory=dict)
+    sites: dict[str, Site] = field(default_factory=dict)
+    group: int | None = None
+    slot: str | None = None
+    output: str | None = None
+    identity: Callable[["Block", int, str], "Block | None"] | None = None
+    fold: bool = False
+    drop: bool = False
+    reported: bool | None = None
+    inserted: bool = False
+    exact: frozenset[str] = frozenset()
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alignable(self) -> bool:
+        return self.group is not None
+
+    @property
+    def pairing(self) -> str:
+        return self.slot or self.name
+
+    @property
+    def in_report(self) -> bool:
+        """Whether the fusion report gives this block a row of mixing weights."""
+        return self.alignable if self.reported is None else self.reported
+
+    def with_(self, **changes: Any) -> "Block":
+        return replace(self, **changes)
+
+
+@dataclass
+class Network:
+    """An architecture as data: shared spaces (in network order) and blocks (in execution order).
+    ``pre`` turns the raw input into what the first block reads (e.g. flattening)."""
+
+    spaces: dict[str, Space]
+    blocks: list[Block]
+    pre: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    detached: list[Block] = field(default_factory=list)
+    """Blocks balancing removed; their tensors can still describe the units of a space."""
+
+    def all_spaces(self) -> dict[str, Space]:
+        """Every space by name: the shared ones, then each block's inner ones, in block order."""
+        out = dict(self.spaces)
+        for block in self.blocks:
+            out.update({s.name: s for s in block.spaces.values()})
+        return out
+
+    def block(self, name: str) -> Block:
+        return next(b for b in self.blocks if b.name == name)
+
+    def groups(self) -> list[list[int]]:
+        """Per alignment group, the indices of its blocks."""
+        out: dict[int, list[int]] = {}
+        for i, block in enumerate(self.blocks):
+            if block.alignable:
+                out.setdefault(block.group, []).append(i)
+        return [out[g] for g in sorted(out)]
+
+    def param_value(self, block: Block, local: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        p = block.params[local]
+        return block.values[p.key] if p.key in block.values else state[p.key]
+
+    def tensor(self, key: str, state: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """A tensor by key: made by balancing or implied (a block's values), else the checkpoint's."""
+        for block in (*self.blocks, *self.detached):
+            if key in block.values:
+                return block.values[key]
+        return state[key]
+
+    def has(self, key: str, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether the tensor ``key`` really exists (in the checkpoint, or made by balancing), not
+        just implied by the architecture."""
+        if key in state:
+            return True
+        return any(p.key == key and not p.implied and p.key in b.values
+                   for b in (*self.blocks, *self.detached) for p in b.params.values())
+
+    def stored_keys(self) -> list[str]:
+        """The keys of the checkpoint this network's parameters come from."""
+        return [p.key for b in self.blocks for p in b.params.values()
+                if not p.implied and p.key not in b.values]
+
+    def has_norms(self) -> bool:
+        return any(p.kind == "norm" for b in self.blocks for p in b.params.values())
+
+
+def block_tensors(net: Network, block: Block, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The block's tensors by local name, as float32."""
+    return {local: net.param_value(block, local, state).float() for local in block.params}
+
+
+@torch.no_grad()
+def run(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap | None = None,
+        tensors: Callable[[Block], Mapping[str, torch.Tensor]] | None = None) -> torch.Tensor:
+    """The network's output on ``x``, calling ``tap`` inside every block. ``tensors`` gives a
+    block's local tensors (default: read from ``state`` and the block's values, as float32)."""
+    tap = tap or Tap()
+    h = net.pre(x.float())
+    for block in net.blocks:
+        tap.block = block
+        tap.tensors = tensors(block) if tensors is not None else block_tensors(net, block, state)
+        h = block.forward(tap.tensors, h, tap)
+    return h
+
+
+# --- building blocks the families share ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    """What one weight layer computes besides its tensors: a Linear or a k x k conv (stride,
+    padding), an optional BatchNorm (eps), a ReLU, and an adaptive average pool and/or flatten
+    before it (a conv feature map turned into a vector). Max-pools are blocks of their own."""
+
+    conv: bool = False
+    stride: int = 1
+    padding: int = 0
+    norm: bool = False
+    eps: float = 1e-5
+    relu: bool = True
+    flatten_before: bool = False
+    avgpool_before: tuple[int, int] | None = None
+
+
+def layer_forward(op: LayerOp, out_space: str) -> Forward:
+    """The forward of a weight layer with local tensors ``weight``, ``bias`` and ``bn.*``."""
+
+    def forward(t: Mapping[str, torch.Tensor], h: torch.Tensor, tap: Tap) -> torch.Tensor:
+        if op.avgpool_before is not None:
+            h = F.adaptive_avg_pool2d(h, op.avgpool_before)
+        if op.flatten_before:
+            h = h.flatten(1)
+        if op.conv:
+            z = F.conv2d(h, t["weight"], t.get("bias"), stride=op.stride, padding=op.padding)
+        else:
+            z = F.linear(h, t["weight"], t.get("bias"))
+        if op.norm:
+            z = tap.norm("bn", z, op.eps)
+        z = tap.site("out", z, None if op.conv or op.norm else h)
+        if op.relu:
+            z = torch.relu(z)
+        return tap.space(out_space, z)
+
+    return forward
+
+
+def pool_block(name: str, space: str, slot: str | None = None) -> Block:
+    """A 2x2 max-pool: a fixed block without tensors. Its output is recorded as the pooled
+    layer's activations (max-pooling commutes with permutations and identity layers)."""
+
+    def forward(t: Mapping[str, torch.Tensor], h: torch.Tensor, tap: Tap) -> torch.Tensor:
+        return tap.space(space, F.max_pool2d(h, 2))
+
+    return Block(name, {}, forward, slot=slot)
+
+
+def layer_block(name: str, keys: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]], op: LayerOp,
+                in_space: str, group: int | None, out_space: str | None = None, slot: str | None = None) -> Block:
+    """A weight layer as a block. ``keys``/``shapes``: local name (``weight``, ``bias``,
+    ``bn.<leaf>``) -> checkpoint key / shape. Its outputs form the inner space ``<name>:out``, or
+    the fixed space ``out_space`` (the classes). A hidden layer with a ReLU has an exact identity
+    (:func:`identity_layer_block`) and, as a plain Linear, folds into its successor."""
+    out = out_space or f"{name}:out"
+    width = int(shapes["weight"][0])
+    params = {}
+    for local, key in keys.items():
+        shape = tuple(shapes[local])
+        if local == "weight":
+            params[local] = Param(key, (out, in_space) + (None,) * (len(shape) - 2), shape)
+        else:
+            leaf = local.split(".")[-1]
+            kind = "bias" if local == "bias" else ("norm" if leaf in ("weight", "bias") else "stat")
+            params[local] = Param(key, (out,), shape, kind)
+    spaces = {}
+    if out_space is None:
+        signature = (tuple(keys[k] for k in ("weight", "bias") if k in keys),)
+        spaces["out"] = Space(out, width, signature, owner=name, local="out")
+    sites = {"out": Site(out, "weight", "bias" if "bias" in keys else None, "bn" if op.norm else None)}
+    hidden = out_space is None
+    return Block(name, params, layer_forward(op, out), spaces, sites, group, slot, out,
+                 identity=identity_layer_block if hidden and op.relu else None,
+                 fold=hidden and op.relu and not op.conv and not op.norm, reported=True,
+                 attrs={"op": op, "in_space": in_space, "out_space": out_space})
+
+
+def identity_weight(width: int, template: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """eye(width), or for a k x k conv template a centred delta kernel per channel."""
+    if len(template) == 4:
+        k = int(template[-1])
+        weight = torch.zeros(width, width, k, k)
+        weight[torch.arange(width), torch.arange(width), k // 2, k // 2] = 1.0
+        return weight
+    return torch.eye(width)
+
+
+def identity_layer_block(template: Block, width: int, in_space: str) -> Block | None:
+    """A layer computing ReLU(x) = x on non-negative inputs of ``width`` features, shaped like
+    ``template`` (Linear or k x k conv, a zero bias and identity BatchNorm where it has them),
+    stride 1, reading ``in_space``. None where the template turns feature maps into vectors."""
+    op: LayerOp = template.attrs["op"]
+    if op.flatten_before or op.avgpool_before is not None:
+        return None
+    shape = (width, width, *template.params["weight"].shape[2:])
+    values = {"weight": identity_weight(width, shape)}
+    if "bias" in template.params:
+        values["bias"] = torch.zeros(width)
+    if op.norm:
+        values.update({"bn.weight": torch.ones(width), "bn.bias": torch.zeros(width),
+                       "bn.running_mean": torch.zeros(width), "bn.running_var": torch.full((width,), 1.0 - op.eps)})
+    name = f"{template.name}+identity"
+    padding = int(shape[-1]) // 2 if op.conv else 0
+    new_op = replace(op, stride=1, padding=padding, flatten_before=False, avgpool_before=None)
+    keys = {local: f"{name}.{local}" for local in values}
+    block = layer_block(name, keys, {k: tuple(v.shape) for k, v in values.items()}, new_op, in_space, template.group)
+    return block.with_(inserted=True, exact=frozenset(values), values={keys[k]: v for k, v in values.items()})
