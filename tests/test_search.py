@@ -15,8 +15,8 @@ from clafuse.data import Dataset, calibration_inputs
 from clafuse.errors import ClafuseError, DataError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
-from clafuse.search.builders import Alternatives, ChainFusionBuilder, engine_builder
-from clafuse.search.refit import last_linear, record_inputs, refit_head, refit_linear, teacher_logits
+from clafuse.search.builders import Alternatives, PlanBuilder, engine_weights
+from clafuse.search.refit import ensemble_teacher, last_linear, record_inputs, refit_head, refit_linear, teacher_logits
 from clafuse.search.run import fuse_command, mapping_text, search_fusion, search_requested
 from clafuse.search.scoring import (
     cosine_agreement,
@@ -164,7 +164,7 @@ def test_refit_reduces_kl_to_the_ensemble_on_held_out_data(pair, data) -> None:
     deep, shallow = pair
     parents = [module(deep), module(shallow)]
     maps = mapping_alternatives(deep, shallow, data.x_build, 1)
-    builder = ChainFusionBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
+    builder = PlanBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
     with torch.no_grad():
         teacher = teacher_logits([p(data.x_build) for p in parents], [1, 1])
         ref = make_reference([p(data.x_holdout) for p in parents], [1, 1])
@@ -186,27 +186,48 @@ def test_refit_reduces_kl_to_the_ensemble_on_held_out_data(pair, data) -> None:
 
 
 @pytest.mark.parametrize("deep_is_target", [True, False])
-def test_chain_builder_equals_the_chain_engine(pair, data, deep_is_target: bool) -> None:
+def test_plan_builder_equals_a_plain_fusion_bit_for_bit(pair, data, deep_is_target: bool) -> None:
+    """Candidates reuse recordings, plans and moved tensors, yet each is exactly what the engine
+    gives for the same settings on its own, in any order of candidates."""
     deep, shallow = pair
     maps = mapping_alternatives(deep, shallow, data.x_build[:300], 3)
     target, source = (deep, shallow) if deep_is_target else (shallow, deep)
-    alternatives = [Alternatives(source, maps, deeper=not deep_is_target)]
-    builder = ChainFusionBuilder(target, alternatives, data.x_build)
-    engine = engine_builder(ENGINES["chain"], target, alternatives, data.x_build)
-    for c in (Candidate((0.5, 0.5), (0,), "average", "regress", False, 300),
-              Candidate((0.3, 0.7), (1,), "keep", "repair", False, 200),
-              Candidate((0.6, 0.4), (2,), "average", "none", False, 300)):
-        ours, theirs = builder(c).state_dict(), engine(c).state_dict()
-        assert ours.keys() == theirs.keys()
+    builder = PlanBuilder(target, [Alternatives(source, maps, deeper=not deep_is_target)], data.x_build)
+    candidates = [Candidate((0.5, 0.5), (0,), "average", "regress", False, 300),
+                  Candidate((0.3, 0.7), (1,), "keep", "repair", False, 200),
+                  Candidate((0.6, 0.4), (2,), "average", "none", False, 300),
+                  Candidate((0.9, 0.1), (0,), "keep", "regress", False, 300),
+                  Candidate((0.5, 0.5), (0,), "average", "regress", False, 300)]
+    for c in candidates:
+        ours = builder.outcome(c).state_dict
+        direct = ENGINES["network"](target, [Source(source, maps[c.mappings[0]], not deep_is_target)],
+                                    engine_weights(c.weights), data.x_build[:c.samples],
+                                    FusionSettings(inserted=c.inserted, correction=c.correction))
+        assert ours.keys() == direct.state_dict.keys()
         for key in ours:
-            assert torch.allclose(ours[key], theirs[key], atol=1e-5), (c, key)
-    direct = ENGINES["chain"](target, [Source(source, maps[0], not deep_is_target)], [0.5, 0.5],
-                              data.x_build[:300], FusionSettings(inserted="average"))
-    built = builder(Candidate((0.5, 0.5), (0,), "average", "regress", False, 300)).state_dict()
-    assert all(torch.allclose(built[k], direct.state_dict[k], atol=1e-5) for k in built)
+            assert torch.equal(ours[key], direct.state_dict[key]), (c, key)
+    # One recording of the target per size and one balanced, recorded source per mapping and size.
+    assert sorted(builder._anchors) == [200, 300] and len(builder._pairs) == 3
     # Another mapping really gives another network.
-    other = builder(Candidate((0.5, 0.5), (1,), "average", "regress", False, 300)).state_dict()
-    assert any(not torch.allclose(built[k], other[k]) for k in built)
+    built = builder.outcome(candidates[0]).state_dict
+    other = builder.outcome(candidates[0].with_(mappings=(1,))).state_dict
+    assert any(not torch.equal(built[k], other[k]) for k in built)
+
+
+def test_plan_builder_refits_the_head_to_the_ensemble(pair, data) -> None:
+    deep, shallow = pair
+    maps = mapping_alternatives(deep, shallow, data.x_build, 1)
+    builder = PlanBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
+    c = Candidate((0.7, 0.3), (0,), "average", "regress", True, 400)
+    refit = builder(c)
+    plain = builder(c.with_(refit=False))
+    teacher = ensemble_teacher([module(deep), module(shallow)], data.x_build[:400])
+    expected = refit_head(plain, data.x_build[:400], teacher)
+    for key, value in refit.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[key]), key
+    head = last_linear(refit)
+    assert not torch.equal(refit.state_dict()[f"{head}.weight"], plain.state_dict()[f"{head}.weight"])
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in refit.state_dict().items() if not k.startswith(head))
 
 
 # --- the search ------------------------------------------------------------------------------
@@ -249,7 +270,7 @@ def test_search_with_a_count_budget_returns_the_best_candidate_and_its_table(pai
     keys = [(tuple(r["weights"]), tuple(r["mappings"]), r["inserted"], r["correction"], r["refit"], r["samples"])
             for r in result.table]
     assert len(set(keys)) == len(keys), "a candidate was scored twice"
-    assert all(not c.refit for c in built), "the builder is asked for fusions only; refit happens after"
+    assert built == [Candidate(*k) for k in keys], "each candidate is built once, head refit included"
     assert result.best.weights != start.weights and result.score["objective"] > result.table[0]["objective"]
     # The returned module is the chosen one: it scores what the table says.
     ref = make_reference([p(data.x_holdout) for p in parents], [1, 1])
@@ -262,7 +283,7 @@ def test_search_converges_on_a_real_tiny_pair_and_beats_its_start(pair, data) ->
     deep, shallow = pair
     parents = [module(deep), module(shallow)]
     maps = mapping_alternatives(deep, shallow, data.x_build, 2)
-    builder = ChainFusionBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
+    builder = PlanBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
     start = Candidate((0.5, 0.5), (0,), "average", "regress", False, 300)
     options = SearchOptions(budget=Budget(candidates=200), samples=(600,), mappings=2)
     result = search_fusion(builder, parents, data, start, mapping_counts=[len(maps)], options=options)
@@ -361,7 +382,7 @@ def test_search_through_the_resnet_engine_with_a_head_refit() -> None:
     data = SearchData(torch.randn(64, 3, 8, 8, generator=gen), torch.randn(32, 3, 8, 8, generator=gen))
     # Per stage the strided first block is pinned; the one alternative is the other second block.
     maps = [[[0], [0]]]
-    build = engine_builder(ENGINES["resnet"], deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
+    build = PlanBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
     parents = [family.instantiate(m.spec, m.state_dict) for m in (deep, shallow)]
     start = Candidate((0.5, 0.5), (0,), "keep", "regress", False, 64)
     result = search_fusion(build, parents, data, start, mapping_counts=[1],

@@ -43,6 +43,19 @@ def record_inputs(module: nn.Module, layer: str, x: torch.Tensor, batch_size: in
     return torch.cat(seen)
 
 
+@torch.no_grad()
+def outputs(module: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """``module``'s outputs on ``x`` in eval mode, in batches."""
+    module.eval()
+    return torch.cat([module(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def ensemble_teacher(parents: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The head refit's target: the equal-weight ensemble of the parents' centred logits on ``x``
+    (the ensemble the search scores against, whatever the fusion's mixing weights)."""
+    return teacher_logits([outputs(p, x) for p in parents], [1.0] * len(parents))
+
+
 def teacher_logits(parent_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """The ensemble's logits for a least-squares fit: the weighted average of the parents' logits,
     each centred per sample (softmax ignores a per-sample shift, least squares would not)."""

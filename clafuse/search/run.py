@@ -1,7 +1,7 @@
 """The fusion search: build candidates, score them on held-out data, keep the best.
 
 The search does not know how a fusion is built: it calls ``build(candidate)`` for a fused torch
-module (any family; :mod:`clafuse.search.chains` builds chain families reusing transport plans).
+module (any family; :class:`clafuse.search.builders.PlanBuilder` reuses recordings and plans).
 It starts from the settings ``fuse`` uses without search, then changes one dimension at a time
 from the best candidate so far (coordinate search, cheapest dimensions first, see
 :mod:`clafuse.search.space`), in passes, until a pass improves nothing or the budget is spent.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -19,14 +18,13 @@ import torch
 from torch import nn
 
 from clafuse.errors import ClafuseError
-from clafuse.search.refit import refit_head, teacher_logits
-from clafuse.search.scoring import ensemble_mean, make_reference, score_outputs
+from clafuse.search.refit import outputs
+from clafuse.search.scoring import make_reference, score_outputs
 from clafuse.search.space import DIMENSIONS, Candidate, SearchOptions, single_changes, weight_moves
 from clafuse.search.split import SearchData
 
 Builder = Callable[[Candidate], nn.Module]
 MAX_PASSES = 3
-CACHED_MODULES = 4
 
 
 def search_requested(search: bool, weights: Sequence[float] | str | None) -> bool:
@@ -56,24 +54,18 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
-def _outputs(module: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    module.eval()
-    return torch.cat([module(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
 def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData, start: Candidate, *,
                   mapping_counts: Sequence[int], options: SearchOptions = SearchOptions(),
-                  progress: Callable[[dict[str, Any]], None] | None = None,
-                  head: str | None = None) -> SearchResult:
+                  progress: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
     """Search fusion settings from ``start`` and return the best-scoring candidate.
 
     ``parents``: the models in the order of ``start.weights`` (target first); their weighted
-    ensemble (``options.reference_weights``, equal by default) is the label-free reference and the
-    head refit's teacher. ``data.x_build[:n]`` must be the samples a build of ``n`` uses;
-    candidates are scored on ``data.x_holdout`` only. ``mapping_counts[i]``: how many alternative
-    mappings source i has. ``progress`` gets each candidate's record as it is scored. ``head``
-    names the Linear the refit changes (default: the last one).
+    ensemble (``options.reference_weights``, equal by default) is the label-free reference.
+    ``build(candidate)`` returns the fused module, head refit included (e.g.
+    :class:`clafuse.search.builders.PlanBuilder`, which caches what candidates share).
+    ``data.x_build[:n]`` must be the samples a build of ``n`` uses; candidates are scored on
+    ``data.x_holdout`` only. ``mapping_counts[i]``: how many alternative mappings source i has.
+    ``progress`` gets each candidate's record as it is scored.
     """
     started = time.perf_counter()
     if len(parents) != len(start.weights):
@@ -86,32 +78,15 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
         raise ClafuseError(f"a build of {largest} samples needs that many calibration samples, "
                            f"the build part has {len(data.x_build)}")
     ref_weights = options.reference_weights or (1.0,) * len(parents)
-    held = [_outputs(p, data.x_holdout) for p in parents]
+    held = [outputs(p, data.x_holdout) for p in parents]
     reference = make_reference(held, ref_weights, options.scoring, data.y_holdout)
     references = {f"parent {i}": score_outputs(z, reference) for i, z in enumerate(held)}
     if options.scoring != "cosine":
         references["ensemble"] = score_outputs(torch.log(reference.target.clamp_min(1e-300)), reference)
-    teacher = None
-    if True in options.refit:
-        built = [_outputs(p, data.x_build[:largest]) for p in parents]
-        teacher = ensemble_mean(built, ref_weights) if options.scoring == "cosine" else \
-            teacher_logits(built, ref_weights)
     budget = options.budget
     tried: dict[Candidate, dict[str, Any]] = {}
     table: list[dict[str, Any]] = []
-    modules: "OrderedDict[Candidate, nn.Module]" = OrderedDict()
     state: dict[str, Any] = {"best": None, "module": None, "stage": "start"}
-
-    def fused(c: Candidate) -> nn.Module:
-        key = c.fusion_key()
-        if key in modules:
-            modules.move_to_end(key)
-            return modules[key]
-        module = build(key)
-        modules[key] = module
-        if len(modules) > CACHED_MODULES:
-            modules.popitem(last=False)
-        return module
 
     def evaluate(c: Candidate) -> None:
         if c in tried:
@@ -121,12 +96,8 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
         if budget.seconds is not None and table and time.perf_counter() - started >= budget.seconds:
             raise _Stop("time")
         t0 = time.perf_counter()
-        module = fused(c)
-        if c.refit:
-            if teacher is None:
-                raise ClafuseError("a refit candidate needs refit in the search options")
-            module = refit_head(module, data.x_build[:c.samples], teacher[:c.samples], head, options.ridge)
-        score = score_outputs(_outputs(module, data.x_holdout), reference)
+        module = build(c)
+        score = score_outputs(outputs(module, data.x_holdout), reference)
         record = {"index": len(table), "stage": state["stage"], **asdict(c), **score,
                   "seconds": round(time.perf_counter() - t0, 3)}
         record["weights"], record["mappings"] = list(c.weights), list(c.mappings)

@@ -82,7 +82,6 @@ class SearchOptions(BaseModel):
     weight_step: float = Field(default=0.2, gt=0, lt=1)
     min_weight_step: float = Field(default=0.05, gt=0, lt=1)
     reference_weights: tuple[float, ...] | None = None
-    ridge: float = Field(default=1e-3, ge=0)
 
     @field_validator("samples")
     @classmethod
