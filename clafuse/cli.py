@@ -30,6 +30,7 @@ from clafuse.options import (
     Precision,
     Schedule,
     SchemaName,
+    Scoring,
     Signal,
     Solver,
     check_choice,
@@ -177,15 +178,30 @@ def fuse(
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset",
                                   help="Recompute BatchNorm running statistics of the fused network on the calibration data."),
     allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
+    mapping: Optional[List[str]] = typer.Option(None, help="LETTER=i,j,... replaces the map's layer mapping of that "
+                                                          "model (from the shallower model of its pair into the "
+                                                          "deeper one; groups separated by /). Repeatable."),
+    refit_head: bool = typer.Option(False, "--refit-head", help="Refit the fused head to the models' ensemble on the "
+                                                              "calibration data (closed-form least squares, no labels)."),
+    search: bool = typer.Option(False, "--search", help="Choose weights, mapping, inserted, correction and head refit "
+                                                       "by what each candidate does on held-out calibration samples; "
+                                                       "prints the command that repeats the choice."),
+    budget: Optional[str] = typer.Option(None, help="With --search: a number of candidates (40) or a time (30s, 2m); "
+                                                   "default 8 candidates."),
+    scoring: Optional[str] = typer.Option(None, help=f"With --search, {one_of(Scoring)}: kl = agreement with the "
+                                                    "models' ensemble (no labels, the default); accuracy = on the "
+                                                    "held-out labels."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Balance the depths and fuse all mapped networks into one with optimal transport."""
     from clafuse.api import fuse as run_fuse
-    from clafuse.report import render_fuse
+    from clafuse.report import render_fuse, search_progress
 
     report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples, signal=signal_,
                       allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
-                      correction=correction, bn_reset=bn_reset, dtype=dtype, max_shard_size=max_shard_size)
+                      correction=correction, bn_reset=bn_reset, dtype=dtype, max_shard_size=max_shard_size,
+                      mapping=mapping, refit_head=refit_head, search=search, budget=budget, scoring=scoring,
+                      progress=search_progress if search else None)
     _emit(report, as_json, lambda d: render_fuse(d, map_file))
 
 

@@ -154,7 +154,7 @@ def fuse_command(candidate: Candidate, map_path: str, out: str, *, target: str |
     args = ["clafuse", "fuse", "--map", map_path, "-o", out]
     if target is not None:
         args += ["--target", target]
-    args += ["--weights", ",".join(f"{w:g}" for w in weights), "--samples", str(candidate.samples),
+    args += ["--weights", ",".join(repr(float(w)) for w in weights), "--samples", str(candidate.samples),
              "--inserted", candidate.inserted, "--correction", candidate.correction]
     for text in mappings:
         if text is not None:

@@ -59,11 +59,16 @@ class SearchData:
     y_holdout: torch.Tensor | None = None
 
 
+def refuse_test_split(name: str) -> None:
+    """Refuse a source named as a test split: held-out scoring selects settings, and test data
+    must never select anything."""
+    if str(name).rsplit(":", 1)[-1] == "test":
+        raise DataError(f"{name}: the search never scores on a test split; use the train or val split")
+
+
 def split_dataset(ds: Dataset, build: int, holdout: int, seed: int) -> SearchData:
-    """:func:`calibration_split` applied to ``ds``; a test split is refused (held-out scoring
-    selects settings, and test data must never select anything)."""
-    if ds.name.rsplit(":", 1)[-1] == "test":
-        raise DataError(f"{ds.name}: the search never scores on a test split; use the train or val split")
+    """:func:`calibration_split` applied to ``ds``; a test split is refused."""
+    refuse_test_split(ds.name)
     split = calibration_split(len(ds), build, holdout, seed)
     return SearchData(x_build=ds.x[split.build], x_holdout=ds.x[split.holdout],
                       y_holdout=ds.y[split.holdout] if ds.y is not None else None)
