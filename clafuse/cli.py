@@ -33,6 +33,7 @@ from clafuse.options import (
     Precision,
     Schedule,
     SchemaName,
+    Scoring,
     Signal,
     Solver,
     check_choice,
@@ -323,19 +324,34 @@ def fuse(
     keep_wrapper: bool = KeepWrapperOpt,
     threads: Optional[int] = ThreadsOpt,
     show_progress: bool = ProgressOpt,
+    mapping: Optional[List[str]] = typer.Option(None, help="LETTER=i,j,... replaces the map's layer mapping of that "
+                                                          "model (from the shallower model of its pair into the "
+                                                          "deeper one; groups separated by /). Repeatable."),
+    refit_head: bool = typer.Option(False, "--refit-head", help="Refit the fused head to the models' ensemble on the "
+                                                              "calibration data (closed-form least squares, no labels)."),
+    search: bool = typer.Option(False, "--search", help="Choose weights, mapping, inserted, correction and head refit "
+                                                       "by what each candidate does on held-out calibration samples; "
+                                                       "prints the command that repeats the choice."),
+    budget: Optional[str] = typer.Option(None, help="With --search: a number of candidates (40) or a time (30s, 2m); "
+                                                   "default 8 candidates."),
+    scoring: Optional[str] = typer.Option(None, help=f"With --search, {one_of(Scoring)}: kl = agreement with the "
+                                                    "models' ensemble (no labels, the default); accuracy = on the "
+                                                    "held-out labels."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Balance the depths and fuse all mapped networks into one with optimal transport. Checkpoints
     are read with the key handling the map recorded; the output has the names the architecture
     knows, or the target input's own names and wrapper with --keep-wrapper."""
     from clafuse.api import fuse as run_fuse
-    from clafuse.report import render_fuse
+    from clafuse.report import render_fuse, search_progress
 
     with _Session(threads, as_json, show_progress) as session:
         report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples,
                           signal=signal_, allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground,
                           inserted=inserted, correction=correction, bn_reset=bn_reset, dtype=dtype,
-                          max_shard_size=max_shard_size, keep_wrapper=keep_wrapper, normalize=normalize)
+                          max_shard_size=max_shard_size, keep_wrapper=keep_wrapper, normalize=normalize,
+                          mapping=mapping, refit_head=refit_head, search=search, budget=budget, scoring=scoring,
+                          on_candidate=search_progress if search and session.show else None)
     _emit(report, as_json, lambda d: render_fuse(d, map_file), session.threads)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -86,9 +87,71 @@ def render_fuse(doc: dict[str, Any], map_path: Path | None = None) -> None:
         table.add_row(layer["name"], str(layer["width"]), *(f"{by_name[name]:.2f}" for name in order),
                       *((notes[k],) if notes is not None else ()))
     console.print(table)
+    if "search" in doc:
+        render_search(doc["search"], doc["mixing_order"], console)
     files = doc.get("files", [doc["output"]])
     written = files[0] if len(files) == 1 else f"{len(files) - 1} shards and {files[-1]}"
     console.print(f"written to {written} in {doc['seconds']:.2f} s")
+
+
+def _candidate_cells(record: dict[str, Any]) -> list[str]:
+    return [",".join(f"{w:g}" for w in record["weights"]), ",".join(str(r) for r in record["mappings"]),
+            record["inserted"], record["correction"], "yes" if record["refit"] else "no", str(record["samples"])]
+
+
+def _short(cells: list[str]) -> list[str]:
+    """Table cells with the policy words shortened, so that the table fits 80 columns."""
+    return [cells[0], cells[1], {"average": "avg"}.get(cells[2], cells[2]),
+            {"regress": "regr", "repair": "rep"}.get(cells[3], cells[3]), cells[4], cells[5]]
+
+
+def _score_cells(record: dict[str, Any]) -> list[str]:
+    """KL to the ensemble, top-1 agreement with it and, with labels, accuracy."""
+    cells = [f"{record['kl']:.3g}" if "kl" in record else "-",
+             f"{100 * record['agreement']:.1f}%" if "agreement" in record else "-"]
+    if "accuracy" in record:
+        cells.append(f"{100 * record['accuracy']:.2f}%")
+    return cells
+
+
+def render_search(search: dict[str, Any], order: list[str], console: Console) -> None:
+    """The candidates a search tried (the chosen one starred), the references and the command that
+    repeats the choice."""
+    labelled = "accuracy" in search["table"][0]
+    table = Table("#", f"w {','.join(order)}", "map", "ins", "corr", "refit", "n", "KL", "agree",
+                  *(("acc",) if labelled else ()), box=box.SIMPLE_HEAD, pad_edge=False,
+                  title=f"search: {len(search['table'])} candidates, {search['stopped']}, scored by "
+                        f"{search['scoring']} on {search['holdout_samples']} held-out samples",
+                  caption="* = chosen; w: weights; map: rank of each model's mapping among the alignment's best; "
+                          "ins: inserted; corr: correction")
+    chosen = search["chosen"]
+    for r in search["table"]:
+        mark = "*" if (r["weights"] == chosen["weights"] and r["mappings"] == chosen["mappings"]
+                       and r["inserted"] == chosen["inserted"] and r["correction"] == chosen["correction"]
+                       and r["refit"] == chosen["refit_head"] and r["samples"] == chosen["samples"]) else ""
+        table.add_row(f"{mark}{r['index']}", *_short(_candidate_cells(r)), *_score_cells(r))
+    console.print(table)
+    for name, score in search["references"].items():
+        if name.startswith("parent "):
+            name = f"model {order[int(name.split()[1])]}"
+        console.print(f"{name}: KL {score['kl']:.3g}, agreement {100 * score['agreement']:.1f}%"
+                      + (f", accuracy {100 * score['accuracy']:.2f}%" if "accuracy" in score else ""), markup=False)
+    console.print(f"search took {search['seconds']:.2f} s; to repeat this fusion without search:", markup=False)
+    console.print(search["command"], markup=False, soft_wrap=True)
+
+
+def search_progress(record: dict[str, Any]) -> None:
+    """One line on stderr per candidate scored (``fuse --search``'s progress)."""
+    import sys
+
+    cells, scores = _candidate_cells(record), _score_cells(record)
+    labelled = f", accuracy {scores[2]}" if len(scores) > 2 else ""
+    from clafuse.progress import PREFIX
+
+    sys.stderr.write(f"{PREFIX}candidate {record['index']} ({record['stage']}): weights {cells[0]}, mapping {cells[1]}, "
+                     f"{cells[2]}, {cells[3]}, refit {cells[4]}, {cells[5]} samples: KL {scores[0]}, agreement "
+                     f"{scores[1]}{labelled} ({record['seconds']:.2f} s)\n")
+    sys.stderr.flush()
 
 
 def render_eval(doc: dict[str, Any]) -> None:

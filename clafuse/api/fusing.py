@@ -6,7 +6,8 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -15,6 +16,8 @@ from clafuse import progress
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
 from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
 from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys, refuse_nonfinite
+from clafuse.api.searching import (SearchRequest, pair_of, parse_mappings, refit_outcome, repeat_command,
+                                   resolved_source, run_search, search_report)
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import ENGINES, Member, Source
@@ -23,7 +26,10 @@ from clafuse.io.checkpoint import output_format, save_checkpoint
 from clafuse.io.keys import KeyMap
 from clafuse.io.outputs import checkpoint_output, plan_outputs
 from clafuse.io.wrapper import check_keep_wrapper, dropped_entries, in_input_form, save_in_input_form
-from clafuse.options import Balance, OutputDtype, Signal, check_choice, check_integer, mixing_weights
+from clafuse.options import Balance, OutputDtype, Scoring, Signal, check_choice, check_integer, mixing_weights
+from clafuse.search.run import search_requested
+from clafuse.search.space import parse_budget
+from clafuse.search.split import refuse_test_split
 
 
 def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
@@ -93,7 +99,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
          target: str | int | None = None, weights: str | Sequence[float] | None = None, data: str | None = None,
          samples: int | None = None, signal: Signal | None = None, allow_nonfinite: bool = False,
          dtype: str | None = None, max_shard_size: str | int | None = None, keep_wrapper: bool = False,
-         normalize: str | None = None, **options: Any) -> dict[str, Any]:
+         normalize: str | None = None, mapping: Sequence[str] | None = None, refit_head: bool = False,
+         search: bool = False, budget: str | int | None = None, scoring: Scoring | None = None,
+         on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
     """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
     The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
@@ -107,6 +115,15 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     form (:mod:`clafuse.io.wrapper`): its tensor names and prefix, and its wrapper for torch files
     (e.g. a Lightning ``.ckpt``), without optimizer state. ``normalize`` (``--normalize`` text)
     standardises the calibration inputs; by default the map's data is standardised as align did.
+
+    ``mapping`` (``LETTER=i,j/k,l`` per model) replaces the map's layer mapping of that model;
+    ``refit_head`` refits the fused head to the parents' equal-weight ensemble on the calibration
+    data (closed-form ridge least squares, label-free). ``search`` chooses the weights, mappings
+    (the alignment's best few), ``inserted`` policy, correction and head refit by what each
+    candidate does on held-out calibration samples (``scoring``: ``kl`` to the ensemble, or
+    ``accuracy`` with labels) within ``budget`` (candidates, or a time like ``30s``), calling
+    ``on_candidate`` with each candidate's record; the report and metadata hold the table and the
+    command that repeats the choice. Explicit ``weights`` and ``search`` are refused together.
     """
     started = time.perf_counter()
     check_output(out, dtype, max_shard_size)
@@ -118,6 +135,12 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         check_integer("--samples", samples, at_least=2)
     _fusion_settings(signal or "activations", options)  # refuse bad options before any work
     norm = Normalization.parse(normalize)
+    searching = search_requested(search, weights)
+    if not searching and (budget is not None or scoring is not None):
+        raise ClafuseError(f"{'--budget' if budget is not None else '--scoring'} sets up a search: add --search")
+    if searching:
+        parse_budget(budget)
+        check_choice("--scoring", scoring or "kl", Scoring)
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
@@ -139,12 +162,14 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         if max_shard_size is not None:
             raise ClafuseError("--keep-wrapper writes one file in the input's form: leave out --max-shard-size")
         container = check_keep_wrapper(models[chosen].path, out)
-    sources, methods = [], {}
+    overrides = parse_mappings(mapping, doc, chosen)
+    sources, methods, map_maps = [], {}, []
     for i, m in enumerate(models):
         if i == chosen:
             continue
-        pair = next(a for a in doc.alignments if {a.deep, a.shallow} == {i, chosen})
-        sources.append((i, Source(Member(m.family, m.spec, m.state_dict), [g.mapping for g in pair.groups],
+        pair = pair_of(doc, i, chosen)
+        map_maps.append([list(g.mapping) for g in pair.groups])
+        sources.append((i, Source(Member(m.family, m.spec, m.state_dict), overrides.get(i, map_maps[-1]),
                                   deeper=pair.deep == i)))
         methods[model_letter(i)] = "merge" if pair.deep == i else "add"
     if len(models) == 2:
@@ -159,9 +184,14 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         seed = doc.data.seed if doc.data else 0
         if norm is None and data is None and doc.data is not None:
             norm = Normalization.from_list(doc.data.normalize)
+        if searching:
+            refuse_test_split(source)
         x = calibration(source, n, seed, base=None if data is not None else base, normalize=norm)
         for m in models:
             check_fits(m, x, f"data {source}")
+    if x is None and (searching or refit_head):
+        raise ClafuseError(f"{'--search' if searching else '--refit-head'} needs calibration data: the map has "
+                           "none, pass --data")
     if signal is None:
         signal = "activations" if x is not None else "weights"
     if signal == "activations" and x is None:
@@ -175,12 +205,31 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     engine = ENGINES[target_model.family.engine]
     mixing = mixing_weights(alpha)
     order = [chosen, *(i for i, _ in sources)]
-    with progress.step(f"fusing {len(models)} models into {target_model.path.name}"):
-        result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
-                        [source for _, source in sources], [mixing[i] for i in order], x, settings)
+    found = None
+    if searching:
+        with progress.step(f"searching the fusion of {len(models)} models into {target_model.path.name}"):
+            found = run_search(doc, models, chosen, sources,
+                               resolved_source(source, None if data is not None else base), n, seed, settings,
+                               refit_head, SearchRequest(budget, scoring or "kl", on_candidate, norm))
+        best = found.result.best
+        alpha = [0.0] * len(models)
+        for position, index in enumerate(order):
+            alpha[index] = best.weights[position]
+        settings = replace(settings, inserted=best.inserted, correction=best.correction)
+        sources = [(i, replace(s, mappings=m)) for (i, s), m in zip(sources, found.mappings)]
+        fused_state, mixing_rows = found.state, found.mixing
+        refit_head = best.refit
+    else:
+        with progress.step(f"fusing {len(models)} models into {target_model.path.name}"):
+            result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
+                            [source for _, source in sources], [mixing[i] for i in order], x, settings)
+        fused_state, mixing_rows = result.state_dict, result.mixing
+        if refit_head:
+            parents = [models[i].module() for i in order]
+            fused_state = refit_outcome(target_model, result, parents, x)
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
-    state = cast_state(result.state_dict, dtype)
+    state = cast_state(fused_state, dtype)
     if not allow_nonfinite:
         refuse_nonfinite(state, "the fused weights")
     metadata = {
@@ -189,8 +238,16 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "inputs": json.dumps([{"path": e.path, "sha256": e.sha256} for e in doc.models]),
         "target": doc.models[chosen].path,
         "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
-                                "dtype": dtype, **settings.__dict__}),
+                                "dtype": dtype, "refit_head": refit_head, **settings.__dict__,
+                                **({"mapping": {model_letter(i): s.mappings for i, s in sources}} if mapping else {})}),
     }
+    searched = None
+    if found is not None:
+        extra = _repeat_options(data, dtype, max_shard_size, allow_nonfinite, signal, settings, normalize, keep_wrapper)
+        command = repeat_command(found.result, str(map_path), str(out), model_letter(chosen), order,
+                                 [s.mappings for _, s in sources], map_maps, extra)
+        searched = search_report(found, command, scoring or "kl")
+        metadata["search"] = json.dumps({k: v for k, v in searched.items() if k != "table"})
     with progress.step(f"writing {out}"):
         if container is not None:
             plan = target_model.plan or KeyMap().apply(target_model.state_dict)
@@ -209,12 +266,37 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "calibration_samples": int(x.shape[0]) if x is not None else 0,
         "mapping": sources[0][1].mappings if len(models) == 2 else {model_letter(i): s.mappings for i, s in sources},
         "layers": [{"name": l.name, "width": l.width} for g in target_model.groups for l in g.layers],
-        "mixing": [[round(float(v), 6) for v in row] for row in result.mixing],
+        "mixing": [[round(float(v), 6) for v in row] for row in mixing_rows],
         "mixing_order": [model_letter(i) for i in order],
+        "refit_head": refit_head,
+        **({"search": searched} if searched is not None else {}),
         "seconds": round(time.perf_counter() - started, 3),
         **({"kept_wrapper": {"names": "input", "wrapper": container.wrapper_key,
                              "dropped": dropped_entries(container)}} if container is not None else {}),
     }
+
+
+def _repeat_options(data: str | None, dtype: str | None, max_shard_size: str | int | None, allow_nonfinite: bool,
+                    signal: str, settings: FusionSettings, normalize: str | None, keep_wrapper: bool) -> list[str]:
+    """The options besides the searched ones that the repeating command needs, as given."""
+    defaults = FusionSettings()
+    out: list[str] = []
+    for flag, value in (("--data", data), ("--dtype", dtype), ("--max-shard-size", max_shard_size),
+                        ("--normalize", normalize)):
+        if value is not None:
+            out += [flag, str(value)]
+    if signal != "activations":
+        out += ["--signal", signal]
+    for name in ("solver", "reg", "ground"):
+        if getattr(settings, name) != getattr(defaults, name):
+            out += [f"--{name}", str(getattr(settings, name))]
+    if not settings.bn_reset:
+        out.append("--no-bn-reset")
+    if allow_nonfinite:
+        out.append("--allow-nonfinite")
+    if keep_wrapper:
+        out.append("--keep-wrapper")
+    return out
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,

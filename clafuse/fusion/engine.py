@@ -219,11 +219,13 @@ def mixing_weights(present: list[tuple[int, float, bool]], n: int, keep: bool) -
 
 
 def transport_and_mix(target: Model, sources: list[Model], weights: list[float], keep: bool, solver: str,
-                      reg: float, ground: str, use_acts: bool) -> Mixed:
+                      reg: float, ground: str, use_acts: bool, pairings: list[Pairing] | None = None) -> Mixed:
     """Move every source into the target's units and mix the target's tensors, block by block
     (each source tensor read, moved, added and dropped in turn, so that memory holds the result
-    and a block's worth of tensors). An inserted block's placeholders take no part."""
-    pairings = [Pairing(target, s, solver, reg, ground, use_acts) for s in sources]
+    and a block's worth of tensors). An inserted block's placeholders take no part. ``pairings``:
+    the sources' pairings from an earlier fusion of the same models, whose plans are reused."""
+    if pairings is None:
+        pairings = [Pairing(target, s, solver, reg, ground, use_acts) for s in sources]
     out: dict[str, torch.Tensor] = {}
     betas: dict[tuple[int, str], list[float]] = {}
     dtypes: dict[str, torch.dtype] = {}
@@ -321,25 +323,30 @@ def default_inserted(net: Network) -> str:
 
 
 def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: torch.Tensor | None,
-                settings: "FusionSettings") -> Mixed:
+                settings: "FusionSettings", pairings: list[Pairing] | None = None) -> Mixed:
     """Fuse balanced ``models`` into ``anchor``: record (with calibration inputs ``x``), transport
-    and mix, recompute BatchNorm statistics, correct. ``weights``: the anchor's first."""
+    and mix, recompute BatchNorm statistics, correct. ``weights``: the anchor's first.
+
+    ``pairings`` (from an earlier fusion of the same models on the same ``x``, e.g. in a search):
+    the models' recordings (space activations and site pre-activations) and the pairings' plans
+    are reused and kept for the next fusion instead of being recorded, solved and released."""
     use_acts = settings.signal == "activations"
     if use_acts and x is None:
         raise ClafuseError("the activation signal needs calibration inputs")
     net = anchor.net
     need_sites = x is not None and settings.correction != "none"
-    if x is not None and (use_acts or need_sites):
+    if x is not None and (use_acts or need_sites) and pairings is None:
         for model in (anchor, *models):
             model.acts, model.pre, _ = record(model.net, model.state, x, spaces=use_acts, sites=need_sites)
     keep = (settings.inserted or default_inserted(net)) == "keep"
     mixed = transport_and_mix(anchor, models, list(weights), keep, settings.solver, settings.reg, settings.ground,
-                              use_acts)
+                              use_acts, pairings)
     if x is not None and settings.bn_reset and net.has_norms():
         mixed.state = reset_norms(net, mixed.state, x)
     if need_sites:
         targets = site_targets(anchor, models, mixed)
-        for model in models:
-            model.pre = model.acts = None
+        if pairings is None:
+            for model in models:
+                model.pre = model.acts = None
         mixed.state = correct(net, mixed.state, x, targets, settings.correction, settings.ridge)
     return mixed

@@ -66,7 +66,7 @@ def global_mapping(mappings: list[list[int]], deep_sizes: list[int]) -> list[int
     return out
 
 
-def _float(state: Mapping[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+def float_state(state: Mapping[str, torch.Tensor], dtypes: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
     """All of ``state`` read, floating-point tensors as float32 (their dtypes noted in ``dtypes``)."""
     out = {}
     for k, v in state.items():
@@ -81,7 +81,7 @@ def balanced_model(target: Network, source: Source, x: torch.Tensor | None) -> M
     (float32) when there is calibration data, else left as it is (read tensor by tensor)."""
     m = source.member
     net = m.family.describe(m.spec)
-    state = _float(m.state_dict) if x is not None else m.state_dict
+    state = float_state(m.state_dict) if x is not None else m.state_dict
     if source.deeper:
         gates = None
         if x is not None and needs_folding(net, source.mappings):
@@ -102,7 +102,7 @@ def fuse_members(target: Member, sources: list[Source], weights: list[float], x:
     """
     net = target.family.describe(target.spec)
     dtypes: dict[str, torch.dtype] = {}
-    anchor = Model(net, _float(target.state_dict, dtypes) if x is not None else target.state_dict,
+    anchor = Model(net, float_state(target.state_dict, dtypes) if x is not None else target.state_dict,
                    mutable=isinstance(target.state_dict, LazyStateDict))
     models = [balanced_model(net, source, x) for source in sources]
     mixed = fuse_models(anchor, models, weights, x, settings)

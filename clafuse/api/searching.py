@@ -1,0 +1,177 @@
+"""``fuse --search``, and the fuse options that repeat a searched fusion (``--mapping``,
+``--refit-head``).
+
+The search reads each checkpoint once and fuses its candidates with
+:class:`~clafuse.search.builders.PlanBuilder` on the build part of the calibration data (exactly
+the samples ``fuse --samples N`` draws), scoring each on a held-out part of the same split. The
+chosen fusion is written as ``fuse`` would write it with the printed command, bit for bit.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from clafuse.align.mapfile import Alignment, MapFile
+from clafuse.api.common import is_path, load_data, model_letter
+from clafuse.api.models import LoadedModel
+from clafuse.data.normalize import Normalization
+from clafuse.errors import ClafuseError
+from clafuse.fusion.balance import check_mapping
+from clafuse.fusion.engine import default_inserted
+from clafuse.fusion.engines import FusionOutcome, Member, Source
+from clafuse.fusion.otfusion import FusionSettings
+from clafuse.search.builders import Alternatives, PlanBuilder
+from clafuse.search.mappings import mapping_alternatives
+from clafuse.search.refit import ensemble_teacher, refit_head
+from clafuse.search.run import SearchResult, fuse_command, mapping_text, search_fusion
+from clafuse.search.space import Candidate, SearchOptions, parse_budget
+from clafuse.search.split import holdout_size, split_dataset
+
+
+def pair_of(doc: MapFile, index: int, chosen: int) -> Alignment:
+    """The map's alignment between model ``index`` and the target ``chosen``."""
+    return next(a for a in doc.alignments if {a.deep, a.shallow} == {index, chosen})
+
+
+def parse_mappings(texts: Sequence[str] | None, doc: MapFile, chosen: int) -> dict[int, list[list[int]]]:
+    """``--mapping LETTER=i,j/k,l`` options as per-group mappings by model index. Like the map's,
+    a mapping sends each layer of the shallower model of the pair (the model or the target) to a
+    layer of the deeper one, groups separated by ``/``; it replaces the map's for that model."""
+    out: dict[int, list[list[int]]] = {}
+    letters = [model_letter(i) for i in range(len(doc.models))]
+    for text in texts or ():
+        letter, sep, body = str(text).partition("=")
+        letter = letter.strip().upper()
+        if not sep or letter not in letters:
+            raise ClafuseError(f"--mapping must be LETTER=i,j,... with a model letter ({', '.join(letters)}), "
+                               f"got {text!r}")
+        index = letters.index(letter)
+        if index == chosen:
+            raise ClafuseError(f"--mapping {letter}: {letter} is the target; give the mapping of another model")
+        if index in out:
+            raise ClafuseError(f"--mapping {letter} is given twice")
+        pair = pair_of(doc, index, chosen)
+        try:
+            groups = [[int(v) for v in part.split(",")] for part in body.split("/")]
+        except ValueError:
+            raise ClafuseError(f"--mapping {text!r}: layer indices must be integers, groups separated by /") from None
+        if len(groups) != len(pair.groups):
+            raise ClafuseError(f"--mapping {text!r}: the pair has {len(pair.groups)} alignment groups, the mapping "
+                               f"{len(groups)}")
+        for mapping, group in zip(groups, pair.groups):
+            try:
+                check_mapping(mapping, len(group.mapping), len(group.cost[0]))
+            except ClafuseError as exc:
+                raise ClafuseError(f"--mapping {text!r}: {exc}") from None
+        out[index] = groups
+    return out
+
+
+def refit_outcome(target: LoadedModel, outcome: FusionOutcome, parents: Sequence[nn.Module],
+                  x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fused tensors with the head refit to the parents' ensemble on ``x`` (``--refit-head``),
+    in the fused tensors' dtypes: what a searched candidate with the refit gives."""
+    module = target.family.instantiate(target.spec, outcome.state_dict)
+    module = refit_head(module, x, ensemble_teacher(parents, x))
+    return refitted_state(module, outcome.state_dict)
+
+
+def refitted_state(module: nn.Module, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``module``'s tensors under ``like``'s keys and dtypes."""
+    values = module.state_dict()
+    return {k: values[k].to(v.dtype) for k, v in like.items()}
+
+
+def member(m: LoadedModel) -> Member:
+    return Member(m.family, m.spec, m.state_dict)
+
+
+@dataclass
+class SearchRequest:
+    """What ``fuse --search`` was asked for."""
+
+    budget: str | int | None = None
+    scoring: str = "kl"
+    on_candidate: Callable[[dict[str, Any]], None] | None = None
+    normalize: Normalization | None = None
+
+
+def resolved_source(source: str, base: Path | None) -> str:
+    if base is not None and is_path(source) and not Path(source).is_absolute():
+        return str(base / source)
+    return source
+
+
+@dataclass
+class Searched:
+    """A search's result, the chosen fused tensors (target dtypes), per source the chosen mapping,
+    and how many held-out samples scored the candidates."""
+
+    result: SearchResult
+    state: dict[str, torch.Tensor]
+    mappings: list[list[list[int]]]
+    mixing: list[list[float]]
+    holdout: int
+
+
+def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: list[tuple[int, Source]],
+               data_source: str, samples: int, seed: int, settings: FusionSettings, refit: bool,
+               request: SearchRequest) -> Searched:
+    """Search the fusion of ``sources`` (align index, source) into model ``chosen`` on
+    ``data_source``'s calibration split: the build part is what ``fuse --samples samples`` draws
+    with ``seed``, the held-out part the end of the same permutation."""
+    options = SearchOptions(budget=parse_budget(request.budget), scoring=request.scoring)
+    ds = load_data(data_source, None, request.normalize)
+    holdout = holdout_size(len(ds), samples)
+    data = split_dataset(ds, samples, holdout, seed)
+    alternatives = []
+    for index, source in sources:
+        pair = pair_of(doc, index, chosen)
+        own = Alignment(shallow=pair.shallow, deep=pair.deep,
+                        groups=[g.model_copy(update={"mapping": m}) for g, m in zip(pair.groups, source.mappings)])
+        forced = [g.pin_first for g in models[pair.deep].groups]
+        maps = mapping_alternatives(own, options.mappings, doc.settings.pin_first, doc.settings.pin_last, forced)
+        alternatives.append(Alternatives(source.member, maps, source.deeper))
+    target = member(models[chosen])
+    builder = PlanBuilder(target, alternatives, data.x_build, settings)
+    count = len(models)
+    inserted = settings.inserted or default_inserted(builder.net)
+    start = Candidate(weights=tuple([1.0 / count] * count), mappings=(0,) * len(sources), inserted=inserted,
+                      correction=settings.correction, refit=refit, samples=samples)
+    result = search_fusion(builder, builder.parents(), data, start,
+                           mapping_counts=[len(a.mappings) for a in alternatives], options=options,
+                           progress=request.on_candidate)
+    outcome = builder.outcome(result.best)
+    state = refitted_state(result.module, outcome.state_dict) if result.best.refit else outcome.state_dict
+    chosen_maps = [alt.mappings[rank] for alt, rank in zip(alternatives, result.best.mappings)]
+    return Searched(result, state, chosen_maps, outcome.mixing, holdout)
+
+
+def search_report(searched: Searched, command: str, scoring: str) -> dict[str, Any]:
+    """What ``--json`` and the metadata say about a search."""
+    result = searched.result
+    best = result.best
+    return {"scoring": scoring, "holdout_samples": searched.holdout,
+            "chosen": {"weights": list(best.weights), "mappings": list(best.mappings), "inserted": best.inserted,
+                       "correction": best.correction, "refit_head": best.refit, "samples": best.samples},
+            "score": result.score, "references": result.references, "stopped": result.stopped,
+            "seconds": result.seconds, "command": command, "table": result.table}
+
+
+def repeat_command(result: SearchResult, map_path: str, out: str, target_letter: str,
+                   order: Sequence[int], maps: Sequence[list[list[int]]], map_maps: Sequence[list[list[int]]],
+                   extra: Sequence[str]) -> str:
+    """The ``clafuse fuse`` command that repeats the chosen fusion without search: weights in
+    align order, ``--mapping`` where the chosen mapping is not the map's, ``extra`` options as
+    given."""
+    texts = [mapping_text(model_letter(i), m) if m != own else None
+             for i, m, own in zip(order[1:], maps, map_maps)]
+    line = fuse_command(result.best, str(map_path), str(out), target=target_letter, mappings=texts,
+                        align_order=list(order))
+    return line + ("" if not extra else " " + shlex.join(extra))

@@ -1,0 +1,205 @@
+"""``fuse --search`` end to end through the CLI on tiny real models (MLPs, a VGG and a ResNet):
+the table and chosen settings in ``--json``, progress on stderr, the printed command reproducing
+the searched output bit for bit, and the options that command uses (``--mapping``,
+``--refit-head``)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clafuse import api
+from clafuse.align.mapfile import read_map
+from clafuse.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from tests.cli_runner import invoke
+from tests.helpers import mlp
+
+BUILD, TOTAL = 120, 400
+
+
+def _data(path: Path, shape: tuple[int, ...], classes: int, seed: int = 0) -> Path:
+    gen = np.random.default_rng(seed)
+    np.savez(path, x=gen.standard_normal((TOTAL, *shape)).astype(np.float32), y=gen.integers(0, classes, TOTAL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mlps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    save_checkpoint(root / "a.safetensors", mlp([20, 16, 12, 10], inputs=12, classes=4, seed=0).state_dict())
+    save_checkpoint(root / "b.safetensors", mlp([18, 12], inputs=12, classes=4, seed=1).state_dict())
+    save_checkpoint(root / "c.safetensors", mlp([16, 14, 10], inputs=12, classes=4, seed=2).state_dict())
+    _data(root / "x.npz", (12,), 4)
+    api.align([root / "a.safetensors", root / "b.safetensors"], root / "map.json", data=str(root / "x.npz"),
+              samples=BUILD)
+    api.align([root / "a.safetensors", root / "b.safetensors", root / "c.safetensors"], root / "map3.json",
+              data=str(root / "x.npz"), samples=BUILD)
+    return root
+
+
+def _repeat(command: str, out: Path, cwd: Path) -> tuple[list[str], object]:
+    args = shlex.split(command)
+    assert args[:2] == ["clafuse", "fuse"]
+    args = args[1:]
+    args[args.index("-o") + 1] = str(out)
+    return args, invoke(*args, cwd=cwd)
+
+
+def _same(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a), load_checkpoint(b)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def _search_and_repeat(root: Path, map_name: str, *extra: object) -> dict:
+    out = root / f"searched-{map_name}-{'-'.join(map(str, extra))}.safetensors"
+    run = invoke("fuse", "--map", root / map_name, "-o", out, "--search", *extra, "--json", cwd=root)
+    assert run.code == 0, run
+    doc = json.loads(run.stdout)
+    search = doc["search"]
+    assert run.progress.count("progress: candidate ") == len(search["table"]) > 1
+    assert search["table"][0]["stage"] == "start"
+    assert search["score"]["objective"] == max(r["objective"] for r in search["table"])
+    meta = json.loads(read_metadata(out)["search"])
+    assert meta["command"] == search["command"] and meta["chosen"] == search["chosen"]
+    again = root / f"again-{out.name}"
+    args, rerun = _repeat(search["command"], again, root)
+    assert rerun.code == 0, rerun
+    assert "--search" not in args
+    _same(out, again)
+    assert "search" not in json.loads(invoke(*args, "--json", cwd=root).stdout)
+    return doc
+
+
+@pytest.mark.parametrize("target", ["deep", "shallow"])
+def test_search_output_is_repeated_bit_for_bit_by_its_command(mlps: Path, target: str) -> None:
+    doc = _search_and_repeat(mlps, "map.json", "--target", target, "--budget", "10")
+    search = doc["search"]
+    assert len(search["table"]) == 10 and search["stopped"] == "budget (candidates)"
+    assert {"parent 0", "parent 1", "ensemble"} <= set(search["references"])
+    chosen = search["chosen"]
+    assert doc["weights"] == pytest.approx(list(reversed(chosen["weights"])) if target == "shallow"
+                                           else chosen["weights"])
+    assert doc["refit_head"] == chosen["refit_head"] and doc["correction"] == chosen["correction"]
+
+
+def test_search_of_three_models_with_accuracy_scoring_and_a_time_budget(mlps: Path) -> None:
+    doc = _search_and_repeat(mlps, "map3.json", "--budget", "1000s", "--scoring", "accuracy")
+    search = doc["search"]
+    assert search["stopped"] == "converged" and search["scoring"] == "accuracy"
+    assert all("accuracy" in r for r in search["table"]) and len(search["chosen"]["weights"]) == 3
+    assert len({tuple(r["mappings"]) for r in search["table"]}) > 1, "the alignment's other mappings were tried"
+
+
+def test_terminal_report_shows_the_table_and_the_command(mlps: Path) -> None:
+    run = invoke("fuse", "--map", mlps / "map.json", "-o", mlps / "t.safetensors", "--search", "--budget", "3",
+                 cwd=mlps)
+    assert run.code == 0, run
+    assert "search: 3 candidates" in run.stdout and "to repeat this fusion without search" in run.stdout
+    assert "clafuse fuse --map" in run.stdout and "ensemble:" in run.stdout and "model B:" in run.stdout
+
+
+def test_explicit_weights_do_not_search_and_fuse_as_before(mlps: Path) -> None:
+    plain, weighted = mlps / "plain.safetensors", mlps / "weighted.safetensors"
+    report = api.fuse(mlps / "map.json", weighted, weights="0.5,0.5")
+    api.fuse(mlps / "map.json", plain)
+    _same(plain, weighted)
+    assert "search" not in report and report["refit_head"] is False
+    both = invoke("fuse", "--map", mlps / "map.json", "-o", mlps / "x.safetensors", "--search", "--weights", "1,1")
+    assert both.code == 2 and both.stderr.strip().startswith("clafuse: error: --weights fixes the fusion")
+    assert len(both.stderr.strip().splitlines()) == 1 and not (mlps / "x.safetensors").exists()
+    for args in (["--budget", "5"], ["--scoring", "kl"]):
+        run = invoke("fuse", "--map", mlps / "map.json", "-o", mlps / "x.safetensors", *args)
+        assert run.code == 2 and "add --search" in run.stderr
+    for args, message in ((["--budget", "soon"], "--budget must be"), (["--scoring", "vibes"], "--scoring")):
+        run = invoke("fuse", "--map", mlps / "map.json", "-o", mlps / "x.safetensors", "--search", *args)
+        assert run.code == 2 and message in run.stderr, run
+
+
+def test_mapping_option_replaces_the_maps_mapping(mlps: Path, tmp_path: Path) -> None:
+    doc = read_map(mlps / "map.json")
+    other = next(m for m in ([0, 2], [1, 3]) if m != doc.alignments[0].groups[0].mapping)
+    text_option = "B=" + ",".join(map(str, other))
+    edited = doc.model_copy(deep=True)
+    edited.alignments[0].groups[0].mapping = other
+    text = edited.model_dump_json()
+    (mlps / "edited.json").write_text(text)
+    by_option, by_map = tmp_path / "option.safetensors", tmp_path / "map.safetensors"
+    report = api.fuse(mlps / "map.json", by_option, mapping=[text_option])
+    api.fuse(mlps / "edited.json", by_map)
+    _same(by_option, by_map)
+    assert report["mapping"] == [other]
+    assert json.loads(read_metadata(by_option)["settings"])["mapping"] == {"B": [other]}
+    for bad, message in (("B=0", "invalid layer mapping"), ("B=3,1", "invalid layer mapping"),
+                         ("B=0,4", "invalid layer mapping"), ("A=0,1", "is the target"), ("Z=0", "model letter"),
+                         ("B=0,x", "integers"), ("B=0/2", "alignment groups"), ("B0,1", "LETTER=")):
+        run = invoke("fuse", "--map", mlps / "map.json", "-o", tmp_path / "bad.safetensors", "--mapping", bad)
+        assert run.code == 2 and message in run.stderr and len(run.stderr.strip().splitlines()) == 1, (bad, run)
+    twice = invoke("fuse", "--map", mlps / "map.json", "-o", tmp_path / "bad.safetensors", "--mapping", "B=0,2",
+                   "--mapping", "B=1,3")
+    assert twice.code == 2 and "twice" in twice.stderr
+
+
+def test_refit_head_changes_only_the_head_towards_the_ensemble(mlps: Path, tmp_path: Path) -> None:
+    plain, refit = tmp_path / "plain.safetensors", tmp_path / "refit.safetensors"
+    api.fuse(mlps / "map.json", plain, correction="none")
+    report = api.fuse(mlps / "map.json", refit, correction="none", refit_head=True)
+    assert report["refit_head"] is True
+    sp, sr = load_checkpoint(plain), load_checkpoint(refit)
+    head = max(k for k in sp if k.endswith(".weight"))  # the last Linear of the Sequential
+    changed = {k for k in sp if not torch.equal(sp[k], sr[k])}
+    assert changed == {head, head.replace("weight", "bias")}
+    x = torch.from_numpy(np.load(mlps / "x.npz")["x"])[-100:]
+    parents = [api.load_model(mlps / n).module() for n in ("a.safetensors", "b.safetensors")]
+    with torch.no_grad():
+        ensemble = sum(torch.softmax(p(x), 1) for p in parents) / 2
+        models = [api.load_model(p).module() for p in (plain, refit)]
+        kl = [float(torch.nn.functional.kl_div(torch.log_softmax(m(x), 1), ensemble, reduction="batchmean"))
+              for m in models]
+    assert kl[1] < kl[0]
+    no_data = mlps / "nodata.json"
+    api.align([mlps / "a.safetensors", mlps / "b.safetensors"], no_data, metric="neuron")
+    for flag in ("--refit-head", "--search"):
+        run = invoke("fuse", "--map", no_data, "-o", tmp_path / "n.safetensors", flag)
+        assert run.code == 2 and "needs calibration data" in run.stderr, run
+
+
+def test_search_refuses_a_test_split(mlps: Path, tmp_path: Path) -> None:
+    run = invoke("fuse", "--map", mlps / "map.json", "-o", tmp_path / "t.safetensors", "--search",
+                 "--data", "digits:test")
+    assert run.code == 2 and "test split" in run.stderr, run
+
+
+def test_search_on_vggs(tmp_path: Path) -> None:
+    from tests.test_vgg import DEEP, SHALLOW, random_state, small_spec
+
+    save_checkpoint(tmp_path / "deep.safetensors", random_state(small_spec(DEEP, [16, 16], bn=True), 10))
+    save_checkpoint(tmp_path / "shallow.safetensors", random_state(small_spec(SHALLOW, [16], bn=True), 11))
+    _data(tmp_path / "x.npz", (1, 16, 16), 5)
+    api.align([tmp_path / "shallow.safetensors", tmp_path / "deep.safetensors"], tmp_path / "map.json",
+              data=str(tmp_path / "x.npz"), samples=64, pin_last=False)
+    doc = _search_and_repeat(tmp_path, "map.json", "--budget", "4")
+    assert doc["family"] == "vgg" and doc["search"]["chosen"]["inserted"] == "keep"
+
+
+def test_search_on_resnets(tmp_path: Path) -> None:
+    from clafuse.arch.resnet import ResNetSpec
+    from tests.test_resnet import random_state
+
+    def spec(layers: list[int]) -> ResNetSpec:
+        return ResNetSpec(block="basic", layers=layers, widths=[4, 8], stem_width=4, stem="small", num_classes=3)
+
+    save_checkpoint(tmp_path / "deep.safetensors", random_state(spec([2, 2]), 1))
+    save_checkpoint(tmp_path / "shallow.safetensors", random_state(spec([1, 1]), 2))
+    _data(tmp_path / "x.npz", (3, 8, 8), 3)
+    api.align([tmp_path / "deep.safetensors", tmp_path / "shallow.safetensors"], tmp_path / "map.json",
+              data=str(tmp_path / "x.npz"), samples=48)
+    for target in ("deep", "shallow"):
+        doc = _search_and_repeat(tmp_path, "map.json", "--budget", "4", "--target", target)
+        assert doc["family"] == "resnet"
