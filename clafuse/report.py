@@ -87,6 +87,9 @@ def render_fuse(doc: dict[str, Any], map_path: Path | None = None) -> None:
         table.add_row(layer["name"], str(layer["width"]), *(f"{by_name[name]:.2f}" for name in order),
                       *((notes[k],) if notes is not None else ()))
     console.print(table)
+    for name, error in doc.get("approximate_identities", {}).items():
+        console.print(f"approximate: inserted {name} is a near-identity fitted on the calibration data "
+                      f"(relative error {error:.3f}); post-LN layers have no exact identity")
     if "search" in doc:
         render_search(doc["search"], doc["mixing_order"], console)
     files = doc.get("files", [doc["output"]])
@@ -155,6 +158,17 @@ def search_progress(record: dict[str, Any]) -> None:
 
 
 def render_eval(doc: dict[str, Any]) -> None:
+    from clafuse.api.common import model_letter
+
+    if doc.get("kind") == "text":
+        table = Table("", "model", "cosine to first", "similarity Spearman to first",
+                      title=f"{doc['data']} ({doc['num_samples']} sentences)")
+        for k, row in enumerate(doc["models"]):
+            rho = row["similarity_spearman_to_first"]
+            table.add_row(model_letter(k), row["path"], f"{row['cosine_to_first']:.4f}",
+                          "-" if rho is None else f"{rho:.4f}")
+        _console().print(table)
+        return
     from clafuse.api.common import model_letter
 
     table = Table("", "model", "accuracy", "loss", title=f"{doc['data']} ({doc['num_samples']} samples)")

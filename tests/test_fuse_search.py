@@ -59,7 +59,7 @@ def _same(a: Path, b: Path) -> None:
 
 def _search_and_repeat(root: Path, map_name: str, *extra: object) -> dict:
     out = root / f"searched-{map_name}-{'-'.join(map(str, extra))}.safetensors"
-    run = invoke("fuse", "--map", root / map_name, "-o", out, "--search", *extra, "--json", cwd=root)
+    run = invoke("fuse", "--map", root / map_name, "-o", out, "--search", *extra, "--json", "--progress", cwd=root)
     assert run.code == 0, run
     doc = json.loads(run.stdout)
     search = doc["search"]

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -45,9 +46,10 @@ def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor
     return skeleton() if skeleton is not None else state_dict
 
 
-def _detect(shapes: Mapping[str, torch.Tensor], spec_file: tuple[Family, BaseModel] | None
-            ) -> tuple[Family, BaseModel] | SpecError | None:
-    """The family and spec that fit ``shapes``; else the first specific complaint, else None."""
+def _detect(shapes: Mapping[str, torch.Tensor], spec_file: tuple[Family, BaseModel] | None,
+            config: Mapping[str, Any] | None = None) -> tuple[Family, BaseModel] | SpecError | None:
+    """The family and spec that fit ``shapes`` (with a model folder's ``config.json``, if any);
+    else the first specific complaint, else None."""
     if spec_file is not None:
         family, spec = spec_file
         try:
@@ -58,7 +60,7 @@ def _detect(shapes: Mapping[str, torch.Tensor], spec_file: tuple[Family, BaseMod
     complaint = None
     for family in FAMILIES.values():
         try:
-            spec = family.detect(shapes)
+            spec = family.detect_config(shapes, config)
         except SpecError as exc:
             complaint = complaint or exc
             continue
@@ -68,7 +70,8 @@ def _detect(shapes: Mapping[str, torch.Tensor], spec_file: tuple[Family, BaseMod
 
 
 def resolve_keys(raw: Mapping[str, torch.Tensor], keys: KeyMap | None = None,
-                 arch: str | os.PathLike | None = None, source: str = "checkpoint") -> Resolved:
+                 arch: str | os.PathLike | None = None, source: str = "checkpoint",
+                 config: Mapping[str, Any] | None = None) -> Resolved:
     """Apply ``keys`` to ``raw`` (names as read) and find the architecture (from the spec file
     ``arch``, else detected), stripping a shared prefix automatically when that makes it fit."""
     keys = keys or KeyMap()
@@ -79,7 +82,7 @@ def resolve_keys(raw: Mapping[str, torch.Tensor], keys: KeyMap | None = None,
     first_complaint = None
     for plan in plans:
         state = plan.view(raw)
-        found = _detect(_shapes(state), spec_file)
+        found = _detect(_shapes(state), spec_file, config)
         if isinstance(found, tuple):
             return Resolved(state, plan, *found)
         first_complaint = first_complaint or found

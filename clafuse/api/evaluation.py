@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import torch
+import torch.nn.functional as F
+
 from clafuse import progress
-from clafuse.api.common import load_data, model_index, model_letter
+from clafuse.api.common import load_data, model_calibration, model_index, model_letter
 from clafuse.api.models import LoadedModel, check_fits, load_model
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError, DataError
@@ -18,7 +21,7 @@ def is_fused(model: LoadedModel) -> bool:
     """Whether ``model`` is a ``clafuse fuse`` output: its metadata names the map it came from
     (safetensors outputs carry it; torch files have no metadata)."""
     try:
-        return "map_sha256" in read_metadata(model.path)
+        return "map_sha256" in read_metadata(model.weights_path)
     except ClafuseError:
         return False
 
@@ -52,6 +55,8 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
     per_model = list(keys) if isinstance(keys, (list, tuple)) else [keys] * len(paths)
     with progress.step(f"reading {len(paths)} checkpoint{'s' if len(paths) > 1 else ''}"):
         models = [load_model(p, a, keys=k) for p, a, k in zip(paths, archs, per_model)]
+    if models[0].family.token_limits(models[0].spec) is not None:
+        return evaluate_text(models, data)
     members = ensemble_members(models, ensemble_of)
     ds = load_data(data, "test", normalize)
     if ds.y is None:
@@ -70,3 +75,37 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
             doc["ensemble"] = evaluate_ensemble([modules[i] for i in members], ds)
             doc["ensemble_of"] = [model_letter(i) for i in members]
     return doc
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(v)
+    out[torch.argsort(v)] = torch.arange(len(v), dtype=v.dtype)
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally long vectors (ties broken by position)."""
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+def evaluate_text(models: Sequence[LoadedModel], data: str) -> dict[str, Any]:
+    """Text encoders on the sentences of ``data`` (all of them): each model's sentence embeddings
+    (mean-pooled, or its logits) against the first model's, as the mean cosine between a
+    sentence's two embeddings and the Spearman correlation of all pairwise cosine similarities
+    (the first model being the teacher or reference; no labels needed)."""
+    x = model_calibration(models, data, 2 ** 62, 0)
+    embeddings = [F.normalize(m.family.forward(m.spec, m.state_dict, x).flatten(1).float(), dim=-1) for m in models]
+    first = embeddings[0]
+    upper = torch.triu_indices(len(x), len(x), 1)
+    ref = (first @ first.T)[upper[0], upper[1]]
+    rows = []
+    for m, e in zip(models, embeddings):
+        if e.shape != first.shape:
+            raise DataError(f"{m.path} gives {tuple(e.shape[1:])} outputs per sentence, the first model "
+                            f"{tuple(first.shape[1:])}: they cannot be compared")
+        sims = (e @ e.T)[upper[0], upper[1]]
+        rows.append({"path": str(m.path), "cosine_to_first": round(float((e * first).sum(1).mean()), 6),
+                     "similarity_spearman_to_first": round(spearman(sims, ref), 6) if len(ref) > 1 else None})
+    return {"data": data, "num_samples": len(x), "kind": "text", "models": rows}

@@ -14,7 +14,7 @@ import torch
 import clafuse
 from clafuse import progress
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
-from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
+from clafuse.api.common import DEFAULT_SAMPLES, log, model_calibration, model_index, model_letter
 from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys, refuse_nonfinite
 from clafuse.api.searching import (SearchRequest, pair_of, parse_mappings, refit_outcome, repeat_command,
                                    resolved_source, run_search, search_report)
@@ -23,6 +23,7 @@ from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.checkpoint import output_format, save_checkpoint
+from clafuse.io.hf_folder import write_hf_folder
 from clafuse.io.keys import KeyMap
 from clafuse.io.outputs import checkpoint_output, plan_outputs
 from clafuse.io.wrapper import check_keep_wrapper, dropped_entries, in_input_form, save_in_input_form
@@ -186,7 +187,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
             norm = Normalization.from_list(doc.data.normalize)
         if searching:
             refuse_test_split(source)
-        x = calibration(source, n, seed, base=None if data is not None else base, normalize=norm)
+        x = model_calibration(models, source, n, seed, base=None if data is not None else base, normalize=norm)
         for m in models:
             check_fits(m, x, f"data {source}")
     if x is None and (searching or refit_head):
@@ -202,6 +203,13 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     settings = _fusion_settings(signal, options)
 
     target_model = models[chosen]
+    folder_config = None
+    if is_folder_output(out):
+        base_config = target_model.folder.config if target_model.folder is not None else None
+        folder_config = target_model.family.config(target_model.spec, base_config)
+        if target_model.folder is None or folder_config is None:
+            raise ClafuseError(f"cannot write a model folder {out}: the target {target_model.path} is not a Hugging Face "
+                               "model folder; name a .safetensors or .pt file")
     engine = ENGINES[target_model.family.engine]
     mixing = mixing_weights(alpha)
     order = [chosen, *(i for i, _ in sources)]
@@ -217,18 +225,21 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
             alpha[index] = best.weights[position]
         settings = replace(settings, inserted=best.inserted, correction=best.correction)
         sources = [(i, replace(s, mappings=m)) for (i, s), m in zip(sources, found.mappings)]
-        fused_state, mixing_rows = found.state, found.mixing
+        fused_state, mixing_rows, approximate = found.state, found.mixing, {}
         refit_head = best.refit
     else:
         with progress.step(f"fusing {len(models)} models into {target_model.path.name}"):
             result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
                             [source for _, source in sources], [mixing[i] for i in order], x, settings)
-        fused_state, mixing_rows = result.state_dict, result.mixing
+        fused_state, mixing_rows, approximate = result.state_dict, result.mixing, result.approximate
         if refit_head:
             parents = [models[i].module() for i in order]
             fused_state = refit_outcome(target_model, result, parents, x)
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
+    for name, error in approximate.items():
+        log.warning("inserted %s is only a near-identity (post-LN layers have none exact): fitted on the calibration "
+                    "data, relative error %.3f", name, error)
     state = cast_state(fused_state, dtype)
     if not allow_nonfinite:
         refuse_nonfinite(state, "the fused weights")
@@ -249,7 +260,10 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         searched = search_report(found, command, scoring or "kl")
         metadata["search"] = json.dumps({k: v for k, v in searched.items() if k != "table"})
     with progress.step(f"writing {out}"):
-        if container is not None:
+        if folder_config is not None:
+            shards = [write_hf_folder(out, state, folder_config, source=target_model.folder,
+                                      max_shard_size=max_shard_size)]
+        elif container is not None:
             plan = target_model.plan or KeyMap().apply(target_model.state_dict)
             shards = save_in_input_form(out, container, in_input_form(container, plan, state), metadata)
         else:
@@ -270,6 +284,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "mixing_order": [model_letter(i) for i in order],
         "refit_head": refit_head,
         **({"search": searched} if searched is not None else {}),
+        "approximate_identities": {name: round(error, 6) for name, error in approximate.items()},
         "seconds": round(time.perf_counter() - started, 3),
         **({"kept_wrapper": {"names": "input", "wrapper": container.wrapper_key,
                              "dropped": dropped_entries(container)}} if container is not None else {}),
@@ -305,11 +320,19 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def check_output(out: str | os.PathLike, dtype: str | None = None, max_shard_size: str | int | None = None) -> None:
     """Refuse an unusable output name, dtype or shard size before any work is done."""
-    output_format(out, max_shard_size)
+    if not is_folder_output(out):
+        output_format(out, max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         check_choice("--dtype", dtype, OutputDtype)
     if not Path(out).parent.is_dir():
         raise ClafuseError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+
+
+def is_folder_output(out: str | os.PathLike) -> bool:
+    """Whether ``out`` names a model folder (an existing folder, a name ending in a slash or one
+    without an extension) rather than a checkpoint file."""
+    text = str(out)
+    return text.endswith(("/", os.sep)) or Path(out).is_dir() or Path(out).suffix == ""
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:

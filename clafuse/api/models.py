@@ -18,6 +18,8 @@ from clafuse.errors import ClafuseError, DataError
 from clafuse.io.atomic import sha256_file
 from clafuse.io.checkpoint import load_checkpoint, open_checkpoint
 from clafuse.io.keys import KeyMap, KeyPlan
+from clafuse.io.hf_folder import HFFolder, is_hf_folder, read_hf_folder
+from clafuse.io.lazy import LazyStateDict
 
 
 @dataclass
@@ -30,6 +32,8 @@ class LoadedModel:
     family: Family
     spec: BaseModel
     plan: KeyPlan | None = field(default=None)
+    folder: HFFolder | None = None
+    """The Hugging Face model folder the checkpoint was read from, if it was one."""
 
     @property
     def keys(self) -> KeyMap:
@@ -41,9 +45,14 @@ class LoadedModel:
         """Names (as read) of the tensors the key handling left out."""
         return list(self.plan.ignored) if self.plan is not None else []
 
+    @property
+    def weights_path(self) -> Path:
+        """The file holding the weights (the folder's weights file for a model folder)."""
+        return self.folder.weights if self.folder is not None else self.path
+
     @cached_property
     def sha256(self) -> str:
-        return sha256_file(self.path)
+        return sha256_file(self.weights_path)
 
     @cached_property
     def groups(self) -> list[Group]:
@@ -61,21 +70,35 @@ class LoadedModel:
         return self.family.instantiate(self.spec, {k: v.clone() for k, v in self.state_dict.items()})
 
 
+def read_weights(path: str | os.PathLike, lazy: bool = False) -> tuple[Mapping[str, torch.Tensor], HFFolder | None]:
+    """The tensors of a checkpoint file or Hugging Face model folder (and the folder, if it is one)."""
+    if is_hf_folder(path):
+        folder = read_hf_folder(path, lazy=lazy)
+        return folder.state_dict, folder
+    return (open_checkpoint(path) if lazy else load_checkpoint(path)), None
+
+
+def skeleton(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """What detection and checks read of a state dict: shapes and dtypes, no values of a lazy one."""
+    return state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict
+
+
 def load_model(path: str | os.PathLike, arch: str | os.PathLike | None = None,
                allow_nonfinite: bool = True, lazy: bool = False, keys: KeyMap | None = None) -> LoadedModel:
-    """Read a checkpoint, apply the key handling ``keys`` and find its architecture (from ``arch``
-    if given, else detected; a prefix all names share is stripped when the rest then fits, see
+    """Read a checkpoint (a file, or a Hugging Face model folder whose ``config.json`` helps tell
+    its architecture), apply the key handling ``keys`` and find its architecture (from ``arch`` if
+    given, else detected; a prefix all names share is stripped when the rest then fits, see
     :func:`~clafuse.api.detection.resolve_keys`). With ``lazy``, a safetensors checkpoint is only
     opened: tensors are read when used."""
-    raw = open_checkpoint(path) if lazy else load_checkpoint(path)
-    resolved = resolve_keys(raw, keys, arch, str(path))
+    raw, folder = read_weights(path, lazy)
+    resolved = resolve_keys(raw, keys, arch, str(path), folder.config if folder is not None else None)
     state_dict, family, spec = resolved.state_dict, resolved.family, resolved.spec
     if not allow_nonfinite:
         bad = nonfinite_keys(state_dict)
         if bad:
             raise ClafuseError(f"{path}: {bad[0]} has NaN or Inf values"
                                + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
-    return LoadedModel(Path(path), state_dict, family, spec, resolved.plan)
+    return LoadedModel(Path(path), state_dict, family, spec, resolved.plan, folder)
 
 
 def nonfinite_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -145,12 +168,11 @@ def map_model(entry: ModelEntry, base: Path, lazy: bool = True) -> LoadedModel:
     if not path.exists():
         raise MapError(f"{path}: checkpoint named in the map does not exist")
     family, spec = parse_spec(entry.spec, f"map entry {entry.path}")
-    raw = open_checkpoint(path) if lazy else load_checkpoint(path)
+    raw, folder = read_weights(path, lazy)
     plan = (entry.keys or KeyMap()).apply(raw, str(path))
     state_dict = plan.view(raw)
-    skeleton = getattr(state_dict, "skeleton", None)
-    family.check(spec, skeleton() if skeleton is not None else state_dict)
-    model = LoadedModel(path, state_dict, family, spec, plan)
+    family.check(spec, skeleton(state_dict))
+    model = LoadedModel(path, state_dict, family, spec, plan, folder)
     if model.sha256 != entry.sha256:
         raise MapError(f"{path} changed since align (sha256 {model.sha256[:12]}…, the map has {entry.sha256[:12]}…); "
                        f"run align again")
