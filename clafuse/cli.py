@@ -7,18 +7,13 @@ Exit codes: 0 success, 1 internal error, 2 bad usage or bad input, 130 interrupt
 from __future__ import annotations
 
 import json
-import os
+import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, List, Optional
-
-import functools
-import logging
-import warnings
+from typing import List, Optional
 
 import typer
-from typer.core import TyperGroup
 
 from clafuse.options import (
     MIN_REG,
@@ -39,195 +34,27 @@ from clafuse.options import (
     check_choice,
     one_of,
 )
-
-def _err(message: str) -> None:
-    """Write ``message`` as exactly one line, control characters escaped (see :func:`printable`)."""
-    from clafuse.errors import printable
-
-    sys.stderr.write(printable(message) + "\n")
-
-
-# The parser's own errors (typer vendors click in newer releases, so the class is found through
-# typer's public BadParameter rather than imported from click).
-_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-
-class _OneLineErrors(TyperGroup):
-    """Click's usage errors (a missing argument, an unknown option, ``--epochs abc``) as the one line
-    ``clafuse: error: ...`` and exit code 2, like every other error, instead of a usage block."""
-
-    def main(self, args: Any = None, prog_name: Optional[str] = None, complete_var: Optional[str] = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except _USAGE_ERROR as exc:
-            ctx = getattr(exc, "ctx", None)
-            if type(exc).__name__ == "NoArgsIsHelpError":  # plain ``clafuse``: the help text
-                exc.show()
-                code = exc.exit_code
-            else:
-                command = ctx.command_path.partition(" ")[2] if ctx is not None else ""
-                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-                _err(f"clafuse: error: {command + ': ' if command else ''}{exc.format_message().rstrip('.')}{hint}")
-                code = exc.exit_code
-        except typer.Abort:
-            _err("clafuse: interrupted")
-            code = 130
-        if not standalone_mode:
-            return code
-        sys.exit(code if isinstance(code, int) else 0)
-
-
-app = typer.Typer(
-    name="clafuse",
-    cls=_OneLineErrors,
-    help="Fuse trained neural-network checkpoints, including networks of different depth and width.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+from clafuse.cli_common import (
+    IgnoreKeysOpt,
+    JsonOpt,
+    KeepWrapperOpt,
+    NormalizeOpt,
+    ProgressOpt,
+    RenameOpt,
+    Session,
+    StripPrefixOpt,
+    ThreadsOpt,
+    app,
+    console,
+    emit,
+    guard,
+    key_map,
+    terminate,
 )
-
-JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads torch uses (default: half the usable cores, at least "
-                                                  "1, which stays fast on a shared machine; 0 = torch's default).")
-ProgressOpt = typer.Option(False, "--progress", help="Show progress of long steps on stderr also with --json.")
-StripPrefixOpt = typer.Option(None, "--strip-prefix", help="Use only the tensors under this name prefix, without it "
-                                                          "(e.g. model.); a prefix all names share is stripped "
-                                                          "automatically when the rest fits a family.")
-RenameOpt = typer.Option(None, "--rename", help="OLD=NEW: rename tensors by regular expression (re.sub), after "
-                                                "--strip-prefix; repeatable, applied in order.")
-IgnoreKeysOpt = typer.Option(None, "--ignore-keys", help="Leave out tensors whose name (as stored) matches this "
-                                                         "regular expression; repeatable.")
-KeepWrapperOpt = typer.Option(False, "--keep-wrapper", help="Write the output in the input's own form: its tensor "
-                                                            "names and prefix and, for torch files, its wrapper (e.g. "
-                                                            "a Lightning .ckpt) without optimizer state.")
-NormalizeOpt = typer.Option(None, "--normalize", help="Standardise file and folder inputs per channel: MEAN,STD, "
-                                                      "the means then the stds (one per channel), or mnist, "
-                                                      "fashion-mnist, cifar10, imagenet.")
-
-
-def _emit(doc: Any, as_json: bool, render, threads: int | None = None) -> None:
-    if as_json:
-        if threads is not None and isinstance(doc, dict):
-            doc = {**doc, "threads": threads}
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        render(doc)
-
-
-def _console():
-    from rich.console import Console
-
-    return Console()
-
-
-class _Session:
-    """What every command sets up first: torch's thread count and the progress reporter."""
-
-    def __init__(self, threads: Optional[int], as_json: bool, show_progress: bool) -> None:
-        from clafuse.threads import use_threads
-
-        self.threads = use_threads(threads)
-        self.show = show_progress or not as_json
-
-    def __enter__(self) -> "_Session":
-        from clafuse.progress import reporting
-
-        self._reporting = reporting(self.show)
-        self._reporting.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._reporting.__exit__(*exc)
-
-
-def _keys(strip_prefix: Optional[str], rename: Optional[List[str]], ignore_keys: Optional[List[str]]):
-    from clafuse.io.keys import KeyMap
-
-    return KeyMap.from_options(strip_prefix, rename or (), ignore_keys or ())
-
-
-def _terminate(signum: int, frame: object) -> None:
-    """SIGTERM and SIGHUP end a run like Ctrl-C: temp files removed, exit code 130."""
-    raise KeyboardInterrupt
-
-
-class _Printable(logging.Filter):
-    """Log records of the ``clafuse`` logger on one line, control characters escaped (file names)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from clafuse.errors import printable
-
-        record.msg, record.args = printable(record.getMessage()), None
-        return True
-
-
-_log = logging.getLogger("clafuse")
-_log.addFilter(_Printable())
-_QUIET = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-
-
-def _report_warnings(caught: list[warnings.WarningMessage]) -> None:
-    """Each distinct warning once, as one line through the ``clafuse`` logger (no source lines)."""
-    seen = set()
-    for w in caught:
-        text = " ".join(str(w.message).split()) or w.category.__name__
-        if len(text) > 300:
-            text = text[:297] + "..."
-        if (w.category, text) not in seen:
-            seen.add((w.category, text))
-            _log.warning(text)
-
-
-def _guard(command):
-    """Turn every failure inside a command into one line on stderr and an exit code, and report
-    Python's and torch's warnings once each, briefly, before it."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> None:
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                if not sys.warnoptions:  # -W or PYTHONWARNINGS: the user's own filters apply
-                    warnings.simplefilter("default")
-                    for quiet in _QUIET:
-                        warnings.simplefilter("ignore", quiet)
-                try:
-                    command(*args, **kwargs)
-                finally:
-                    _report_warnings(caught)
-        except BaseException as exc:
-            _fail(exc)
-
-    return run
-
-
-def _fail(exc: BaseException) -> None:
-    """Print ``exc`` as one line and exit with its code (re-raise what is no failure)."""
-    from clafuse.errors import ClafuseError
-
-    if isinstance(exc, ClafuseError):
-        _err(f"clafuse: error: {exc}")
-        raise typer.Exit(2) from None
-    if isinstance(exc, KeyboardInterrupt):
-        _err("clafuse: interrupted")
-        raise typer.Exit(130) from None
-    if isinstance(exc, (typer.Exit, typer.BadParameter, SystemExit, GeneratorExit)):
-        raise exc
-    if os.environ.get("CLAFUSE_DEBUG"):
-        raise exc
-    if isinstance(exc, OSError):  # a path the system refuses (name too long, permission denied, ...): bad input
-        where = f"{exc.filename}: " if exc.filename is not None else ""
-        _err(f"clafuse: error: {where}{exc.strerror or exc}")
-        raise typer.Exit(2) from None
-    if isinstance(exc, Exception):  # the last line of defence: no traceback for users
-        _err(f"clafuse: internal error: {type(exc).__name__}: {exc} (set CLAFUSE_DEBUG=1 for a traceback)")
-        raise typer.Exit(1) from None
-    raise exc
 
 
 @app.command()
-@_guard
+@guard
 def inspect(
     ckpt: Path = typer.Argument(..., help="Checkpoint (.safetensors, .pt, .pth, .bin or a sharded index)."),
     arch: Optional[Path] = typer.Option(None, help="Architecture spec file (JSON/YAML); detected when omitted."),
@@ -243,14 +70,14 @@ def inspect(
     from clafuse.api import inspect_checkpoint
     from clafuse.report import render_inspect
 
-    keys = _keys(strip_prefix, rename, ignore_keys)
-    with _Session(threads, as_json, show_progress) as session:
+    keys = key_map(strip_prefix, rename, ignore_keys)
+    with Session(threads, as_json, show_progress) as session:
         doc = inspect_checkpoint(ckpt, arch, keys=keys)
-    _emit(doc, as_json, render_inspect, session.threads)
+    emit(doc, as_json, render_inspect, session.threads)
 
 
 @app.command()
-@_guard
+@guard
 def align(
     ckpts: List[Path] = typer.Argument(..., help="Two or more checkpoints (models A, B, C, ... in this order)."),
     out: Path = typer.Option(..., "-o", "--out", help="Map file to write (JSON)."),
@@ -280,15 +107,15 @@ def align(
     if len(ckpts) < 2:
         raise typer.BadParameter(f"give at least two checkpoints, got {len(ckpts)}", param_hint="CKPTS")
     archs = _per_model(arch, len(ckpts))
-    keys = _keys(strip_prefix, rename, ignore_keys)
-    with _Session(threads, as_json, show_progress) as session:
+    keys = key_map(strip_prefix, rename, ignore_keys)
+    with Session(threads, as_json, show_progress) as session:
         doc = run_align(ckpts, out, archs=archs, data=data, samples=samples, metric=metric, seed=seed,
                         pin_first=pin_first, pin_last=pin_last, anchor=anchor, keys=keys, normalize=normalize)
-    _emit(doc.model_dump(mode="json"), as_json, lambda d: render_map(d, out), session.threads)
+    emit(doc.model_dump(mode="json"), as_json, lambda d: render_map(d, out), session.threads)
 
 
 @app.command()
-@_guard
+@guard
 def fuse(
     map_file: Path = typer.Option(..., "--map", help="Map file written by 'clafuse align'."),
     out: Path = typer.Option(..., "-o", "--out", help="Fused checkpoint (.safetensors, or .pt by extension)."),
@@ -345,18 +172,18 @@ def fuse(
     from clafuse.api import fuse as run_fuse
     from clafuse.report import render_fuse, search_progress
 
-    with _Session(threads, as_json, show_progress) as session:
+    with Session(threads, as_json, show_progress) as session:
         report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples,
                           signal=signal_, allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground,
                           inserted=inserted, correction=correction, bn_reset=bn_reset, dtype=dtype,
                           max_shard_size=max_shard_size, keep_wrapper=keep_wrapper, normalize=normalize,
                           mapping=mapping, refit_head=refit_head, search=search, budget=budget, scoring=scoring,
                           on_candidate=search_progress if search and session.show else None)
-    _emit(report, as_json, lambda d: render_fuse(d, map_file), session.threads)
+    emit(report, as_json, lambda d: render_fuse(d, map_file), session.threads)
 
 
 @app.command("eval")
-@_guard
+@guard
 def evaluate(
     ckpts: List[Path] = typer.Argument(..., help="One or more checkpoints."),
     data: str = typer.Option(..., help="Data: .npz, data folder (IDX, CIFAR-10/100, image class folders) or built-in, with split, e.g. mnist:test, ./cifar-10-batches-py:val."),
@@ -377,15 +204,15 @@ def evaluate(
     from clafuse.api import evaluate_checkpoints
     from clafuse.report import render_eval
 
-    keys = _keys(strip_prefix, rename, ignore_keys)
-    with _Session(threads, as_json, show_progress) as session:
+    keys = key_map(strip_prefix, rename, ignore_keys)
+    with Session(threads, as_json, show_progress) as session:
         doc = evaluate_checkpoints(ckpts, data, archs=_per_model(arch, len(ckpts)), keys=keys, normalize=normalize,
                                    ensemble_of=ensemble_of.split(",") if ensemble_of is not None else None)
-    _emit(doc, as_json, render_eval, session.threads)
+    emit(doc, as_json, render_eval, session.threads)
 
 
 @app.command()
-@_guard
+@guard
 def finetune(
     ckpt: Path = typer.Argument(..., help="Checkpoint to finetune."),
     data: str = typer.Option(..., help="Training data: .npz, data folder (IDX, CIFAR-10/100, image class folders) or built-in (train split by default)."),
@@ -441,8 +268,8 @@ def finetune(
         if not main_rank:  # every rank got the same options: rank 0 reports
             raise typer.Exit(2)
         raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
-    keys = _keys(strip_prefix, rename, ignore_keys)
-    session = _Session(threads, as_json, show_progress and main_rank)
+    keys = key_map(strip_prefix, rename, ignore_keys)
+    session = Session(threads, as_json, show_progress and main_rank)
     session.show = session.show and main_rank
     try:
         with session:
@@ -461,11 +288,11 @@ def finetune(
             raise typer.Exit(130) from None
         raise
     if main_rank:
-        _emit(report, as_json, render_finetune, session.threads)
+        emit(report, as_json, render_finetune, session.threads)
 
 
 @app.command()
-@_guard
+@guard
 def schema(what: str = typer.Argument("map", help=f"Which schema: {one_of(SchemaName)}.")) -> None:
     """Print the JSON Schema of the map file format."""
     from clafuse.align.mapfile import map_schema
@@ -475,7 +302,7 @@ def schema(what: str = typer.Argument("map", help=f"Which schema: {one_of(Schema
 
 
 @app.command()
-@_guard
+@guard
 def report(
     map_file: Path = typer.Argument(..., help="Map file written by 'clafuse align'."),
     out: Path = typer.Option(..., "-o", "--out", help="HTML page to write (self-contained: loads nothing)."),
@@ -500,10 +327,10 @@ def report(
     fused network compares to its parents."""
     from clafuse.reporting.build import build_report
 
-    with _Session(threads, as_json, show_progress) as session:
+    with Session(threads, as_json, show_progress) as session:
         doc = build_report(map_file, out, fused=fused, data=data, samples=samples, solver=solver, reg=reg,
                            png_dir=png_dir, normalize=normalize)
-    _emit(doc, as_json, lambda d: _console().print(
+    emit(doc, as_json, lambda d: console().print(
         f"report written to {d['output']}" + (f" ({len(d['pngs'])} PNGs in {png_dir})" if d["pngs"] else ""),
         markup=False, soft_wrap=True), session.threads)
 
@@ -523,6 +350,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     tune_allocator()
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _terminate)
+            signal.signal(getattr(signal, name), terminate)
     logging.basicConfig(format="clafuse: warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
     app(args=argv, prog_name="clafuse")
