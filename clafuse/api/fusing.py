@@ -332,7 +332,12 @@ def is_folder_output(out: str | os.PathLike) -> bool:
     """Whether ``out`` names a model folder (an existing folder, a name ending in a slash or one
     without an extension) rather than a checkpoint file."""
     text = str(out)
-    return text.endswith(("/", os.sep)) or Path(out).is_dir() or Path(out).suffix == ""
+    if text.endswith(("/", os.sep)) or Path(out).suffix == "":
+        return True
+    try:
+        return Path(out).is_dir()
+    except OSError:  # a name the file system refuses (too long, ...): not a folder; the output checks say why
+        return False
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
