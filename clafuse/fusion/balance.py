@@ -61,6 +61,9 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) ->
             block = by_position[j]
         else:
             made = template.identity(template, spaces[current].size, current) if template.identity else None
+            if made is None and template.attrs.get("no_identity"):
+                raise ClafuseError(f"cannot insert an identity in place of {template.name}: "
+                                   f"{template.attrs['no_identity']}")
             if made is None:
                 raise ClafuseError(f"cannot insert an identity in place of {template.name}: the first fully-connected "
                                    f"layers of both networks must map to each other, and a block that changes "
@@ -101,6 +104,9 @@ def merge_blocks(deep: Network, state: Mapping[str, torch.Tensor], mappings: lis
     alignable = [i for i, b in enumerate(deep.blocks) if b.alignable]
     for position, i in enumerate(alignable):
         block = deep.blocks[i]
+        if i not in kept and not block.drop and not block.fold and block.attrs.get("no_fold"):
+            raise ClafuseError(f"merge balancing cannot fold hidden layer {position} of the deeper network: "
+                               f"{block.attrs['no_fold']}")
         if i not in kept and not block.drop and not block.fold:
             raise ClafuseError(f"merge balancing cannot fold hidden layer {position} of the deeper network: only "
                                "fully-connected layers without BatchNorm fold into their successor; use --balance "
