@@ -54,7 +54,13 @@ def permuted(net: Network, state: Mapping[str, torch.Tensor], seed: int) -> dict
             t = out[param.key]
             for axis, space in enumerate(param.axes):
                 if space in perms:
-                    t = t.index_select(axis, perms[space])
+                    size = spaces[space].size
+                    if t.shape[axis] != size:  # a flattened feature map: channel-major blocks of positions
+                        shape = t.shape
+                        blocks = t.reshape(*shape[:axis], size, shape[axis] // size, *shape[axis + 1:])
+                        t = blocks.index_select(axis, perms[space]).reshape(shape)
+                    else:
+                        t = t.index_select(axis, perms[space])
             out[param.key] = t
     return out
 
