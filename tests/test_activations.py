@@ -107,16 +107,30 @@ def test_tanh_fusion_of_equal_depths_uses_tanh(tanh_pair: dict) -> None:
 
 
 def test_balancing_refuses_what_is_only_exact_for_relu(tanh_pair: dict) -> None:
+    """align finds it up front, with both reasons, and writes no map."""
     root = tanh_pair["root"]
     res = invoke("align", tanh_pair["deep"], tanh_pair["shallow"], "--arch", tanh_pair["deep_spec"], "--arch",
                  tanh_pair["shallow_spec"], "--data", "digits", "--samples", 300, "-o", root / "map.json")
-    assert res.code == 0, res
-    add = invoke("fuse", "--map", root / "map.json", "--balance", "add", "-o", root / "add.safetensors")
-    assert add.code != 0 and "no layer is an exact identity" in add.stderr and "tanh" in add.stderr, add
-    assert add.stderr.count("\n") == 1 and "Traceback" not in add.stderr
-    merge = invoke("fuse", "--map", root / "map.json", "--balance", "merge", "-o", root / "merge.safetensors")
-    assert merge.code != 0 and "ReLU" in merge.stderr and "tanh" in merge.stderr, merge
-    assert not (root / "add.safetensors").exists() and not (root / "merge.safetensors").exists()
+    assert res.code != 0 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res
+    assert "by either balancing" in res.stderr and "no layer is an exact identity" in res.stderr
+    assert "ReLU's gate" in res.stderr and "tanh" in res.stderr
+    assert not (root / "map.json").exists()
+
+
+def test_fusion_refuses_non_relu_balancing_in_the_library() -> None:
+    torch.manual_seed(0)
+    family = FAMILIES["mlp"]
+    deep = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10))
+    shallow = nn.Sequential(nn.Linear(64, 16), nn.Linear(16, 10))
+    d_spec, s_spec = (detect(m.state_dict())[1].model_copy(update={"activation": "sigmoid"}) for m in (deep, shallow))
+    settings = FusionSettings(signal="weights", correction="none", bn_reset=False)
+    with pytest.raises(ClafuseError, match="no layer is an exact identity.*--balance merge"):
+        fuse_members(Member(family, d_spec, deep.state_dict()),
+                     [Source(Member(family, s_spec, shallow.state_dict()), [[0]], False)], [0.5, 0.5], None, settings)
+    x = torch.randn(30, 64)
+    with pytest.raises(ClafuseError, match="ReLU's gate.*sigmoid.*--balance add"):
+        fuse_members(Member(family, s_spec, shallow.state_dict()),
+                     [Source(Member(family, d_spec, deep.state_dict()), [[0]], True)], [0.5, 0.5], x, settings)
 
 
 def test_identity_activation_inserts_exact_identities() -> None:

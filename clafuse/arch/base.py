@@ -194,6 +194,20 @@ class Family:
         """The alignment groups, in network order."""
         raise NotImplementedError
 
+    def traits(self, spec: BaseModel) -> dict[str, object]:
+        """What two networks of this family must share to be fused (block kind, activation,
+        inputs, classes, ...), by name; fusion pairs everything else."""
+        return {}
+
+    def incompatibility(self, spec: BaseModel, other: BaseModel) -> str | None:
+        """Why networks ``spec`` and ``other`` cannot be fused (None: they can), said before any
+        alignment work: the first trait they differ in."""
+        mine, theirs = self.traits(spec), self.traits(other)
+        for name, value in mine.items():
+            if theirs.get(name) != value:
+                return f"{name} {_shown(value)} vs {_shown(theirs.get(name))}"
+        return None
+
     def describe(self, spec: BaseModel) -> Network:
         """The network as fusion sees it (:mod:`clafuse.arch.network`): spaces, tensors by key and
         axis, blocks in the order and groups of :meth:`groups`. Built from the spec alone."""
@@ -215,6 +229,10 @@ class Family:
         """The state dict of ``chain`` under ``spec``'s key names, with the dtypes of ``like``."""
         raise NotImplementedError
 
+
+
+def _shown(value: object) -> str:
+    return "none" if value is None else str(list(value) if isinstance(value, tuple) else value)
 
 
 def describe_chain(chain: Chain) -> tuple[Network, dict[str, torch.Tensor]]:

@@ -178,6 +178,10 @@ class MLPFamily(Family):
                            {layer.name: (layer.norm, nn.BatchNorm1d(layer.out_features, eps=spec.bn_eps))
                             for layer in spec.layers if layer.norm}, spec.activation)
 
+    def traits(self, spec: MLPSpec) -> dict[str, object]:
+        return {"activation": spec.activation, "inputs": spec.layers[0].in_features,
+                "classes": spec.layers[-1].out_features, "BatchNorm1d": any(l.norm for l in spec.layers)}
+
     def groups(self, spec: MLPSpec) -> list[Group]:
         hidden = tuple(
             LayerInfo(layer.name, layer.out_features,

@@ -39,8 +39,7 @@ def no_identity_reason(act: str) -> str | None:
     if act in ("relu", "identity"):
         return None
     return (f"the network uses {act}, for which no layer is an exact identity (only ReLU, on non-negative inputs, "
-            f"or no activation); balance with --balance merge from the deeper network, or fuse networks of "
-            f"equal depth")
+            f"or no activation)")
 
 
 def no_fold_reason(act: str) -> str | None:
@@ -48,7 +47,7 @@ def no_fold_reason(act: str) -> str | None:
     if act == "relu":
         return None
     return (f"the network uses {act}: merge folds a layer by replacing its ReLU with the ReLU's gate, which "
-            f"is meaningless for {act}; use --balance add (the deeper architecture) or fuse networks of equal depth")
+            f"is meaningless for {act}")
 
 
 @dataclass(frozen=True)

@@ -209,6 +209,10 @@ class ResNetFamily(Family):
     def build(self, spec: ResNetSpec) -> nn.Module:
         return ResNet(spec)
 
+    def traits(self, spec: ResNetSpec) -> dict[str, object]:
+        return {"blocks": spec.block, "stem": spec.stem, "downsample": spec.downsample,
+                "input channels": spec.in_channels, "classes": spec.num_classes, "stages": len(spec.layers)}
+
     def groups(self, spec: ResNetSpec) -> list[Group]:
         module_params = {name: sum(p.numel() for p in mod.parameters())
                          for name, mod in self._block_modules(spec)}

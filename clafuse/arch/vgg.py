@@ -149,6 +149,12 @@ class VGGFamily(Family):
         avgpool = nn.AdaptiveAvgPool2d(spec.avgpool) if spec.avgpool is not None else nn.Identity()
         return VGGNet(features, avgpool, classifier)
 
+    def traits(self, spec: VGGSpec) -> dict[str, object]:
+        return {"activation": spec.activation, "input channels": spec.in_channels, "classes": spec.num_classes,
+                "kernel size": spec.kernel_size, "BatchNorm": spec.batch_norm, "conv bias": spec.conv_bias,
+                "head": "timm" if spec.head is not None else "torchvision",
+                "avgpool": spec.avgpool, "timm head kernel": spec.head.kernel_size if spec.head else None}
+
     def groups(self, spec: VGGSpec) -> list[Group]:
         k_size = spec.kernel_size
         out = []
