@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clafuse.arch.registry import FAMILIES, detect
+from clafuse.arch.registry import detect
 from clafuse.arch.network import run
 from tests.cli_runner import invoke
 from tests.helpers import save_safetensors

@@ -211,7 +211,7 @@ class ResNetFamily(Family):
 
     def traits(self, spec: ResNetSpec) -> dict[str, object]:
         return {"blocks": spec.block, "stem": spec.stem, "downsample": spec.downsample,
-                "input channels": spec.in_channels, "classes": spec.num_classes, "stages": len(spec.layers)}
+                "input channels": spec.in_channels, "classes": spec.num_classes}
 
     def groups(self, spec: ResNetSpec) -> list[Group]:
         module_params = {name: sum(p.numel() for p in mod.parameters())

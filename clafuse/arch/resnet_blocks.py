@@ -50,8 +50,9 @@ def stem_unit(kind: str, in_channels: int, width: int, deep: tuple[int, int] | N
         h = x
         for weight, norm, out, _, shape, stride in convs:
             z = F.conv2d(h, t[weight], stride=stride, padding=shape[-1] // 2)
-            h = tap.space(out, F.relu(tap.site(out, tap.norm(norm, z, 1e-5)))) if out != "stem" else \
-                F.relu(tap.site(out, tap.norm(norm, z, 1e-5)))
+            h = F.relu(tap.site(out, tap.norm(norm, z, 1e-5)))
+            if out != "stem":  # an inner channel space of the deep stem; ``stem`` is seen after the max-pool
+                h = tap.space(out, h)
         if kind != "small":
             h = F.max_pool2d(h, 3, 2, 1)
         return tap.space("stem", h)
