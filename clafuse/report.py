@@ -24,6 +24,11 @@ def render_inspect(doc: dict[str, Any]) -> None:
             table.add_row(group["name"] if i == 0 else "", str(i), layer["name"], str(layer["width"]),
                           f"{layer['params']:,}")
     console.print(table)
+    act = doc.get("activation")
+    if act:
+        text = ("assumes ReLU (the state dict cannot tell; pass --arch with a spec naming another: "
+                "relu, gelu, tanh, sigmoid or identity)" if act["assumed"] else f"{act['name']} (from the spec)")
+        console.print(f"activation: {text}", markup=False, soft_wrap=True)
     keys = doc.get("keys") or {}
     if keys.get("strip_prefix") or keys.get("rename") or keys.get("ignore") or doc.get("ignored_keys"):
         from clafuse.io.keys import KeyMap

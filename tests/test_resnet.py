@@ -26,6 +26,7 @@ from clafuse import api
 from clafuse.api import alignment
 from clafuse.arch.registry import detect
 from clafuse.arch.resnet import ResNetFamily, ResNetSpec
+from clafuse.errors import ClafuseError
 from clafuse.io.checkpoint import load_checkpoint
 from tests.helpers import save_safetensors
 
@@ -314,7 +315,10 @@ def test_merge_gives_shallow_architecture_and_pins_stage_starts(tmp_path: Path, 
         return np.array([[0.0 if j == i + 1 else 1.0 for j in range(len(deep))] for i in range(len(shallow))])
 
     monkeypatch.setattr(alignment, "activation_cost", shifted)
-    api.align([pa, pb], tmp_path / "map.json", data=str(npz), samples=N_INPUTS, pin_first=False, pin_last=False)
+    # Every stage's first block must be matched: --no-pin-first is refused rather than ignored.
+    with pytest.raises(ClafuseError, match="--no-pin-first cannot apply to a resnet"):
+        api.align([pa, pb], None, data=str(npz), samples=N_INPUTS, pin_first=False)
+    api.align([pa, pb], tmp_path / "map.json", data=str(npz), samples=N_INPUTS, pin_last=False)
     groups = json.loads((tmp_path / "map.json").read_text())["alignments"][0]["groups"]
     assert [g["name"] for g in groups] == ["layer1", "layer2", "layer3"]
     assert all(g["mapping"][0] == 0 for g in groups), groups

@@ -1,7 +1,7 @@
 """Costs between every layer of the shallow net and every layer of the deep net.
 
 Activation-based metrics compare the layers' responses to the same calibration inputs, so they
-work across widths; ``neuron`` only compares widths and needs no data.
+work across widths; ``neuron`` compares widths and relative depths and needs no data.
 """
 
 from __future__ import annotations
@@ -73,7 +73,15 @@ def activation_cost(shallow: list[torch.Tensor], deep: list[torch.Tensor], metri
 
 
 def neuron_cost(shallow_widths: list[int], deep_widths: list[int]) -> np.ndarray:
-    """Data-free cost: squared difference of the layers' widths."""
+    """Data-free cost: the squared difference of the layers' widths, plus half the squared
+    difference of their relative depths in the group (0 for its first layer, 1 for its last).
+    Widths decide wherever they differ (a width difference costs at least 1, depth at most 0.5);
+    between layers of equal width (a VGG chunk) the layers map in proportion to their depth
+    rather than by an arbitrary tie."""
     s = np.asarray(shallow_widths, dtype=np.float64)[:, None]
     d = np.asarray(deep_widths, dtype=np.float64)[None, :]
-    return (s - d) ** 2
+
+    def depth(n: int) -> np.ndarray:
+        return np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
+
+    return (s - d) ** 2 + 0.5 * (depth(len(shallow_widths))[:, None] - depth(len(deep_widths))[None, :]) ** 2

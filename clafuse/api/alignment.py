@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,7 @@ from clafuse.api.models import LoadedModel, check_fits, load_model
 from clafuse.data.common import check_varied
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
+from clafuse.fusion.balance import insert_blocks, merge_problem
 from clafuse.io.atomic import sha256_file, write_text_atomic
 from clafuse.io.keys import KeyMap
 from clafuse.io.outputs import Output, plan_outputs
@@ -36,6 +38,10 @@ from clafuse.options import Metric, check_choice, check_integer, check_seed
 
 def _check_pair(models: Sequence[LoadedModel], deep: int, shallow: int) -> None:
     """The shallower model must fit into the deeper one group by group."""
+    family = models[deep].family
+    why = family.incompatibility(models[deep].spec, models[shallow].spec)
+    if why is not None:
+        raise ClafuseError(f"{models[shallow].path} and {models[deep].path} cannot be fused: {why}")
     gd_all, gs_all = models[deep].groups, models[shallow].groups
     if len(gd_all) != len(gs_all):
         raise ClafuseError(f"{models[shallow].path} has {len(gs_all)} alignment groups "
@@ -46,6 +52,46 @@ def _check_pair(models: Sequence[LoadedModel], deep: int, shallow: int) -> None:
                                f"{models[deep].path} ({len(gd.layers)}), although it is not deeper overall")
         if not gs.layers:
             raise ClafuseError(f"group {gd.name!r} of {models[shallow].path} has no hidden layer to align")
+
+
+def _check_balance(models: Sequence[LoadedModel], alignment: Alignment, anchor: int) -> None:
+    """Refuse a mapping that neither balancing can carry out (found by ``fuse`` only after its
+    work otherwise), from the descriptions alone; warn when the one ``fuse`` uses by default
+    (into the anchor's architecture) cannot."""
+    deep, shallow = models[alignment.deep], models[alignment.shallow]
+    mappings = [g.mapping for g in alignment.groups]
+    deep_net = deep.family.describe(deep.spec)
+    try:
+        insert_blocks(shallow.family.describe(shallow.spec), mappings, deep_net)
+        add = None
+    except ClafuseError as exc:
+        add = str(exc)
+    merge = merge_problem(deep_net, mappings)
+    if add is not None and merge is not None:
+        raise ClafuseError(f"{shallow.path} cannot be fused with {deep.path} under this alignment, by either "
+                           f"balancing: add: {add.split('; use --balance')[0]}; merge: "
+                           f"{merge.split('; use --balance')[0]}")
+    default, why = ("add", add) if alignment.deep == anchor else ("merge", merge)
+    if why is not None:
+        other = "merge" if default == "add" else "add"
+        warnings.warn(f"fusing {shallow.path} into {models[anchor].path} (fuse's default, --balance {default}) "
+                      f"will be refused ({why}); fuse with --balance {other} instead", stacklevel=2)
+
+
+def _pin_first_groups(models: Sequence[LoadedModel], pin_first: bool) -> None:
+    """``--no-pin-first`` where groups force their first pin: refused where every group does,
+    else said once for the groups it does not apply to."""
+    if pin_first:
+        return
+    forced = [g.name for g in models[0].groups if g.pin_first]
+    family = models[0].family.name
+    if forced and len(forced) == len(models[0].groups):
+        raise ClafuseError(f"--no-pin-first cannot apply to a {family}: the first layer of every group "
+                           f"({', '.join(forced)}) must be matched (it changes resolution or width, or reads the "
+                           f"raw input or flattened feature maps, so it cannot be an inserted identity)")
+    if forced:
+        warnings.warn(f"--no-pin-first does not apply to {', '.join(forced)} of a {family}: their first layers "
+                      f"cannot be inserted identities, so they stay matched", stacklevel=2)
 
 
 def _align_pair(models: Sequence[LoadedModel], deep: int, shallow: int, metric: str,
@@ -114,6 +160,7 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
         deep, shallow = (center, i) if depths[center] >= depths[i] else (i, center)
         _check_pair(models, deep, shallow)
         pairs.append((deep, shallow))
+    _pin_first_groups(models, pin_first)
     base = Path(out).parent if out else Path.cwd()
     data_entry = None
     acts = None
@@ -137,6 +184,8 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
             check_activations(layer_acts, [l.name for g in m.groups for l in g.layers], m.path, f"data {data}")
     with progress.step("aligning layers"):
         alignments = [_align_pair(models, deep, shallow, metric, acts, pin_first, pin_last) for deep, shallow in pairs]
+    for alignment in alignments:
+        _check_balance(models, alignment, center)
     if len(models) == 2:
         roles = ["deep" if i == pairs[0][0] else "shallow" for i in range(2)]
     else:

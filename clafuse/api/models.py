@@ -142,9 +142,19 @@ def inspect_checkpoint(path: str | os.PathLike, arch: str | os.PathLike | None =
         "dtypes": dtypes,
         "nonfinite": nonfinite_keys(model.state_dict),
         "spec": model.spec.model_dump(mode="json"),
+        "activation": activation_of(model.spec),
         "keys": model.keys.model_dump(mode="json"),
         "ignored_keys": model.ignored,
     }
+
+
+def activation_of(spec: Any) -> dict[str, Any] | None:
+    """The activation a spec names and whether it was assumed: a state dict cannot tell ReLU from
+    Tanh, so a detected spec (or a spec file without the field) assumes ReLU. None for families
+    whose architecture fixes it (ResNet)."""
+    if "activation" not in type(spec).model_fields:
+        return None
+    return {"name": spec.activation, "assumed": "activation" not in spec.model_fields_set}
 
 
 def check_fits(model: LoadedModel, x: torch.Tensor, what: str) -> None:

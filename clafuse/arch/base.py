@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from clafuse.arch.network import Block, LayerOp, Network, Space, layer_block, pool_block
+from clafuse.arch.network import ACTIVATIONS, Block, LayerOp, Network, Space, layer_block, pool_block
 from clafuse.errors import SpecError
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -41,7 +41,8 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[st
 
 @dataclass
 class ChainLayer:
-    """One weight layer: a Linear or Conv2d, optionally followed by BatchNorm and ReLU.
+    """One weight layer: a Linear or Conv2d, optionally followed by BatchNorm and an activation
+    (``relu``: whether it has one; ``act``: which, default ReLU).
 
     ``weight`` has shape (out, in, *kernel). ``inserted`` marks an identity layer added by balancing,
     which computes nothing new and should not dilute a real layer when averaged. ``avgpool_before``
@@ -60,6 +61,7 @@ class ChainLayer:
     padding: int = 0
     inserted: bool = False
     avgpool_before: tuple[int, int] | None = None
+    act: str = "relu"
 
     @property
     def width(self) -> int:
@@ -109,9 +111,9 @@ class Chain:
         return z
 
     def post_activation(self, k: int, z: torch.Tensor) -> torch.Tensor:
-        """Layer ``k``'s output from its pre-activation: ReLU, then max-pool where the layer has one."""
+        """Layer ``k``'s output from its pre-activation: the activation, then max-pool where the layer has one."""
         layer = self.layers[k]
-        h = torch.relu(z) if layer.relu else z
+        h = ACTIVATIONS[layer.act](z) if layer.relu else z
         if layer.pool_after:
             h = F.max_pool2d(h, 2)
         return h
@@ -207,6 +209,20 @@ class Family:
         """The alignment groups, in network order."""
         raise NotImplementedError
 
+    def traits(self, spec: BaseModel) -> dict[str, object]:
+        """What two networks of this family must share to be fused (block kind, activation,
+        inputs, classes, ...), by name; fusion pairs everything else."""
+        return {}
+
+    def incompatibility(self, spec: BaseModel, other: BaseModel) -> str | None:
+        """Why networks ``spec`` and ``other`` cannot be fused (None: they can), said before any
+        alignment work: the first trait they differ in."""
+        mine, theirs = self.traits(spec), self.traits(other)
+        for name, value in mine.items():
+            if theirs.get(name) != value:
+                return f"{name} {_shown(value)} vs {_shown(theirs.get(name))}"
+        return None
+
     def describe(self, spec: BaseModel) -> Network:
         """The network as fusion sees it (:mod:`clafuse.arch.network`): spaces, tensors by key and
         axis, blocks in the order and groups of :meth:`groups`. Built from the spec alone."""
@@ -230,6 +246,10 @@ class Family:
 
 
 
+def _shown(value: object) -> str:
+    return "none" if value is None else str(list(value) if isinstance(value, tuple) else value)
+
+
 def describe_chain(chain: Chain) -> tuple[Network, dict[str, torch.Tensor]]:
     """The chain as a description with its tensors under keys ``<k>.weight``, ``<k>.bias`` and
     ``<k>.bn.<leaf>``: hidden layers in alignment groups that change after each max-pool and at the
@@ -251,7 +271,7 @@ def describe_chain(chain: Chain) -> tuple[Network, dict[str, torch.Tensor]]:
         state.update({keys[local]: tensors[local] for local in keys})
         op = LayerOp(conv=layer.is_conv, stride=layer.stride, padding=layer.padding, norm=layer.bn is not None,
                      eps=layer.bn_eps, relu=layer.relu, flatten_before=layer.flatten_before,
-                     avgpool_before=layer.avgpool_before)
+                     avgpool_before=layer.avgpool_before, act=layer.act)
         block = layer_block(str(k), keys, {local: tuple(state[key].shape) for local, key in keys.items()}, op, prev,
                             None if last else group, out_space="logits" if last else None,
                             slot="classifier" if last else None)
@@ -285,7 +305,7 @@ def chain_of(net: Network, state: Mapping[str, torch.Tensor], flatten_input: boo
         else:
             layers.append(ChainLayer(weight=t["weight"], bias=t.get("bias"), bn=bn, bn_eps=op.eps, relu=op.relu,
                                      flatten_before=op.flatten_before, stride=op.stride, padding=op.padding,
-                                     inserted=block.inserted, avgpool_before=op.avgpool_before))
+                                     inserted=block.inserted, avgpool_before=op.avgpool_before, act=op.act))
         pooled.append(False)
     layers = [layer if layer.pool_after == pool else layer.with_(pool_after=pool) for layer, pool in zip(layers, pooled)]
     return Chain(layers[:-1], layers[-1], flatten_input)

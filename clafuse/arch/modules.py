@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clafuse.arch.network import ACTIVATIONS
+
 
 def attach(root: nn.Module, dotted: str, module: nn.Module) -> None:
     """Place ``module`` at ``dotted`` (e.g. ``layers.0``) under ``root``, creating plain containers."""
@@ -20,19 +22,33 @@ def attach(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 
 class LinearChain(nn.Module):
-    """Linear layers applied in the given order with ReLU between them, on flattened inputs."""
+    """Linear layers applied in the given order on flattened inputs, each hidden one followed by
+    its BatchNorm1d (where ``norms`` names one) and the activation ``activation``."""
 
-    def __init__(self, layers: list[tuple[str, nn.Linear]]) -> None:
+    def __init__(self, layers: list[tuple[str, nn.Linear]], norms: dict[str, tuple[str, nn.Module]] | None = None,
+                 activation: str = "relu") -> None:
         super().__init__()
         self._order = [name for name, _ in layers]
+        self._norms = {linear: name for linear, (name, _) in (norms or {}).items()}
+        self._activation = activation
         for name, layer in layers:
             attach(self, name, layer)
+        for name, norm in (norms or {}).values():
+            attach(self, name, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1)
         last = len(self._order) - 1
         for k, name in enumerate(self._order):
             h = self.get_submodule(name)(h)
+            if name in self._norms:
+                h = self.get_submodule(self._norms[name])(h)
             if k < last:
-                h = torch.relu(h)
+                h = ACTIVATIONS[self._activation](h)
         return h
+
+
+def activation_module(name: str) -> nn.Module:
+    """The torch module of activation ``name`` (one of :data:`~clafuse.arch.network.ACTIVATIONS`)."""
+    return {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+            "identity": nn.Identity}[name]()

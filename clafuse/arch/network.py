@@ -19,12 +19,35 @@ checkpoint's state dict and are read by key when needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 
 NORM_LEAVES = ("weight", "bias", "running_mean", "running_var")
+
+Activation = Literal["relu", "gelu", "tanh", "sigmoid", "identity"]
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda z: z}
+"""The activations a spec can name, as functions (GELU: torch's exact erf form)."""
+
+
+def no_identity_reason(act: str) -> str | None:
+    """Why an identity layer cannot be inserted before activation ``act`` (None: it can). A layer
+    computing the identity on its inputs needs act(x) = x on them: ReLU on the non-negative
+    outputs of an earlier ReLU, or no activation at all."""
+    if act in ("relu", "identity"):
+        return None
+    return (f"the network uses {act}, for which no layer is an exact identity (only ReLU, on non-negative inputs, "
+            f"or no activation)")
+
+
+def no_fold_reason(act: str) -> str | None:
+    """Why a layer with activation ``act`` cannot be folded into its successor (None: it can)."""
+    if act == "relu":
+        return None
+    return (f"the network uses {act}: merge folds a layer by replacing its ReLU with the ReLU's gate, which "
+            f"is meaningless for {act}")
 
 
 @dataclass(frozen=True)
@@ -257,13 +280,37 @@ def run(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, tap: T
     return h
 
 
+class _LayerOutputs(Tap):
+    """Collects each alignable block's output as the next block sees it (after a max-pool that
+    follows it, which keeps the space)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[torch.Tensor] = []
+        self.last: str | None = None
+
+    def space(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        if self.block.alignable and name == self.block.output:
+            self.outputs.append(h)
+            self.last = name
+        elif not self.block.alignable and name == self.last and self.outputs:
+            self.outputs[-1] = h
+        return h
+
+
+def layer_outputs(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of ``net``'s alignable blocks on ``x``, in order (what layer costs compare)."""
+    tap = _LayerOutputs()
+    run(net, state, x, tap)
+    return tap.outputs
+
+
 # --- building blocks the families share ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LayerOp:
     """What one weight layer computes besides its tensors: a Linear or a k x k conv (stride,
-    padding), an optional BatchNorm (eps), a ReLU, and an adaptive average pool and/or flatten
+    padding), an optional BatchNorm (eps), an activation, and an adaptive average pool and/or flatten
     before it (a conv feature map turned into a vector). Max-pools are blocks of their own."""
 
     conv: bool = False
@@ -274,6 +321,10 @@ class LayerOp:
     relu: bool = True
     flatten_before: bool = False
     avgpool_before: tuple[int, int] | None = None
+    act: str = "relu"
+    """The activation applied where ``relu`` is set (the name is historical: any of ACTIVATIONS)."""
+    min_size: int | None = None
+    """Feature maps smaller than this are first average-pooled up to it (timm's ConvMlp)."""
 
 
 def layer_forward(op: LayerOp, out_space: str) -> Forward:
@@ -284,6 +335,8 @@ def layer_forward(op: LayerOp, out_space: str) -> Forward:
             h = F.adaptive_avg_pool2d(h, op.avgpool_before)
         if op.flatten_before:
             h = h.flatten(1)
+        if op.min_size is not None and min(h.shape[-2:]) < op.min_size:
+            h = F.adaptive_avg_pool2d(h, (max(op.min_size, h.shape[-2]), max(op.min_size, h.shape[-1])))
         if op.conv:
             z = F.conv2d(h, t["weight"], t.get("bias"), stride=op.stride, padding=op.padding)
         else:
@@ -292,7 +345,7 @@ def layer_forward(op: LayerOp, out_space: str) -> Forward:
             z = tap.norm("bn", z, op.eps)
         z = tap.site("out", z, None if op.conv or op.norm else h)
         if op.relu:
-            z = torch.relu(z)
+            z = ACTIVATIONS[op.act](z)
         return tap.space(out_space, z)
 
     return forward
@@ -313,7 +366,8 @@ def layer_block(name: str, keys: Mapping[str, str], shapes: Mapping[str, tuple[i
     """A weight layer as a block. ``keys``/``shapes``: local name (``weight``, ``bias``,
     ``bn.<leaf>``) -> checkpoint key / shape. Its outputs form the inner space ``<name>:out``, or
     the fixed space ``out_space`` (the classes). A hidden layer with a ReLU has an exact identity
-    (:func:`identity_layer_block`) and, as a plain Linear, folds into its successor."""
+    (:func:`identity_layer_block`) and, as a plain Linear, folds into its successor; with another
+    activation the block says why not (``attrs["no_identity"]``, ``attrs["no_fold"]``)."""
     out = out_space or f"{name}:out"
     width = int(shapes["weight"][0])
     params = {}
@@ -331,10 +385,16 @@ def layer_block(name: str, keys: Mapping[str, str], shapes: Mapping[str, tuple[i
         spaces["out"] = Space(out, width, signature, owner=name, local="out")
     sites = {"out": Site(out, "weight", "bias" if "bias" in keys else None, "bn" if op.norm else None)}
     hidden = out_space is None
+    act = op.act if op.relu else "identity"
+    attrs: dict[str, Any] = {"op": op, "in_space": in_space, "out_space": out_space}
+    if no_identity_reason(act):
+        attrs["no_identity"] = no_identity_reason(act)
+    if no_fold_reason(act):
+        attrs["no_fold"] = no_fold_reason(act)
     return Block(name, params, layer_forward(op, out), spaces, sites, group, slot, out,
-                 identity=identity_layer_block if hidden and op.relu else None,
-                 fold=hidden and op.relu and not op.conv and not op.norm, reported=True,
-                 attrs={"op": op, "in_space": in_space, "out_space": out_space})
+                 identity=identity_layer_block if hidden and no_identity_reason(act) is None else None,
+                 fold=hidden and act == "relu" and not op.conv and not op.norm, reported=True,
+                 attrs=attrs)
 
 
 def identity_weight(width: int, template: torch.Size | tuple[int, ...]) -> torch.Tensor:
@@ -350,9 +410,10 @@ def identity_weight(width: int, template: torch.Size | tuple[int, ...]) -> torch
 def identity_layer_block(template: Block, width: int, in_space: str) -> Block | None:
     """A layer computing ReLU(x) = x on non-negative inputs of ``width`` features, shaped like
     ``template`` (Linear or k x k conv, a zero bias and identity BatchNorm where it has them),
-    stride 1, reading ``in_space``. None where the template turns feature maps into vectors."""
+    stride 1, reading ``in_space`` (with no activation: the identity on any input). None where the
+    template turns feature maps into vectors or resizes them."""
     op: LayerOp = template.attrs["op"]
-    if op.flatten_before or op.avgpool_before is not None:
+    if op.flatten_before or op.avgpool_before is not None or op.min_size is not None:
         return None
     shape = (width, width, *template.params["weight"].shape[2:])
     values = {"weight": identity_weight(width, shape)}

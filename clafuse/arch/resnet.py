@@ -14,15 +14,14 @@ from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, PositiveInt, model_validator
 from torch import nn
 
 from clafuse.arch.base import Family, Group, LayerInfo, check_shapes
 from clafuse.arch.network import Block as Unit
-from clafuse.arch.network import NORM_LEAVES, Network, Param, Site, Space, Tap, identity_weight, run
+from clafuse.arch.network import Network, Param, Site, Space, Tap, run
+from clafuse.arch.resnet_blocks import EXPANSION, _head_forward, residual_block, stem_unit
 from clafuse.errors import SpecError
-
-EXPANSION = {"basic": 1, "bottleneck": 4}
 BN_LEAVES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -34,7 +33,11 @@ class ResNetSpec(BaseModel):
     layers: list[int] = Field(min_length=1, description="blocks per stage")
     widths: list[int] = Field(min_length=1, description="planes per stage (block output = planes x expansion)")
     stem_width: int = Field(gt=0)
-    stem: Literal["imagenet", "small"] = "imagenet"
+    stem: Literal["imagenet", "small", "deep"] = "imagenet"
+    deep_stem: tuple[PositiveInt, PositiveInt] | None = Field(
+        None, description="timm's deep stem: the widths of conv1.0 and conv1.3 (resnet*d: 32, 32)")
+    downsample: Literal["conv", "avg"] = Field(
+        "conv", description="conv: torchvision's strided 1x1 conv; avg: timm's 2x2 average pool, then a 1x1 conv")
     in_channels: int = Field(3, gt=0)
     num_classes: int = Field(gt=0)
 
@@ -44,6 +47,8 @@ class ResNetSpec(BaseModel):
             raise ValueError(f"{len(self.layers)} stages in 'layers' but {len(self.widths)} in 'widths'")
         if any(n < 1 for n in self.layers) or any(w < 1 for w in self.widths):
             raise ValueError("every stage needs at least one block and a positive width")
+        if (self.stem == "deep") != (self.deep_stem is not None):
+            raise ValueError("give deep_stem (the two inner widths) exactly when stem is 'deep'")
         return self
 
     @property
@@ -64,9 +69,11 @@ class ResNetSpec(BaseModel):
 
 
 class Block(nn.Module):
-    """BasicBlock or Bottleneck with torchvision's parameter names."""
+    """BasicBlock or Bottleneck with torchvision's parameter names (``avg_down``: timm's
+    downsample, an average pool where the block strides, then a 1x1 conv and BN)."""
 
-    def __init__(self, kind: str, inplanes: int, planes: int, stride: int, downsample: bool) -> None:
+    def __init__(self, kind: str, inplanes: int, planes: int, stride: int, downsample: bool,
+                 avg_down: bool = False) -> None:
         super().__init__()
         self.kind = kind
         out = planes * EXPANSION[kind]
@@ -82,8 +89,14 @@ class Block(nn.Module):
             self.bn2 = nn.BatchNorm2d(planes)
             self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
             self.bn3 = nn.BatchNorm2d(out)
-        self.downsample = (nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-                           if downsample else None)
+        if downsample and avg_down:
+            pool = (nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1
+                    else nn.Identity())
+            self.downsample = nn.Sequential(pool, nn.Conv2d(inplanes, out, 1, bias=False), nn.BatchNorm2d(out))
+        elif downsample:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+        else:
+            self.downsample = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
@@ -95,12 +108,18 @@ class Block(nn.Module):
 
 
 class ResNet(nn.Module):
-    """A plain-torch ResNet whose ``state_dict()`` keys are torchvision's."""
+    """A plain-torch ResNet whose ``state_dict()`` keys are torchvision's (timm's for the deep
+    stem and the avg-pool downsample)."""
 
     def __init__(self, spec: ResNetSpec) -> None:
         super().__init__()
         self.spec = spec
-        if spec.stem == "imagenet":
+        if spec.stem == "deep":
+            a, b = spec.deep_stem
+            self.conv1 = nn.Sequential(nn.Conv2d(spec.in_channels, a, 3, 2, 1, bias=False), nn.BatchNorm2d(a),
+                                       nn.ReLU(inplace=True), nn.Conv2d(a, b, 3, 1, 1, bias=False), nn.BatchNorm2d(b),
+                                       nn.ReLU(inplace=True), nn.Conv2d(b, spec.stem_width, 3, 1, 1, bias=False))
+        elif spec.stem == "imagenet":
             self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 7, 2, 3, bias=False)
         else:
             self.conv1 = nn.Conv2d(spec.in_channels, spec.stem_width, 3, 1, 1, bias=False)
@@ -108,7 +127,8 @@ class ResNet(nn.Module):
         inplanes = spec.stem_width
         for s, (count, planes) in enumerate(zip(spec.layers, spec.widths)):
             blocks = [Block(spec.block, inplanes if j == 0 else spec.stage_width(s), planes,
-                            (1 if s == 0 else 2) if j == 0 else 1, spec.has_downsample(s, j))
+                            (1 if s == 0 else 2) if j == 0 else 1, spec.has_downsample(s, j),
+                            spec.downsample == "avg")
                       for j in range(count)]
             self.add_module(f"layer{s + 1}", nn.Sequential(*blocks))
             inplanes = spec.stage_width(s)
@@ -116,7 +136,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
-        if self.spec.stem == "imagenet":
+        if self.spec.stem != "small":
             h = F.max_pool2d(h, 3, 2, 1)
         for s, j, name in self.spec.blocks():
             h = getattr(self, f"layer{s + 1}")[j](h)
@@ -126,10 +146,13 @@ class ResNet(nn.Module):
 class ResNetFamily(Family):
     name = "resnet"
     spec_model = ResNetSpec
-    description = "torchvision-layout ResNet (BasicBlock or Bottleneck, ImageNet or small-image stem)"
+    description = ("torchvision-layout ResNet (BasicBlock or Bottleneck, ImageNet or small-image stem), and timm's "
+                   "resnet*d (deep stem, avg-pool downsample)")
 
     def detect(self, state_dict: Mapping[str, torch.Tensor]) -> ResNetSpec | None:
-        if "conv1.weight" not in state_dict or "fc.weight" not in state_dict or "layer1.0.conv1.weight" not in state_dict:
+        deep = "conv1.0.weight" in state_dict and "conv1.weight" not in state_dict
+        if (not deep and "conv1.weight" not in state_dict) or "fc.weight" not in state_dict or \
+                "layer1.0.conv1.weight" not in state_dict:
             return None
         stages: dict[int, set[int]] = {}
         for key in state_dict:
@@ -140,11 +163,11 @@ class ResNetFamily(Family):
         if order != list(range(1, len(order) + 1)) or any(sorted(b) != list(range(len(b))) for b in stages.values()):
             raise SpecError(f"ResNet stages/blocks are not numbered consecutively: {sorted(stages.items())}")
         block = "bottleneck" if "layer1.0.conv3.weight" in state_dict else "basic"
-        conv1 = state_dict["conv1.weight"]
-        if conv1.dim() != 4:
+        conv1 = state_dict["conv1.6.weight" if deep else "conv1.weight"]
+        if conv1.dim() != 4 or deep and ("conv1.3.weight" not in state_dict or state_dict["conv1.0.weight"].dim() != 4):
             return None
         kernel = int(conv1.shape[-1])
-        if kernel not in (3, 7):
+        if not deep and kernel not in (3, 7):
             raise SpecError(f"conv1 has a {kernel}x{kernel} kernel; clafuse knows the 7x7 ImageNet and 3x3 "
                             f"small-image stems: pass --arch with a resnet spec")
         spec = ResNetSpec(
@@ -152,8 +175,11 @@ class ResNetFamily(Family):
             layers=[len(stages[s]) for s in order],
             widths=[int(state_dict[f"layer{s}.0.conv1.weight"].shape[0]) for s in order],
             stem_width=int(conv1.shape[0]),
-            stem="imagenet" if kernel == 7 else "small",
-            in_channels=int(conv1.shape[1]),
+            stem="deep" if deep else "imagenet" if kernel == 7 else "small",
+            deep_stem=(int(state_dict["conv1.0.weight"].shape[0]), int(state_dict["conv1.3.weight"].shape[0]))
+            if deep else None,
+            downsample="avg" if any(k.endswith(".downsample.2.running_mean") for k in state_dict) else "conv",
+            in_channels=int(state_dict["conv1.0.weight" if deep else "conv1.weight"].shape[1]),
             num_classes=int(state_dict["fc.weight"].shape[0]),
         )
         self.check(spec, state_dict)
@@ -183,6 +209,10 @@ class ResNetFamily(Family):
     def build(self, spec: ResNetSpec) -> nn.Module:
         return ResNet(spec)
 
+    def traits(self, spec: ResNetSpec) -> dict[str, object]:
+        return {"blocks": spec.block, "stem": spec.stem, "downsample": spec.downsample,
+                "input channels": spec.in_channels, "classes": spec.num_classes}
+
     def groups(self, spec: ResNetSpec) -> list[Group]:
         module_params = {name: sum(p.numel() for p in mod.parameters())
                          for name, mod in self._block_modules(spec)}
@@ -203,27 +233,26 @@ class ResNetFamily(Family):
         downsample write into it; a stem without a downsample after it writes straight into the
         first stream), each block's inner channels; blocks: the stem, the residual blocks (one
         alignment group per stage) and the classifier."""
+        stem_conv = "conv1.6.weight" if spec.stem == "deep" else "conv1.weight"
         spaces = {"input": Space("input", spec.in_channels, fixed=True),
-                  "stem": Space("stem", spec.stem_width, (("conv1.weight",),),
+                  "stem": Space("stem", spec.stem_width, ((stem_conv,),),
                                 same_as=None if spec.has_downsample(0, 0) else "stream0")}
+        if spec.deep_stem is not None:
+            spaces.update({f"stem.{i}": Space(f"stem.{i}", width, ((f"conv1.{3 * i}.weight",),))
+                           for i, width in enumerate(spec.deep_stem)})
+        down = "downsample.1" if spec.downsample == "avg" else "downsample.0"
         for s in range(len(spec.layers)):
             last = f"layer{s + 1}.{spec.layers[s] - 1}.bn{3 if spec.block == 'bottleneck' else 2}"
-            signature = ((f"layer{s + 1}.0.downsample.0.weight",), (f"{last}.weight", f"{last}.bias"))
+            signature = ((f"layer{s + 1}.0.{down}.weight",), (f"{last}.weight", f"{last}.bias"))
             spaces[f"stream{s}"] = Space(f"stream{s}", spec.stage_width(s), signature)
         spaces["logits"] = Space("logits", spec.num_classes, fixed=True)
-        kernel, stride = (7, 2) if spec.stem == "imagenet" else (3, 1)
-        stem = Unit("stem", {"conv1.weight": Param("conv1.weight", ("stem", "input", None, None),
-                                                   (spec.stem_width, spec.in_channels, kernel, kernel)),
-                             **_norm_params("bn1", "stem", spec.stem_width)},
-                    _stem_forward(stride, kernel // 2, spec.stem == "imagenet"), output="stem",
-                    sites={"stem": Site("stem", "conv1.weight", norm="bn1")})
-        blocks = [stem]
+        blocks = [stem_unit(spec.stem, spec.in_channels, spec.stem_width, spec.deep_stem)]
         for s, j, name in spec.blocks():
             in_space = ("stem" if s == 0 else f"stream{s - 1}") if j == 0 else f"stream{s}"
             in_width = (spec.stem_width if s == 0 else spec.stage_width(s - 1)) if j == 0 else spec.stage_width(s)
             shortcut = "stored" if spec.has_downsample(s, j) else ("implied" if j == 0 else None)
             blocks.append(residual_block(spec.block, name, s, in_space, in_width, spec.widths[s],
-                                         (1 if s == 0 else 2) if j == 0 else 1, shortcut))
+                                         (1 if s == 0 else 2) if j == 0 else 1, shortcut, spec.downsample == "avg"))
         head = Unit("head", {"fc.weight": Param("fc.weight", ("logits", f"stream{len(spec.layers) - 1}"),
                                                 (spec.num_classes, spec.stage_width(-1))),
                              "fc.bias": Param("fc.bias", ("logits",), (spec.num_classes,), "bias")},
@@ -258,120 +287,3 @@ class _BlockOutputs(Tap):
         if self.block.alignable and name == self.block.output:
             self.outputs.append(h.mean((2, 3)))
         return h
-
-
-# --- the description's blocks -------------------------------------------------------------------
-
-
-def _norm_params(prefix: str, space: str, width: int, block: str = "", implied: bool = False) -> dict[str, Param]:
-    """A BatchNorm's four tensors, by local name; keys under ``block``'s prefix."""
-    key = f"{block}.{prefix}" if block else prefix
-    return {f"{prefix}.{leaf}": Param(f"{key}.{leaf}", (space,), (width,),
-                                      "norm" if leaf in ("weight", "bias") else "stat", implied=implied)
-            for leaf in NORM_LEAVES}
-
-
-def _stem_forward(stride: int, padding: int, maxpool: bool):
-    def forward(t: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap) -> torch.Tensor:
-        z = tap.site("stem", tap.norm("bn1", F.conv2d(x, t["conv1.weight"], stride=stride, padding=padding), 1e-5))
-        h = F.relu(z)
-        if maxpool:
-            h = F.max_pool2d(h, 3, 2, 1)
-        return tap.space("stem", h)
-
-    return forward
-
-
-def _head_forward(t: Mapping[str, torch.Tensor], h: torch.Tensor, tap: Tap) -> torch.Tensor:
-    h = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
-    return tap.site("out", F.linear(h, t["fc.weight"], t["fc.bias"]), h)
-
-
-def residual_block(kind: str, name: str, stage: int, in_space: str, in_width: int, planes: int, stride: int,
-                   shortcut: str | None) -> Unit:
-    """A BasicBlock or Bottleneck writing into stream ``stage``. ``shortcut``: ``stored`` (a
-    downsample conv and BN in the checkpoint), ``implied`` (a plain shortcut, described as an
-    identity 1x1 conv and BN that are not stored, so that it can stand against a downsample) or
-    None."""
-    out_width = planes * EXPANSION[kind]
-    stream = f"stream{stage}"
-    n = 3 if kind == "bottleneck" else 2
-    kernels = [1, 3, 1] if kind == "bottleneck" else [3, 3]
-    mids = [f"{name}:mid{c + 1}" for c in range(n - 1)]
-    spaces = {f"mid{c + 1}": Space(mids[c], planes, ((f"{name}.conv{c + 1}.weight",),), owner=name,
-                                   local=f"mid{c + 1}") for c in range(n - 1)}
-    params: dict[str, Param] = {}
-    sites: dict[str, Site] = {}
-    inputs = [in_space, *mids]
-    outputs = [*mids, stream]
-    widths_in = [in_width] + [planes] * (n - 1)
-    for c in range(n):
-        k = kernels[c]
-        width = out_width if c == n - 1 else planes
-        params[f"conv{c + 1}.weight"] = Param(f"{name}.conv{c + 1}.weight", (outputs[c], inputs[c], None, None),
-                                              (width, widths_in[c], k, k))
-        params.update(_norm_params(f"bn{c + 1}", outputs[c], width, name))
-        sites[f"mid{c + 1}" if c < n - 1 else "out"] = Site(outputs[c], f"conv{c + 1}.weight", norm=f"bn{c + 1}")
-    values: dict[str, torch.Tensor] = {}
-    if shortcut is not None:
-        implied = shortcut == "implied"
-        params["downsample.0.weight"] = Param(f"{name}.downsample.0.weight", (stream, in_space, None, None),
-                                              (out_width, in_width, 1, 1), implied=implied)
-        params.update(_norm_params("downsample.1", stream, out_width, name, implied))
-        if implied:
-            values = {f"{name}.downsample.0.weight": identity_weight(out_width, (out_width, out_width, 1, 1)),
-                      **_identity_norm(f"{name}.downsample.1", out_width)}
-        else:
-            sites["down"] = Site(stream, "downsample.0.weight", norm="downsample.1")
-    attrs = {"kind": kind, "stage": stage, "planes": planes, "in_space": in_space}
-    return Unit(name, params, _block_forward(kind, stride, n, mids, stream, shortcut == "stored"), spaces, sites,
-                 group=stage, output=stream, identity=identity_block if shortcut is None else None, drop=shortcut != "stored",
-                 values=values, attrs=attrs)
-
-
-def _identity_norm(prefix: str, width: int) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.weight": torch.ones(width), f"{prefix}.bias": torch.zeros(width),
-            f"{prefix}.running_mean": torch.zeros(width), f"{prefix}.running_var": torch.full((width,), 1.0 - 1e-5)}
-
-
-def identity_block(template: Unit, width: int, in_space: str) -> Unit | None:
-    """A residual block on ``width`` channels whose branch outputs zero (last BatchNorm's scale and
-    shift zero): exactly the identity. Its other tensors are placeholders (zero convs, neutral
-    BatchNorms; the convs' zeros take no memory) that take no part in mixing."""
-    a = template.attrs
-    name = f"{template.name}+identity"
-    block = residual_block(a["kind"], name, a["stage"], in_space, width, width // EXPANSION[a["kind"]], 1, None)
-    neutral = {"weight": torch.ones, "bias": torch.zeros, "running_mean": torch.zeros,
-               "running_var": lambda shape: torch.full(shape, 1.0 - 1e-5)}
-    values = {p.key: torch.zeros(1).expand(p.shape) if p.kind == "weight" else neutral[p.key.rsplit(".", 1)[1]](p.shape)
-              for p in block.params.values()}
-    last = f"bn{3 if a['kind'] == 'bottleneck' else 2}"
-    values[f"{name}.{last}.weight"] = torch.zeros(width)
-    stream = f"stream{a['stage']}"
-
-    def forward(t: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap) -> torch.Tensor:
-        tap.site("out", torch.zeros(1, width, 1, 1))  # what the zeroed branch outputs, without computing it
-        return tap.space(stream, F.relu(x))
-
-    return block.with_(inserted=True, exact=frozenset({f"{last}.weight", f"{last}.bias"}), values=values,
-                       forward=forward)
-
-
-def _block_forward(kind: str, stride: int, n: int, mids: list[str], stream: str, downsample: bool):
-    pads = [0, 1, 0] if kind == "bottleneck" else [1, 1]
-    strides = [1, stride, 1] if kind == "bottleneck" else [stride, 1]
-
-    def forward(t: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap) -> torch.Tensor:
-        h = x
-        for c in range(n):
-            z = F.conv2d(h, t[f"conv{c + 1}.weight"], stride=strides[c], padding=pads[c])
-            z = tap.site(f"mid{c + 1}" if c < n - 1 else "out", tap.norm(f"bn{c + 1}", z, 1e-5))
-            if c < n - 1:
-                h = tap.space(mids[c], F.relu(z))
-        shortcut = x
-        if downsample:
-            d = F.conv2d(x, t["downsample.0.weight"], stride=stride)
-            shortcut = tap.site("down", tap.norm("downsample.1", d, 1e-5))
-        return tap.space(stream, F.relu(z + shortcut))
-
-    return forward

@@ -63,6 +63,10 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) ->
             block = by_position[j]
         else:
             made = template.identity(template, spaces[current].size, current) if template.identity else None
+            if made is None and template.attrs.get("no_identity"):
+                raise ClafuseError(f"cannot insert an identity in place of {template.name}: "
+                                   f"{template.attrs['no_identity']}; use --balance merge (the shallower "
+                                   f"architecture) or fuse networks of equal depth")
             if made is None:
                 raise ClafuseError(f"cannot insert an identity in place of {template.name}: the first fully-connected "
                                    f"layers of both networks must map to each other, and a block that changes "
@@ -147,23 +151,44 @@ def needs_folding(deep: Network, mappings: list[list[int]]) -> bool:
     return any(b.alignable and i not in kept and not b.drop for i, b in enumerate(deep.blocks))
 
 
+def merge_problem(deep: Network, mappings: list[list[int]]) -> str | None:
+    """Why ``deep`` cannot lose the blocks ``mappings`` leaves unmatched (None: it can), from the
+    description alone: each must be droppable, or fold into a fully-connected successor."""
+    kept = set()
+    for idx, mapping in zip(deep.groups(), mappings):
+        check_mapping(mapping, len(mapping), len(idx))
+        kept.update(idx[j] for j in mapping)
+    alignable = [i for i, b in enumerate(deep.blocks) if b.alignable]
+    folding = False
+    for i, block in enumerate(deep.blocks):
+        if folding and not (block.alignable and i not in kept and block.drop):
+            if "op" not in block.attrs or len(block.params["weight"].shape) != 2:
+                return f"cannot fold into {block.name}: only into a fully-connected layer"
+            folding = False
+        if not block.alignable or i in kept or block.drop:
+            continue
+        position = alignable.index(i)
+        if not block.fold and block.attrs.get("no_fold"):
+            return (f"merge balancing cannot fold hidden layer {position} of the deeper network: "
+                    f"{block.attrs['no_fold']}; use --balance add (the deeper architecture) or fuse networks of "
+                    f"equal depth")
+        if not block.fold:
+            return (f"merge balancing cannot fold hidden layer {position} of the deeper network: only "
+                    "fully-connected layers without BatchNorm fold into their successor; use --balance "
+                    "add (the deeper architecture)")
+        folding = True
+    return None
+
+
 def merge_blocks(deep: Network, state: Mapping[str, torch.Tensor], mappings: list[list[int]],
                  gates: Mapping[int, torch.Tensor] | None) -> Network:
     """``deep`` with its unmatched blocks dropped or folded (``mappings``: per group, the deep
     position of each kept block; ``gates``: per foldable block, its ReLU's gate). Layers j..k fold
     into the single Linear W_k D_{k-1} W_{k-1} ... D_j W_j (biases carried through)."""
-    groups = deep.groups()
-    kept = set()
-    for idx, mapping in zip(groups, mappings):
-        check_mapping(mapping, len(mapping), len(idx))
-        kept.update(idx[j] for j in mapping)
-    alignable = [i for i, b in enumerate(deep.blocks) if b.alignable]
-    for position, i in enumerate(alignable):
-        block = deep.blocks[i]
-        if i not in kept and not block.drop and not block.fold:
-            raise ClafuseError(f"merge balancing cannot fold hidden layer {position} of the deeper network: only "
-                               "fully-connected layers without BatchNorm fold into their successor; use --balance "
-                               "add (the deeper architecture)")
+    problem = merge_problem(deep, mappings)
+    if problem is not None:
+        raise ClafuseError(problem)
+    kept = {idx[j] for idx, mapping in zip(deep.groups(), mappings) for j in mapping}
     if gates is None and needs_folding(deep, mappings):
         raise ClafuseError("folding a deeper network's unmatched layers needs calibration data to "
                            "approximate their ReLUs: pass --data")
