@@ -78,12 +78,23 @@ def render_fuse(doc: dict[str, Any], map_path: Path | None = None) -> None:
         table.add_row(layer["name"], str(layer["width"]), *(f"{by_name[name]:.2f}" for name in order),
                       *((notes[k],) if notes is not None else ()))
     console.print(table)
+    for name, error in doc.get("approximate_identities", {}).items():
+        console.print(f"approximate: inserted {name} is a near-identity fitted on the calibration data "
+                      f"(relative error {error:.3f}); post-LN layers have no exact identity")
     files = doc.get("files", [doc["output"]])
     written = files[0] if len(files) == 1 else f"{len(files) - 1} shards and {files[-1]}"
     console.print(f"written to {written} in {doc['seconds']:.2f} s")
 
 
 def render_eval(doc: dict[str, Any]) -> None:
+    if doc.get("kind") == "text":
+        table = Table("model", "cosine to first", "similarity Spearman to first",
+                      title=f"{doc['data']} ({doc['num_samples']} sentences)")
+        for row in doc["models"]:
+            rho = row["similarity_spearman_to_first"]
+            table.add_row(row["path"], f"{row['cosine_to_first']:.4f}", "-" if rho is None else f"{rho:.4f}")
+        _console().print(table)
+        return
     table = Table("model", "accuracy", "loss", title=f"{doc['data']} ({doc['num_samples']} samples)")
     for row in doc["models"]:
         table.add_row(row["path"], f"{100 * row['accuracy']:.2f}%", f"{row['loss']:.4f}")

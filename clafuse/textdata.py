@@ -185,3 +185,18 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def real_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The features of real tokens only, stacked: (n, length, d) -> (number of real tokens, d)."""
     return hidden[mask.bool()]
+
+
+def pack_tokens(batch: TokenBatch, by_length: bool = True) -> torch.Tensor:
+    """Ids and mask as one (n, 2, length) int64 tensor, the form calibration inputs take through
+    alignment and fusion (rows sorted by length, longest first, with ``by_length``: consecutive
+    batches then carry little padding)."""
+    if by_length:
+        order = torch.argsort(batch.attention_mask.sum(1), descending=True, stable=True)
+        batch = TokenBatch(batch.input_ids[order], batch.attention_mask[order])
+    return torch.stack([batch.input_ids, batch.attention_mask], 1).contiguous()
+
+
+def unpack_tokens(x: torch.Tensor) -> TokenBatch:
+    """The :class:`TokenBatch` of a packed (n, 2, length) tensor, trimmed to its longest row."""
+    return trim(TokenBatch(x[:, 0].long(), x[:, 1].long()))

@@ -22,7 +22,7 @@ from clafuse.align.mapfile import (
     Settings,
     dump_map,
 )
-from clafuse.api.common import DEFAULT_SAMPLES, calibration, check_activations, is_path, model_index, rel_path
+from clafuse.api.common import DEFAULT_SAMPLES, check_activations, is_path, model_calibration, model_index, rel_path
 from clafuse.api.models import LoadedModel, check_fits, load_model
 from clafuse.data.common import check_varied
 from clafuse.errors import ClafuseError
@@ -105,7 +105,7 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
     if metric != "neuron":
         if data is None:
             raise ClafuseError(f"metric {metric!r} needs calibration data: pass --data (or use --metric neuron)")
-        x = calibration(data, samples, seed)
+        x = model_calibration(models, data, samples, seed)
         is_file = is_path(data)
         data_entry = DataEntry(source=rel_path(Path(data), base) if is_file else data, split="train", samples=samples,
                                seed=seed, sha256=sha256_file(data) if Path(data).is_file() else None)

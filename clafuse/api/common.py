@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -29,6 +29,36 @@ def calibration(source: str, samples: int, seed: int, base: Path | None = None) 
     if base is not None and is_path(source) and not Path(source).is_absolute():
         source = str(base / source)
     return calibration_inputs(load_source(source), samples, seed)
+
+
+def model_calibration(models: Sequence[Any], source: str, samples: int, seed: int,
+                      base: Path | None = None) -> torch.Tensor:
+    """Calibration inputs for ``models`` (loaded models of one family): as :func:`calibration`, or
+    for text models token ids and masks packed as (n, 2, length) (:func:`~clafuse.textdata.pack_tokens`)
+    from a sentence file (tokenized with the first model folder's ``tokenizer.json``) or an
+    ``.npz`` of ``input_ids`` and ``attention_mask``: ``samples`` rows drawn with ``seed`` (all of
+    them when there are fewer)."""
+    limits = [m.family.token_limits(m.spec) for m in models]
+    if limits[0] is None:
+        return calibration(source, samples, seed, base)
+    from clafuse.textdata import DEFAULT_MAX_LENGTH, load_text_calibration, pack_tokens
+
+    path = Path(source)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    tokenizer = next((m.folder.tokenizer_json for m in models
+                      if m.folder is not None and m.folder.tokenizer_json is not None), None)
+    if path.suffix.lower() != ".npz" and tokenizer is None:
+        raise DataError(f"data {source}: a sentence file is tokenized with the model's tokenizer.json; give model "
+                        "folders that have one, or an .npz of input_ids and attention_mask")
+    positions, vocab = min(l[0] for l in limits), min(l[1] for l in limits)
+    batch = load_text_calibration(path, tokenizer, max_length=min(DEFAULT_MAX_LENGTH, positions), vocab_size=vocab)
+    if batch.input_ids.shape[1] > positions:
+        raise DataError(f"data {source}: sequences of {batch.input_ids.shape[1]} tokens exceed the models' "
+                        f"{positions} positions")
+    if samples < len(batch):
+        batch = batch.subset(torch.randperm(len(batch), generator=torch.Generator().manual_seed(int(seed)))[:samples])
+    return pack_tokens(batch)
 
 
 def check_activations(acts: Sequence[torch.Tensor], names: Sequence[str], model: object, what: str) -> None:

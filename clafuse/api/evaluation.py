@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from clafuse.api.models import check_fits, load_model
+import torch
+import torch.nn.functional as F
+
+from clafuse.api.common import model_calibration
+from clafuse.api.models import LoadedModel, check_fits, load_model
 from clafuse.data import load_source
 from clafuse.errors import DataError
 
@@ -18,6 +22,8 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
 
     archs = list(archs) if archs else [None] * len(paths)
     models = [load_model(p, a) for p, a in zip(paths, archs)]
+    if models[0].family.token_limits(models[0].spec) is not None:
+        return evaluate_text(models, data)
     ds = load_source(data, split="test")
     if ds.y is None:
         raise DataError(f"data {data}: evaluation needs labels (array 'y')")
@@ -30,3 +36,37 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
     if len(modules) > 1:
         doc["ensemble"] = evaluate_ensemble(modules, ds)
     return doc
+
+
+def _ranks(v: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(v)
+    out[torch.argsort(v)] = torch.arange(len(v), dtype=v.dtype)
+    return out
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two equally long vectors (ties broken by position)."""
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+def evaluate_text(models: Sequence[LoadedModel], data: str) -> dict[str, Any]:
+    """Text encoders on the sentences of ``data`` (all of them): each model's sentence embeddings
+    (mean-pooled, or its logits) against the first model's, as the mean cosine between a
+    sentence's two embeddings and the Spearman correlation of all pairwise cosine similarities
+    (the first model being the teacher or reference; no labels needed)."""
+    x = model_calibration(models, data, 2 ** 62, 0)
+    embeddings = [F.normalize(m.family.forward(m.spec, m.state_dict, x).flatten(1).float(), dim=-1) for m in models]
+    first = embeddings[0]
+    upper = torch.triu_indices(len(x), len(x), 1)
+    ref = (first @ first.T)[upper[0], upper[1]]
+    rows = []
+    for m, e in zip(models, embeddings):
+        if e.shape != first.shape:
+            raise DataError(f"{m.path} gives {tuple(e.shape[1:])} outputs per sentence, the first model "
+                            f"{tuple(first.shape[1:])}: they cannot be compared")
+        sims = (e @ e.T)[upper[0], upper[1]]
+        rows.append({"path": str(m.path), "cosine_to_first": round(float((e * first).sum(1).mean()), 6),
+                     "similarity_spearman_to_first": round(spearman(sims, ref), 6) if len(ref) > 1 else None})
+    return {"data": data, "num_samples": len(x), "kind": "text", "models": rows}

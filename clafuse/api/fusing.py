@@ -12,14 +12,14 @@ import torch
 
 import clafuse
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
-from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
-from clafuse.api.models import LoadedModel, check_fits, nonfinite_keys
+from clafuse.api.common import DEFAULT_SAMPLES, log, model_calibration, model_index, model_letter
+from clafuse.api.models import LoadedModel, check_fits, nonfinite_keys, read_weights, skeleton
 from clafuse.arch.registry import parse_spec
 from clafuse.errors import ClafuseError, MapError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
-from clafuse.io.checkpoint import open_checkpoint, output_format, save_checkpoint
-from clafuse.io.lazy import LazyStateDict
+from clafuse.io.checkpoint import output_format, save_checkpoint
+from clafuse.io.hf_folder import write_hf_folder
 from clafuse.options import Balance, OutputDtype, Signal, check_choice, check_integer, mixing_weights
 
 
@@ -28,9 +28,9 @@ def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
     if not path.exists():
         raise MapError(f"{path}: checkpoint named in the map does not exist")
     family, spec = parse_spec(entry.spec, f"map entry {entry.path}")
-    state_dict = open_checkpoint(path)
-    family.check(spec, state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict)
-    model = LoadedModel(path, state_dict, family, spec)
+    state_dict, folder = read_weights(path, lazy=True)
+    family.check(spec, skeleton(state_dict))
+    model = LoadedModel(path, state_dict, family, spec, folder)
     if model.sha256 != entry.sha256:
         raise MapError(f"{path} changed since align (sha256 {model.sha256[:12]}…, the map has {entry.sha256[:12]}…); "
                        f"run align again")
@@ -150,7 +150,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         source = data if data is not None else doc.data.source
         n = samples or (doc.data.samples if doc.data else DEFAULT_SAMPLES)
         seed = doc.data.seed if doc.data else 0
-        x = calibration(source, n, seed, base=None if data is not None else base)
+        x = model_calibration(models, source, n, seed, base=None if data is not None else base)
         for m in models:
             check_fits(m, x, f"data {source}")
     if signal is None:
@@ -163,6 +163,13 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     settings = _fusion_settings(signal, options)
 
     target_model = models[chosen]
+    folder_config = None
+    if is_folder_output(out):
+        base_config = target_model.folder.config if target_model.folder is not None else None
+        folder_config = target_model.family.config(target_model.spec, base_config)
+        if target_model.folder is None or folder_config is None:
+            raise ClafuseError(f"cannot write a model folder {out}: the target {target_model.path} is not a Hugging Face "
+                               "model folder; name a .safetensors or .pt file")
     engine = ENGINES[target_model.family.engine]
     mixing = mixing_weights(alpha)
     order = [chosen, *(i for i, _ in sources)]
@@ -170,6 +177,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
                     [source for _, source in sources], [mixing[i] for i in order], x, settings)
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
+    for name, error in result.approximate.items():
+        log.warning("inserted %s is only a near-identity (post-LN layers have none exact): fitted on the calibration "
+                    "data, relative error %.3f", name, error)
     state = cast_state(result.state_dict, dtype)
     metadata = {
         "clafuse_version": clafuse.__version__,
@@ -179,7 +189,10 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
                                 "dtype": dtype, **settings.__dict__}),
     }
-    shards = save_checkpoint(out, state, metadata, max_shard_size=max_shard_size)
+    if folder_config is not None:
+        shards = [write_hf_folder(out, state, folder_config, source=target_model.folder, max_shard_size=max_shard_size)]
+    else:
+        shards = save_checkpoint(out, state, metadata, max_shard_size=max_shard_size)
     return {
         "output": str(out),
         "files": [str(f) for f in shards],
@@ -194,6 +207,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "layers": [{"name": l.name, "width": l.width} for g in target_model.groups for l in g.layers],
         "mixing": [[round(float(v), 6) for v in row] for row in result.mixing],
         "mixing_order": [model_letter(i) for i in order],
+        "approximate_identities": {name: round(error, 6) for name, error in result.approximate.items()},
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -204,11 +218,19 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 def check_output(out: str | os.PathLike, dtype: str | None = None, max_shard_size: str | int | None = None) -> None:
     """Refuse an unusable output name, dtype or shard size before any work is done."""
-    output_format(out, max_shard_size)
+    if not is_folder_output(out):
+        output_format(out, max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         check_choice("--dtype", dtype, OutputDtype)
     if not Path(out).parent.is_dir():
         raise ClafuseError(f"cannot write {out}: directory {Path(out).parent} does not exist")
+
+
+def is_folder_output(out: str | os.PathLike) -> bool:
+    """Whether ``out`` names a model folder (an existing folder, a name ending in a slash or one
+    without an extension) rather than a checkpoint file."""
+    text = str(out)
+    return text.endswith(("/", os.sep)) or Path(out).is_dir() or Path(out).suffix == ""
 
 
 def cast_state(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from clafuse.arch.registry import resolve
 from clafuse.errors import ClafuseError, DataError
 from clafuse.io.atomic import sha256_file
 from clafuse.io.checkpoint import load_checkpoint, open_checkpoint
+from clafuse.io.hf_folder import HFFolder, is_hf_folder, read_hf_folder
 from clafuse.io.lazy import LazyStateDict
 
 
@@ -27,10 +28,17 @@ class LoadedModel:
     state_dict: Mapping[str, torch.Tensor]
     family: Family
     spec: BaseModel
+    folder: HFFolder | None = None
+    """The Hugging Face model folder the checkpoint was read from, if it was one."""
+
+    @property
+    def weights_path(self) -> Path:
+        """The file holding the weights (the folder's weights file for a model folder)."""
+        return self.folder.weights if self.folder is not None else self.path
 
     @cached_property
     def sha256(self) -> str:
-        return sha256_file(self.path)
+        return sha256_file(self.weights_path)
 
     @cached_property
     def groups(self) -> list[Group]:
@@ -48,18 +56,32 @@ class LoadedModel:
         return self.family.instantiate(self.spec, {k: v.clone() for k, v in self.state_dict.items()})
 
 
+def read_weights(path: str | os.PathLike, lazy: bool = False) -> tuple[Mapping[str, torch.Tensor], HFFolder | None]:
+    """The tensors of a checkpoint file or Hugging Face model folder (and the folder, if it is one)."""
+    if is_hf_folder(path):
+        folder = read_hf_folder(path, lazy=lazy)
+        return folder.state_dict, folder
+    return (open_checkpoint(path) if lazy else load_checkpoint(path)), None
+
+
+def skeleton(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """What detection and checks read of a state dict: shapes and dtypes, no values of a lazy one."""
+    return state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict
+
+
 def load_model(path: str | os.PathLike, arch: str | os.PathLike | None = None,
                allow_nonfinite: bool = True, lazy: bool = False) -> LoadedModel:
-    """Read a checkpoint and find its architecture (from ``arch`` if given, else detected).
-    With ``lazy``, a safetensors checkpoint is only opened: tensors are read when used."""
-    state_dict = open_checkpoint(path) if lazy else load_checkpoint(path)
-    family, spec = resolve(state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict, arch)
+    """Read a checkpoint (a file, or a Hugging Face model folder whose ``config.json`` helps tell
+    its architecture) and find its architecture (from ``arch`` if given, else detected). With
+    ``lazy``, a safetensors checkpoint is only opened: tensors are read when used."""
+    state_dict, folder = read_weights(path, lazy)
+    family, spec = resolve(skeleton(state_dict), arch, folder.config if folder is not None else None)
     if not allow_nonfinite:
         bad = nonfinite_keys(state_dict)
         if bad:
             raise ClafuseError(f"{path}: {bad[0]} has NaN or Inf values"
                                + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
-    return LoadedModel(Path(path), state_dict, family, spec)
+    return LoadedModel(Path(path), state_dict, family, spec, folder)
 
 
 def nonfinite_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:

@@ -170,6 +170,21 @@ class Family:
         clearly is this family but ambiguous, saying what was found."""
         raise NotImplementedError
 
+    def detect_config(self, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None) -> BaseModel | None:
+        """:meth:`detect` with the checkpoint folder's ``config.json`` at hand (where it has one):
+        families whose shapes do not tell everything (attention heads) read it."""
+        return self.detect(state_dict)
+
+    def token_limits(self, spec: BaseModel) -> tuple[int, int] | None:
+        """For a family whose inputs are token ids (calibration data is text): the longest
+        sequence and the vocabulary size; None for the others."""
+        return None
+
+    def config(self, spec: BaseModel, base: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The ``config.json`` of a model folder holding a network of ``spec`` (``base``: the
+        target's), or None where the family writes no folders."""
+        return None
+
     def check(self, spec: BaseModel, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Raise SpecError unless ``state_dict`` has exactly the keys and shapes ``spec`` implies."""
         raise NotImplementedError

@@ -38,7 +38,10 @@ class Space:
     network's space of the same ``local`` name in the matched block; otherwise spaces pair by
     name. ``same_as`` names another space of this network that holds the same units (a stem that
     writes straight into the first stage's stream). ``heads`` > 1 marks an attention space: units
-    grouped into heads of ``size // heads`` units, permuted by head and within heads.
+    grouped into heads of ``size // heads`` consecutive units; its plan permutes whole heads and,
+    inside each matched pair of heads, units (never across heads). The head spaces of one block
+    (its query/key units and its value/output units) share one head permutation, since a head's
+    query, key, value and output move together.
     """
 
     name: str
@@ -93,11 +96,13 @@ class Tap:
     """What a block's forward calls at the points fusion cares about; this base only computes.
 
     ``block`` and ``tensors`` (the block's local tensors) are set by :func:`run` before each
-    block runs.
+    block runs; ``x`` is the batch's raw input, for blocks that need more of it than the hidden
+    state they receive (a transformer's attention mask).
     """
 
     block: "Block"
     tensors: Mapping[str, torch.Tensor]
+    x: torch.Tensor
 
     def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
         t = self.tensors
@@ -127,7 +132,9 @@ class Block:
     (None: the space it reads, e.g. a pool). ``identity`` builds an
     exact identity block in this block's place given the width and space of its input, or returns
     None when the architecture has none; ``fold`` (an affine map followed by a ReLU, nothing else) lets a
-    deeper network fold it into the next block; ``drop`` says the network stays valid without it.
+    deeper network fold it into the next block; ``drop`` says the network stays valid without it;
+    ``optional`` marks a fixed block one of two networks may lack (a pooler): where the target has
+    it and a source not, the target's tensors stand alone, and a source's extra one is left out.
     An inserted block marks the tensors that make it an identity as ``exact``; its other tensors
     are placeholders that are never mixed.
     """
@@ -143,6 +150,7 @@ class Block:
     identity: Callable[["Block", int, str], "Block | None"] | None = None
     fold: bool = False
     drop: bool = False
+    optional: bool = False
     reported: bool | None = None
     inserted: bool = False
     exact: frozenset[str] = frozenset()
@@ -222,6 +230,10 @@ class Network:
     def has_norms(self) -> bool:
         return any(p.kind == "norm" for b in self.blocks for p in b.params.values())
 
+    def has_stats(self) -> bool:
+        """Whether any normalisation keeps running statistics (BatchNorm; LayerNorm does not)."""
+        return any(p.kind == "stat" for b in self.blocks for p in b.params.values())
+
 
 def block_tensors(net: Network, block: Block, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The block's tensors by local name, as float32."""
@@ -232,9 +244,11 @@ def block_tensors(net: Network, block: Block, state: Mapping[str, torch.Tensor])
 def run(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap | None = None,
         tensors: Callable[[Block], Mapping[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """The network's output on ``x``, calling ``tap`` inside every block. ``tensors`` gives a
-    block's local tensors (default: read from ``state`` and the block's values, as float32)."""
+    block's local tensors (default: read from ``state`` and the block's values, as float32).
+    Integer inputs (token ids) reach ``pre`` as they are, floating-point ones as float32."""
     tap = tap or Tap()
-    h = net.pre(x.float())
+    tap.x = x
+    h = net.pre(x.float() if x.is_floating_point() else x)
     for block in net.blocks:
         tap.block = block
         tap.tensors = tensors(block) if tensors is not None else block_tensors(net, block, state)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from clafuse.arch.base import Family
+from clafuse.arch.bert import BertFamily
 from clafuse.arch.mlp import MLPFamily
 from clafuse.arch.resnet import ResNetFamily
 from clafuse.arch.vgg import VGGFamily
@@ -30,6 +31,7 @@ def register(family: Family) -> Family:
     return family
 
 
+register(BertFamily())
 register(ResNetFamily())
 register(VGGFamily())
 register(MLPFamily())
@@ -42,10 +44,12 @@ def get_family(name: str) -> Family:
         raise SpecError(f"unknown family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
 
 
-def detect(state_dict: Mapping[str, torch.Tensor]) -> tuple[Family, BaseModel]:
-    """Find the one family that recognises ``state_dict``; say what was found when none does."""
+def detect(state_dict: Mapping[str, torch.Tensor],
+           config: Mapping[str, Any] | None = None) -> tuple[Family, BaseModel]:
+    """Find the one family that recognises ``state_dict`` (with its folder's ``config.json``, if
+    any); say what was found when none does."""
     for family in FAMILIES.values():
-        spec = family.detect(state_dict)
+        spec = family.detect_config(state_dict, config)
         if spec is not None:
             return family, spec
     sample = ", ".join(f"{k} {tuple(v.shape)}" for k, v in list(state_dict.items())[:4])
@@ -78,11 +82,12 @@ def load_spec(path: str | Path) -> tuple[Family, BaseModel]:
     return parse_spec(data, str(path))
 
 
-def resolve(state_dict: Mapping[str, torch.Tensor], arch: str | Path | None = None) -> tuple[Family, BaseModel]:
+def resolve(state_dict: Mapping[str, torch.Tensor], arch: str | Path | None = None,
+            config: Mapping[str, Any] | None = None) -> tuple[Family, BaseModel]:
     """The family and spec of ``state_dict``: from the spec file ``arch``, checked against the
-    weights, or detected."""
+    weights, or detected (with ``config``, a model folder's ``config.json``)."""
     if arch is None:
-        return detect(state_dict)
+        return detect(state_dict, config)
     family, spec = load_spec(arch)
     try:
         family.check(spec, state_dict)

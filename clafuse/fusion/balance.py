@@ -14,9 +14,9 @@ from typing import Mapping
 import torch
 
 from clafuse.arch.base import Chain, ChainLayer, chain_of, describe_chain
-from clafuse.arch.network import Block, Network, identity_layer_block, layer_block
+from clafuse.arch.network import Block, Network, Tap, block_tensors, identity_layer_block, layer_block
 from clafuse.errors import ClafuseError
-from clafuse.fusion.corrections import record
+from clafuse.fusion.corrections import RECORD_BATCH, record
 
 BALANCE_METHODS = ("add", "merge")
 
@@ -55,6 +55,8 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) ->
     for j, template in enumerate(deep.blocks):
         if not template.alignable:
             block = fixed.get(template.pairing)
+            if block is None and template.optional:
+                continue
             if block is None:
                 raise ClafuseError(f"the shallower network has no {template.pairing}")
         elif j in by_position:
@@ -70,6 +72,63 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) ->
         blocks.append(block)
         current = block.output or current
     return replace(shallow, blocks=blocks)
+
+
+def pair_optional(source: Network, target: Network) -> Network:
+    """``source`` with its fixed blocks made to pair with ``target``'s: an optional block the target
+    lacks is left out, one only the target has stands in as a placeholder (the target's block,
+    marked inserted with no exact tensors, so that nothing of the source is mixed there)."""
+    t_fixed = {b.pairing for b in target.blocks if not b.alignable}
+    kept = [b for b in source.blocks if b.alignable or b.pairing in t_fixed or not b.optional]
+    detached = [b for b in source.blocks if b not in kept]
+    have = {b.pairing for b in kept if not b.alignable}
+    blocks, k = [], 0
+    for block in target.blocks:
+        if not block.alignable and block.optional and block.pairing not in have:
+            zeros = {p.key: torch.zeros(p.shape) for p in block.params.values() if not p.implied}
+            blocks.append(block.with_(inserted=True, exact=frozenset(), values={**block.values, **zeros}))
+            continue
+        if k < len(kept):
+            blocks.append(kept[k])
+            k += 1
+    blocks += kept[k:]
+    return replace(source, blocks=blocks, detached=[*source.detached, *detached])
+
+
+FitInput = list[tuple[torch.Tensor, torch.Tensor]]
+"""What an inserted block's ``fit`` receives: per calibration batch, the hidden state entering the
+block and the batch's raw input."""
+
+
+def needs_fitting(net: Network) -> bool:
+    return any(b.inserted and "fit" in b.attrs for b in net.blocks)
+
+
+@torch.no_grad()
+def fit_inserted(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor) -> Network:
+    """``net`` with every inserted block that is only a near-identity (one whose ``attrs["fit"]``
+    is set: post-LN transformers have no exact identity layer) fitted on what it receives from the
+    blocks before it on calibration inputs ``x``; ``fit(block, inputs)`` returns the fitted block."""
+    if not needs_fitting(net):
+        return net
+    tap = Tap()
+    states: FitInput = []
+    for start in range(0, len(x), RECORD_BATCH):
+        xb = x[start:start + RECORD_BATCH]
+        states.append((net.pre(xb.float() if xb.is_floating_point() else xb), xb))
+    blocks = []
+    for block in net.blocks:
+        if block.inserted and "fit" in block.attrs:
+            block = block.attrs["fit"](block, states)
+        tensors = block_tensors(net, block, state)
+        tap.block, tap.tensors = block, tensors
+        moved = []
+        for h, xb in states:
+            tap.x = xb
+            moved.append((block.forward(tensors, h, tap), xb))
+        states = moved
+        blocks.append(block)
+    return replace(net, blocks=blocks)
 
 
 def gates_of(net: Network, pre: Mapping[tuple[int, str], torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -21,7 +21,7 @@ from clafuse.arch.network import Block, Network, Param, Space
 from clafuse.errors import ClafuseError
 from clafuse.fusion.corrections import correct, record, reset_norms
 from clafuse.fusion.neurons import activation_ground_cost, move_axis, row_distances, with_tie_break
-from clafuse.fusion.transport import transport_plan
+from clafuse.fusion.transport import sparse_plan, transport_plan
 from clafuse.memory import release_memory
 
 if TYPE_CHECKING:
@@ -111,18 +111,67 @@ class Pairing:
         return self.plans[pair]
 
     def _solve(self, t_name: str):
-        t_space, s_name = self.t_spaces[t_name], self.names[t_name]
-        s_space = self.s_spaces[s_name]
+        t_space, s_space = self.t_spaces[t_name], self.s_spaces[self.names[t_name]]
         if t_space.heads > 1 or s_space.heads > 1:
-            raise ClafuseError(f"{t_name} is an attention-head space, which this engine does not transport yet")
-        rows_t, rows_s = self._signature(t_space, s_space)
+            return self._solve_heads(t_name)
+        return transport_plan(self._unit_cost(t_name), self.solver, self.reg, sparse=True)
+
+    def _unit_cost(self, t_name: str) -> torch.Tensor:
+        """(n_src, n_tgt) ground cost between the units of ``t_name`` and its source counterpart:
+        weight signature distances, or activation distances with those as tie-break."""
+        t_space, s_name = self.t_spaces[t_name], self.names[t_name]
+        rows_t, rows_s = self._signature(t_space, self.s_spaces[s_name])
         cost = row_distances(rows_s, rows_t)
         del rows_t, rows_s
         acts_t = self.target.acts.get(t_name) if self.use_acts and self.target.acts else None
         acts_s = self.source.acts.get(s_name) if self.use_acts and self.source.acts else None
         if acts_t is not None and acts_s is not None:
             cost = with_tie_break(activation_ground_cost(acts_s, acts_t, self.ground), cost)
-        return transport_plan(cost, self.solver, self.reg, sparse=True)
+        return cost
+
+    def _solve_heads(self, t_name: str):
+        """Plans of every head space of ``t_name``'s block at once: per pair of heads and space,
+        the plan between their units and its cost; heads assigned by the summed cost (each space's
+        cost scaled to mean 1), so that a head's spaces follow one head permutation; each space's
+        plan is the matched heads' inner plans placed block-diagonally (units never cross heads)."""
+        t_space = self.t_spaces[t_name]
+        names = [n for n, s in self.t_spaces.items()
+                 if n in self.names and s.heads > 1 and s.owner is not None and s.owner == t_space.owner] or [t_name]
+        heads = t_space.heads
+        inner: dict[str, dict[tuple[int, int], np.ndarray]] = {}
+        head_cost = np.zeros((heads, heads))
+        for name in names:
+            t, s = self.t_spaces[name], self.s_spaces[self.names[name]]
+            if t.heads != s.heads or t.heads != heads:
+                raise ClafuseError(f"{name}: attention with {s.heads} heads cannot be fused into {t.heads} heads "
+                                   "(fusing different head counts is not supported)")
+            if t.size % heads or s.size % heads:
+                raise ClafuseError(f"{name}: {t.size} and {s.size} units do not split into {heads} heads")
+            cost = self._unit_cost(name).double().numpy()
+            cost = cost / max(float(cost.mean()), 1e-12)
+            ds, dt = s.size // heads, t.size // heads
+            inner[name] = {}
+            for a in range(heads):
+                for b in range(heads):
+                    part = cost[a * ds:(a + 1) * ds, b * dt:(b + 1) * dt]
+                    plan = transport_plan(part, self.solver, self.reg)
+                    inner[name][(a, b)] = plan
+                    head_cost[a, b] += float((plan * part).sum())
+        rows, cols = transport_plan(head_cost, "emd").nonzero()
+        out = None
+        for name in names:
+            t, s = self.t_spaces[name], self.s_spaces[self.names[name]]
+            ds, dt = s.size // heads, t.size // heads
+            full = np.zeros((s.size, t.size))
+            for a, b in zip(rows, cols):
+                full[a * ds:(a + 1) * ds, b * dt:(b + 1) * dt] = inner[name][(a, b)] / heads
+            if self.solver == "emd":
+                r, c = np.nonzero(full)
+                full = sparse_plan(full[r, c], r, c, full.shape)
+            self.plans[self._pair(name)] = full
+            if name == t_name:
+                out = full
+        return out
 
     def _signature(self, t_space: Space, s_space: Space) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Row blocks telling the units apart: the first candidate group whose first key both
@@ -335,7 +384,7 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
     keep = (settings.inserted or default_inserted(net)) == "keep"
     mixed = transport_and_mix(anchor, models, list(weights), keep, settings.solver, settings.reg, settings.ground,
                               use_acts)
-    if x is not None and settings.bn_reset and net.has_norms():
+    if x is not None and settings.bn_reset and net.has_stats():
         mixed.state = reset_norms(net, mixed.state, x)
     if need_sites:
         targets = site_targets(anchor, models, mixed)

@@ -9,7 +9,7 @@ engine serves every family; ``ENGINES`` keeps the names families and callers use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import torch
@@ -17,10 +17,12 @@ from pydantic import BaseModel
 
 from clafuse.arch.base import Family
 from clafuse.arch.network import Network
-from clafuse.fusion.balance import gates_of, insert_blocks, merge_blocks, needs_folding
+from clafuse.fusion.balance import (fit_inserted, gates_of, insert_blocks, merge_blocks, needs_fitting, needs_folding,
+                                    pair_optional)
 from clafuse.fusion.corrections import record
 from clafuse.fusion.engine import Model, fuse_models, mixing_rows
 from clafuse.fusion.otfusion import FusionSettings
+from clafuse.errors import ClafuseError
 from clafuse.io.lazy import LazyStateDict
 
 
@@ -49,11 +51,13 @@ class Source:
 
 @dataclass
 class FusionOutcome:
-    """The fused weights in the target's key names and dtypes, and the mixing weights (target's
-    first, then one per source) each of the target's reported blocks got."""
+    """The fused weights in the target's key names and dtypes, the mixing weights (target's
+    first, then one per source) each of the target's reported blocks got, and per inserted
+    near-identity block (name) its relative error on the calibration data."""
 
     state_dict: dict[str, torch.Tensor]
     mixing: list[list[float]]
+    approximate: dict[str, float] = field(default_factory=dict)
 
 
 def global_mapping(mappings: list[list[int]], deep_sizes: list[int]) -> list[int]:
@@ -89,6 +93,13 @@ def balanced_model(target: Network, source: Source, x: torch.Tensor | None) -> M
         net = merge_blocks(net, state, source.mappings, gates)
     else:
         net = insert_blocks(net, source.mappings, target)
+        if needs_fitting(net):
+            if x is None:
+                raise ClafuseError("this architecture has no exact identity block to insert (post-LN): add needs "
+                                   "calibration data (--data) to fit near-identity blocks; or fuse into the "
+                                   "shallower layout (--target shallow)")
+            net = fit_inserted(net, state, x)
+    net = pair_optional(net, target)
     return Model(net, state, consumable=x is not None)
 
 
@@ -109,7 +120,9 @@ def fuse_members(target: Member, sources: list[Source], weights: list[float], x:
     state = mixed.state
     dtypes = {**mixed.dtypes, **dtypes}
     out = {key: state[key].to(dtypes[key]) if key in state else target.state_dict[key] for key in target.state_dict}
-    return FusionOutcome(out, mixing_rows(net, mixed.betas))
+    approximate = {b.name: float(b.attrs["identity_error"]) for model in models for b in model.net.blocks
+                   if b.inserted and "identity_error" in b.attrs}
+    return FusionOutcome(out, mixing_rows(net, mixed.betas), approximate)
 
 
 Engine = Callable[[Member, list[Source], list[float], "torch.Tensor | None", FusionSettings], FusionOutcome]

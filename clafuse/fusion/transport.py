@@ -125,14 +125,14 @@ def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: fl
             rows, cols = _linear_sum_assignment()(m)
             del m
             if sparse:
-                return _csr(np.full(n_src, 1.0 / n_src), rows, cols, (n_src, n_tgt))
+                return sparse_plan(np.full(n_src, 1.0 / n_src), rows, cols, (n_src, n_tgt))
             plan = np.zeros((n_src, n_tgt))
             plan[rows, cols] = 1.0 / n_src
             return plan
         plan = _pot().emd(uniform(n_src), uniform(n_tgt), m, numItermax=10_000_000)
         if sparse:
             rows, cols = np.nonzero(plan)
-            return _csr(plan[rows, cols], rows, cols, plan.shape)
+            return sparse_plan(plan[rows, cols], rows, cols, plan.shape)
         return plan
     if solver == "sinkhorn":
         scale = float(m.max()) if m.size and m.max() > 0 else 1.0
@@ -146,7 +146,8 @@ def transport_plan(cost: np.ndarray | torch.Tensor, solver: str = "emd", reg: fl
     raise ValueError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
 
 
-def _csr(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
+def sparse_plan(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
+    """A plan given by its non-zeros, as a ``scipy.sparse.csr_array``."""
     from scipy.sparse import csr_array
 
     return csr_array((values, (rows, cols)), shape=shape)

@@ -25,7 +25,7 @@ import torch
 
 from clafuse.errors import CheckpointError, ClafuseError
 from clafuse.io.atomic import _fsync_dir
-from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
+from clafuse.io.checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -43,7 +43,7 @@ class HFFolder:
     model_dir: Path
     """The folder holding ``config.json`` and the weights (``root`` or e.g. ``root/0_Transformer``)."""
     config: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]
     weights: Path
     extra_files: list[Path] = field(default_factory=list)
     """Tokenizer and sentence-transformers files and folders, relative to ``root``."""
@@ -108,8 +108,9 @@ def _extras(root: Path, model_dir: Path) -> list[Path]:
     return found
 
 
-def read_hf_folder(path: str | os.PathLike[str]) -> HFFolder:
-    """Read a Hugging Face (or sentence-transformers) model folder; CheckpointError if it is not one."""
+def read_hf_folder(path: str | os.PathLike[str], lazy: bool = False) -> HFFolder:
+    """Read a Hugging Face (or sentence-transformers) model folder; CheckpointError if it is not one.
+    With ``lazy``, safetensors weights are only opened (read tensor by tensor when used)."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a folder")
@@ -121,7 +122,8 @@ def read_hf_folder(path: str | os.PathLike[str]) -> HFFolder:
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_file}: expected a JSON object")
     weights = _weights_in(model_dir)
-    return HFFolder(root=root, model_dir=model_dir, config=config, state_dict=load_checkpoint(weights),
+    return HFFolder(root=root, model_dir=model_dir, config=config,
+                    state_dict=open_checkpoint(weights) if lazy else load_checkpoint(weights),
                     weights=weights, extra_files=_extras(root, model_dir))
 
 

@@ -1,0 +1,169 @@
+"""The ``bert`` family through the one engine: a permuted copy (stream, heads, units within heads,
+FFN units) fuses back to the original, one-hot mixing weights give a parent back, balancing
+inserts fitted near-identity layers or drops the deeper net's unmatched layers, fused weights load
+strictly into transformers' BertModel with our outputs, and the CLI end to end on model folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bert_helpers import random_bert, tiny_spec, write_folder, write_sentences
+from cli_runner import invoke
+from clafuse.arch.bert import BertFamily
+from clafuse.arch.bert_model import instantiate_bert
+from clafuse.arch.network import run
+from clafuse.errors import ClafuseError
+from clafuse.fusion.engines import Member, Source, fuse_members
+from clafuse.fusion.otfusion import FusionSettings
+from clafuse.io.hf_folder import read_hf_folder
+from clafuse.textdata import TokenBatch, pack_tokens, unpack_tokens
+from test_bert_model import permute_bert, random_symmetry
+
+FAMILY = BertFamily()
+EXACT = dict(correction="none", bn_reset=False)
+
+
+def tokens(n: int = 30, length: int = 9, vocab: int = 20, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        mask[i, 2 + i % (length - 2):] = 0
+    return pack_tokens(TokenBatch(ids * mask, mask))
+
+
+def hidden(spec, sd, x):
+    tb = unpack_tokens(x)
+    with torch.no_grad():
+        return instantiate_bert(spec, sd).hidden_states(tb.input_ids, tb.attention_mask), tb.attention_mask.bool()
+
+
+def fuse(spec_t, sd_t, spec_s, sd_s, mapping, deeper, weights=(0.5, 0.5), x=None, **settings):
+    source = Source(Member(FAMILY, spec_s, sd_s), [mapping], deeper=deeper)
+    return fuse_members(Member(FAMILY, spec_t, sd_t), [source], list(weights), x,
+                        FusionSettings(**{**EXACT, **settings}))
+
+
+@pytest.mark.parametrize("signal", ["weights", "activations"])
+def test_permuted_copy_fuses_back_to_the_original(signal):
+    spec = tiny_spec(3)
+    sd = random_bert(spec)
+    perm_args = random_symmetry(spec, torch.Generator().manual_seed(3))
+    assert any(not torch.equal(h, torch.arange(spec.heads)) for h in perm_args[1])
+    permuted = permute_bert(sd, spec, *perm_args)
+    x = tokens()
+    reference, mask = hidden(spec, sd, x)
+    out = fuse(spec, sd, spec, permuted, [0, 1, 2], False, x=x if signal == "activations" else None, signal=signal)
+    for key, value in sd.items():
+        torch.testing.assert_close(out.state_dict[key], value, atol=1e-6, rtol=0, msg=key)
+    fused, _ = hidden(spec, out.state_dict, x)
+    torch.testing.assert_close(fused[-1][mask], reference[-1][mask], atol=1e-5, rtol=0)
+
+
+def test_one_hot_weights_give_a_parent_back():
+    spec = tiny_spec(2)
+    a, b = random_bert(spec, 0), random_bert(spec, 1)
+    x = tokens()
+    ha, mask = hidden(spec, a, x)
+    hb, _ = hidden(spec, b, x)
+    first = fuse(spec, a, spec, b, [0, 1], False, weights=(1.0, 0.0), x=x, signal="activations")
+    for key, value in a.items():
+        assert torch.equal(first.state_dict[key], value), key
+    second = fuse(spec, a, spec, b, [0, 1], False, weights=(0.0, 1.0), x=x, signal="activations")
+    got, _ = hidden(spec, second.state_dict, x)
+    # B moved into A's units: the same function, its stream permuted
+    moved = got[-1][mask]
+    order = torch.cdist(moved.T, hb[-1][mask].T).argmin(1)
+    assert sorted(order.tolist()) == list(range(spec.hidden))
+    torch.testing.assert_close(moved, hb[-1][mask][:, order], atol=1e-5, rtol=0)
+
+
+def test_fused_weights_load_strictly_into_transformers_with_our_outputs():
+    transformers = pytest.importorskip("transformers")
+    from clafuse.arch.bert_model import bert_config
+
+    spec = tiny_spec(3)
+    out = fuse(spec, random_bert(spec, 0), tiny_spec(2), random_bert(tiny_spec(2), 1), [0, 2], False, x=tokens(),
+               signal="activations", correction="regress")
+    model = transformers.BertModel(transformers.BertConfig(**bert_config(spec))).eval()
+    model.load_state_dict(out.state_dict, strict=True)
+    x = tokens(seed=5)
+    ours, mask = hidden(spec, out.state_dict, x)
+    tb = unpack_tokens(x)
+    with torch.no_grad():
+        theirs = model(input_ids=tb.input_ids, attention_mask=tb.attention_mask).last_hidden_state
+    torch.testing.assert_close(ours[-1][mask], theirs[mask], atol=1e-5, rtol=1e-5)
+    assert set(out.approximate) == {"encoder.layer.1+identity"} and 0 <= out.approximate["encoder.layer.1+identity"] < 1
+
+
+def test_near_identity_is_fitted_and_its_error_reported():
+    """Post-LN: LN(LN(x)) is not x; the fitted layer beats the unfitted (unit gain) one and the
+    reported error is the measured one."""
+    spec_d, spec_s = tiny_spec(3), tiny_spec(2)
+    sd = random_bert(spec_s, 1)
+    x = tokens()
+    from clafuse.fusion.balance import fit_inserted, insert_blocks
+
+    net = insert_blocks(FAMILY.describe(spec_s), [[0, 2]], FAMILY.describe(spec_d))
+    unfitted = run(net, sd, x)
+    fitted_net = fit_inserted(net, sd, x)
+    block = fitted_net.blocks[2]
+    assert block.inserted and 0 < block.attrs["identity_error"] < 0.5
+    exact = run(FAMILY.describe(spec_s), sd, x)
+    fitted = run(fitted_net, sd, x)
+    assert (fitted - exact).norm() < (unfitted - exact).norm()
+    with pytest.raises(ClafuseError, match="calibration data"):
+        fuse(spec_d, random_bert(spec_d), spec_s, sd, [0, 2], False, x=None, signal="weights")
+
+
+def test_deeper_source_drops_its_unmatched_layers():
+    spec_d, spec_s = tiny_spec(3), tiny_spec(2, pooler=False)
+    deep, shallow = random_bert(spec_d, 0), random_bert(spec_s, 1)
+    out = fuse(spec_s, shallow, spec_d, deep, [0, 2], True, weights=(0.0, 1.0), signal="weights")
+    assert set(out.state_dict) == set(shallow)
+    kept = {k.replace("encoder.layer.2.", "encoder.layer.1."): v for k, v in deep.items()
+            if "encoder.layer.1." not in k and not k.startswith("pooler.")}
+    x = tokens()
+    want, mask = hidden(spec_s, kept, x)
+    got, _ = hidden(spec_s, out.state_dict, x)
+    order = torch.cdist(got[-1][mask].T, want[-1][mask].T).argmin(1)
+    torch.testing.assert_close(got[-1][mask], want[-1][mask][:, order], atol=1e-5, rtol=0)
+
+
+def test_different_head_counts_are_refused():
+    spec_a, spec_b = tiny_spec(2), tiny_spec(2, heads=2)
+    with pytest.raises(ClafuseError, match="heads"):
+        fuse(spec_a, random_bert(spec_a), spec_b, random_bert(spec_b), [0, 1], False, signal="weights")
+
+
+def test_cli_on_model_folders(tmp_path):
+    deep_spec, shallow_spec = tiny_spec(3), tiny_spec(2, pooler=False)
+    deep = write_folder(tmp_path / "deep", deep_spec, random_bert(deep_spec, 0))
+    shallow = write_folder(tmp_path / "shallow", shallow_spec, random_bert(shallow_spec, 1))
+    data = write_sentences(tmp_path / "sentences.txt")
+    r = invoke("inspect", deep, "--json")
+    assert r.code == 0, r
+    assert json.loads(r.stdout)["family"] == "bert"
+    r = invoke("align", deep, shallow, "--data", data, "-o", tmp_path / "map.yaml")
+    assert r.code == 0, r
+    r = invoke("fuse", "--map", tmp_path / "map.yaml", "-o", tmp_path / "fused/", "--json")
+    assert r.code == 0, r
+    doc = json.loads(r.stdout)
+    assert list(doc["approximate_identities"]) and "near-identity" in r.stderr
+    folder = read_hf_folder(tmp_path / "fused")
+    assert folder.config["num_hidden_layers"] == 3 and folder.tokenizer_json is not None
+    r = invoke("fuse", "--map", tmp_path / "map.yaml", "--target", "shallow", "-o", tmp_path / "small", "--json")
+    assert r.code == 0, r
+    small = read_hf_folder(tmp_path / "small")
+    assert small.config["num_hidden_layers"] == 2 and set(small.state_dict) == set(read_hf_folder(shallow).state_dict)
+    r = invoke("eval", deep, tmp_path / "fused", tmp_path / "small", "--data", data, "--json")
+    assert r.code == 0, r
+    rows = json.loads(r.stdout)["models"]
+    assert rows[0]["cosine_to_first"] == pytest.approx(1.0) and len(rows) == 3
+    r = invoke("fuse", "--map", tmp_path / "map.yaml", "-o", tmp_path / "x.safetensors", "--signal", "weights")
+    assert r.code == 0, r
+    r = invoke("align", deep, shallow, "--data", "mnist", "-o", tmp_path / "bad.yaml")
+    assert r.code != 0 and r.stderr.strip().startswith("clafuse: error:") and len(r.stderr.strip().splitlines()) == 1
