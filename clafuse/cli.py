@@ -204,13 +204,13 @@ def evaluate(
     heads: Optional[int] = typer.Option(None, help="Text encoders: attention heads of bare state dicts."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Accuracy and loss of checkpoints, and of their prediction ensemble. For text encoders (BERT
-    model folders or state dicts, DATA a file of sentences): mean cosine to --teacher's sentence
-    embeddings, Spearman of pairwise similarities, and recall@1/recall@5/MRR of finding each text's
-    second half from its first half."""
+    """Accuracy and loss of checkpoints, and of their prediction ensemble. Text encoders (BERT model
+    folders or state dicts, DATA a file of sentences) are compared with the first one; with
+    --teacher, with the teacher: mean cosine to its sentence embeddings, Spearman of pairwise
+    similarities, and recall@1/recall@5/MRR of finding each text's second half from its first half."""
     from clafuse.api.encoders import evaluate_encoders, is_encoder_input
 
-    if all(is_encoder_input(c) for c in ckpts):
+    if teacher is not None and all(is_encoder_input(c) for c in ckpts):
         from clafuse.report import render_text_eval
 
         if arch:
