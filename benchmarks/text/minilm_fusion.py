@@ -62,7 +62,7 @@ OUT = WORK / "minilm_fusion"
 FORTUNES = WORK / "fortunes"
 SELECTIONS = ([0, 2, 5], [1, 3, 5], [0, 3, 5])
 QUICK = dict(steps=20, batch_size=16, epochs=2, seeds=[0], val=100, test=200)
-FULL = dict(steps=60, batch_size=32, epochs=3, seeds=[0, 1, 2], val=300, test=500)
+FULL = dict(steps=40, batch_size=16, epochs=2, seeds=[0, 1, 2], val=200, test=400)
 
 
 class Texts:
@@ -122,6 +122,18 @@ def distil(spec: Any, state: dict[str, torch.Tensor], texts: Texts, teacher: dic
                         "val_cosine_per_epoch": [round(h["val_cosine"], 4) for h in result.history]}
 
 
+def untrained_student(teacher: TextModel, seed: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A 3-layer student with the teacher's embeddings (and pooler) and freshly initialised encoder
+    layers, as DistilBERT-style students inherit their teacher's embeddings. Sharing the embeddings
+    keeps the student's residual stream in the teacher's unit order, so a model fused into its
+    architecture answers in the teacher's embedding space (a fully random student's stream order is
+    arbitrary, and cosine to the teacher would measure that order, not the model)."""
+    spec3 = teacher.spec.model_copy(update={"layers": 3})
+    fresh = random_bert(spec3, seed)
+    state = {k: (v if ".encoder.layer." in f".{k}" else teacher.state_dict[k].clone()) for k, v in fresh.items()}
+    return spec3, state
+
+
 def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
                    args: argparse.Namespace) -> dict[str, tuple[Any, dict] | str]:
     """The two fused 3-layer students as (spec, state), or the reason they are not available."""
@@ -131,11 +143,11 @@ def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
     calibration = OUT / "calibration.txt"
     calibration.write_text("\n".join(texts.val_text) + "\n", encoding="utf-8")
     untrained = OUT / "untrained-3-layer"
-    spec3 = teacher.spec.model_copy(update={"layers": 3})
     if not untrained.exists():
-        write_hf_folder(untrained, random_bert(spec3, 0), bert_config(spec3, teacher.config), source=teacher.folder)
+        spec3, state = untrained_student(teacher, 0)
+        write_hf_folder(untrained, state, bert_config(spec3, teacher.config), source=teacher.folder)
     jobs = {"fused L6+L3 (equal weights, 3-layer layout)": ([teacher.path, MINILM_L3_FOLDER], "shallow", [1.0, 1.0]),
-            "teacher fused into untrained 3-layer student": ([untrained, teacher.path], "A", [0.0, 1.0])}
+            "teacher fused into an untrained 3-layer student": ([untrained, teacher.path], "A", [0.0, 1.0])}
     if l3 is None:
         jobs.pop("fused L6+L3 (equal weights, 3-layer layout)")
     found: dict[str, tuple[Any, dict] | str] = {}
@@ -168,6 +180,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--no-fusion", action="store_true", help="skip the fused rows")
+    parser.add_argument("--only", help="run only the student rows whose name contains this text")
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -192,6 +205,8 @@ def main() -> int:
     spec3 = teacher.spec.model_copy(update={"layers": 3})
     rows: list[dict[str, Any]] = [{"row": "teacher all-MiniLM-L6-v2 (6 layers)", "layers": 6,
                                    "before": measure(teacher.net(), texts, target)}]
+    if args.only:
+        students = {k: v for k, v in students.items() if args.only in k}
     for name, student in students.items():
         print(f"{name} ...", file=sys.stderr, flush=True)
         if isinstance(student, str):
@@ -205,7 +220,7 @@ def main() -> int:
             net, record = distil(spec, state, texts, target, args, seed)
             row["after"].append({"seed": seed, **record, **measure(net, texts, target)})
         rows.append(row)
-    for seed in args.seeds:
+    for seed in args.seeds if not args.only or args.only in "random 3-layer" else []:
         print(f"random 3-layer seed {seed} ...", file=sys.stderr, flush=True)
         state = random_bert(spec3, seed)
         net, record = distil(spec3, state, texts, target, args, seed)
