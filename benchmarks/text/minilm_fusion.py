@@ -134,6 +134,12 @@ def untrained_student(teacher: TextModel, seed: int) -> tuple[Any, dict[str, tor
     return spec3, state
 
 
+def layer_mapping(map_file: Path) -> list[int]:
+    """The deep model's layers that ``align`` matched to the shallow model's layers."""
+    doc = json.loads(map_file.read_text(encoding="utf-8"))
+    return [int(i) for group in doc["alignments"][0]["groups"] for i in group["mapping"]]
+
+
 def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
                    args: argparse.Namespace) -> dict[str, tuple[Any, dict] | str]:
     """The two fused 3-layer students as (spec, state), or the reason they are not available."""
@@ -161,7 +167,7 @@ def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
             if model is None or model.spec.layers != 3:
                 found[name] = "fuse did not give a 3-layer BERT"
             else:
-                found[name] = (model.spec, model.state_dict)
+                found[name] = (model.spec, model.state_dict, {"mapping": layer_mapping(map_file)})
         except (ClafuseError, NotImplementedError) as exc:
             found[name] = f"not yet available: {' '.join(str(exc).split())[:200]}"
     return found
@@ -212,9 +218,10 @@ def main() -> int:
         if isinstance(student, str):
             rows.append({"row": name, "unavailable": student})
             continue
-        spec, state = student
+        spec, state, *info = student
         before_net = instantiate_bert(spec, {k: v.clone().float() for k, v in state.items()})
-        row: dict[str, Any] = {"row": name, "layers": spec.layers, "val_cosine": val_cosine(before_net, texts, target),
+        row: dict[str, Any] = {"row": name, "layers": spec.layers, **(info[0] if info else {}),
+                               "val_cosine": val_cosine(before_net, texts, target),
                                "before": measure(before_net, texts, target), "after": []}
         for seed in args.seeds:
             net, record = distil(spec, state, texts, target, args, seed)
@@ -274,11 +281,22 @@ def markdown(doc: dict[str, Any]) -> str:
             continue
         b, after = r["before"], r.get("after", [])
         cos = "-" if b.get("cosine") is None else f"{b['cosine']:.3f}"
+        val = "-" if r.get("val_cosine") is None else f"{r['val_cosine']:.3f}"
+        name = r["row"] + (f", align matched layers {r['mapping']}" if "mapping" in r else "")
         lines.append(
-            f"| {r['row']} | {r['layers']} | {r.get('val_cosine', '-')} | {cos} | {b['spearman']:.3f} | "
+            f"| {name} | {r['layers']} | {val} | {cos} | {b['spearman']:.3f} | "
             f"{b['recall@1']:.3f} | {b['mrr']:.3f} | "
             + " | ".join(_mean([a[k] for a in after]) for k in ("cosine", "spearman", "recall@1", "mrr")) + " |")
-    lines += ["", f"Best layer selection on validation text (before distillation): {doc['best_selection_on_val']}.", ""]
+    lines += ["", f"Best layer selection on validation text (before distillation): {doc['best_selection_on_val']}.", "",
+              "Fused rows: `clafuse align` with its defaults (CKA layer costs, first and last layers pinned) on the "
+              "validation texts as calibration sentences, then `clafuse fuse` with its defaults: the pair into the "
+              "shallow model's layout (`--target shallow --weights 1,1`), the teacher into the untrained student's "
+              "(`--target A --weights 0,1`). The untrained student has the teacher's embeddings and pooler and freshly "
+              "initialised layers, so that its residual stream is in the teacher's unit order (with a fully random "
+              "student the fused model answers in a permuted space and its cosine to the teacher is about 0, while "
+              "Spearman and retrieval, which do not see the order, are unchanged). `val cosine` is before "
+              "distillation; `after` columns are the students after the distillation budget (best validation epoch).",
+              ""]
     return "\n".join(lines) + "\n"
 
 
