@@ -22,7 +22,6 @@ from typing import Any, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 
 from clafuse.arch.base import Family, Group, LayerInfo
 from clafuse.arch.bert_model import (

@@ -56,7 +56,8 @@ class Space:
 
 @dataclass(frozen=True)
 class Param:
-    """One tensor: its key and, per axis, the space it lives in (None: not permuted).
+    """One tensor: its key and, per axis, the space it lives in (None: not permuted), or a tuple
+    of spaces for an axis that stacks several (a fused query/key/value projection's rows).
 
     Axes in ``reads`` are read from their space (input columns: moved by summing the units sent to
     each target unit); the others belong to it (rows, biases, norm vectors: averaged).
@@ -65,7 +66,7 @@ class Param:
     """
 
     key: str
-    axes: tuple[str | None, ...]
+    axes: tuple[str | tuple[str, ...] | None, ...]
     shape: tuple[int, ...] = ()
     kind: str = "weight"
     reads: tuple[int, ...] | None = None

@@ -18,6 +18,7 @@ from clafuse.arch.base import Family
 from clafuse.arch.bert import BertFamily
 from clafuse.arch.mlp import MLPFamily
 from clafuse.arch.resnet import ResNetFamily
+from clafuse.arch.vit import ViTFamily
 from clafuse.arch.vgg import VGGFamily
 from clafuse.errors import SpecError
 from clafuse.io.inputs import MAX_TEXT_BYTES, read_input_text
@@ -32,6 +33,7 @@ def register(family: Family) -> Family:
 
 
 register(BertFamily())
+register(ViTFamily())
 register(ResNetFamily())
 register(VGGFamily())
 register(MLPFamily())

@@ -57,6 +57,10 @@ def _canon(net: Network, spaces: Mapping[str, Space], name: str) -> str:
     return name
 
 
+def _parts(axes: str | tuple[str, ...]) -> tuple[str, ...]:
+    return axes if isinstance(axes, tuple) else (axes,)
+
+
 def _find_param(net: Network, key: str) -> Param | None:
     for block in (*net.blocks, *net.detached):
         for p in block.params.values():
@@ -204,16 +208,34 @@ class Pairing:
             return value.reshape(value.shape[0], -1)
         spaces = self.t_spaces if target_param is None else self.s_spaces
         canon = _canon(net, spaces, space.name)
-        axis = next(i for i, a in enumerate(param.axes) if a is not None and _canon(net, spaces, a) == canon)
+        axis = next(i for i, a in enumerate(param.axes) if a is not None
+                    and any(_canon(net, spaces, part) == canon for part in _parts(a)))
         if target_param is not None:
             for i, a in enumerate(target_param.axes):
-                if i != axis and a is not None:
-                    plan = self.plan(a)
-                    if plan is not None:
-                        value = move_axis(value, plan, i, reads=i in param.read_axes())
+                if i != axis:
+                    value = self._move(value, a, i, reads=i in param.read_axes())
             if axis not in param.read_axes():
                 self.inputs_moved[key] = value
+        if isinstance(param.axes[axis], tuple):  # a stacked axis: the chunks that hold this space's units
+            chunks = value.split([spaces[part].size for part in param.axes[axis]], dim=axis)
+            picked = [c.movedim(axis, 0).reshape(c.shape[axis], -1) for c, part in zip(chunks, param.axes[axis])
+                      if _canon(net, spaces, part) == canon]
+            return torch.cat(picked, 1)
         return value.movedim(axis, 0).reshape(value.shape[axis], -1)
+
+    def _move(self, value: torch.Tensor, axes: str | tuple[str, ...] | None, dim: int, reads: bool) -> torch.Tensor:
+        """``value``'s axis ``dim`` (in the source's units of ``axes``) in the target's units; a
+        stacked axis (a tuple of spaces, e.g. a fused query/key/value projection) moves chunk by
+        chunk, each through its space's plan."""
+        if axes is None:
+            return value
+        if isinstance(axes, str):
+            plan = self.plan(axes)
+            return value if plan is None else move_axis(value, plan, dim, reads=reads)
+        plans = [self.plan(name) for name in axes]
+        sizes = [self.s_spaces[self.names[name]].size for name in axes]
+        chunks = value.split(sizes, dim=dim)
+        return torch.cat([c if p is None else move_axis(c, p, dim, reads=reads) for c, p in zip(chunks, plans)], dim)
 
     def moved(self, block: int, local: str, target_param: Param) -> torch.Tensor | None:
         """The source's tensor at this place, in the target's units (None if it has none)."""
@@ -229,11 +251,7 @@ class Pairing:
             value = self.source.tensor(param.key).float()
             order = sorted(range(len(target_param.axes)), key=lambda i: i not in reads)
         for i in order:
-            a = target_param.axes[i]
-            if a is not None:
-                plan = self.plan(a)
-                if plan is not None:
-                    value = move_axis(value, plan, i, reads=i in target_param.read_axes())
+            value = self._move(value, target_param.axes[i], i, reads=i in reads)
         if self.source.consumable and isinstance(self.source.state, dict):
             self.source.state.pop(param.key, None)
         return value
