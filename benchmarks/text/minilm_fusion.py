@@ -61,6 +61,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT = WORK / "minilm_fusion"
 FORTUNES = WORK / "fortunes"
 SELECTIONS = ([0, 2, 5], [1, 3, 5], [0, 3, 5])
+CORRECTIONS = ("regress", "none")
 QUICK = dict(steps=20, batch_size=16, epochs=2, seeds=[0], val=100, test=200)
 FULL = dict(steps=40, batch_size=16, epochs=2, seeds=[0, 1, 2], val=200, test=400)
 
@@ -141,8 +142,9 @@ def layer_mapping(map_file: Path) -> list[int]:
 
 
 def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
-                   args: argparse.Namespace) -> dict[str, tuple[Any, dict] | str]:
-    """The two fused 3-layer students as (spec, state), or the reason they are not available."""
+                   teacher_emb: dict[str, torch.Tensor]) -> dict[str, tuple[Any, dict] | str]:
+    """The two fused 3-layer students as (spec, state, details), or the reason they are not
+    available; fuse's correction is chosen among :data:`CORRECTIONS` by validation cosine."""
     from clafuse import api
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -161,13 +163,19 @@ def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
         try:
             map_file = OUT / f"fusion-{i}.json"
             api.align(paths, map_file, data=str(calibration), samples=len(texts.val_text))
-            out = OUT / f"fused-{i}"
-            api.fuse(map_file, out, target=target, weights=weights)
-            model = load_text_model(out)
-            if model is None or model.spec.layers != 3:
-                found[name] = "fuse did not give a 3-layer BERT"
-            else:
-                found[name] = (model.spec, model.state_dict, {"mapping": layer_mapping(map_file)})
+            candidates = {}
+            for correction in CORRECTIONS:
+                out = OUT / f"fused-{i}-{correction}"
+                api.fuse(map_file, out, target=target, weights=weights, correction=correction)
+                model = load_text_model(out)
+                if model is None or model.spec.layers != 3:
+                    raise ClafuseError("fuse did not give a 3-layer BERT")
+                candidates[correction] = (val_cosine(model.net(), texts, teacher_emb), model)
+            best = max(candidates, key=lambda c: candidates[c][0])
+            model = candidates[best][1]
+            found[name] = (model.spec, model.state_dict, {
+                "mapping": layer_mapping(map_file), "correction": best,
+                "val_cosine_by_correction": {c: v for c, (v, _) in candidates.items()}})
         except (ClafuseError, NotImplementedError) as exc:
             found[name] = f"not yet available: {' '.join(str(exc).split())[:200]}"
     return found
@@ -207,7 +215,7 @@ def main() -> int:
     for layers in SELECTIONS:
         students[f"layer selection {layers}"] = select_layers(teacher.spec, teacher.state_dict, layers)
     if not args.no_fusion:
-        students.update(fused_students(teacher, l3, texts, args))
+        students.update(fused_students(teacher, l3, texts, target))
     spec3 = teacher.spec.model_copy(update={"layers": 3})
     rows: list[dict[str, Any]] = [{"row": "teacher all-MiniLM-L6-v2 (6 layers)", "layers": 6,
                                    "before": measure(teacher.net(), texts, target)}]
@@ -242,6 +250,18 @@ def main() -> int:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
            "cpu": platform.processor() or platform.machine()}
     stem = "minilm_fusion-quick" if args.quick else "minilm_fusion"
+    previous = RESULTS / f"{stem}.json"
+    if args.only and previous.is_file():
+        old = json.loads(previous.read_text(encoding="utf-8"))
+        same = {k: v for k, v in old["settings"].items() if k != "only"} == \
+            {k: v for k, v in doc["settings"].items() if k != "only"}
+        if same:  # the rows run now replace theirs in the earlier results with the same settings
+            fresh = {r["row"]: r for r in rows}
+            merged = [fresh.pop(r["row"], r) for r in old["rows"]]
+            doc["rows"] = merged + list(fresh.values())
+            doc["seconds"], doc["best_selection_on_val"] = old["seconds"], old["best_selection_on_val"]
+            doc["rerun"] = {"only": args.only, "seconds": round(time.perf_counter() - started, 1)}
+            doc["settings"]["only"] = None
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     (RESULTS / f"{stem}.md").write_text(markdown(doc), encoding="utf-8")
@@ -263,7 +283,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "# 3-layer sentence encoders from MiniLM (teacher all-MiniLM-L6-v2)", "",
         "Written by `benchmarks/text/minilm_fusion.py`"
         + (" with `--quick`" if s["quick"] else "") + f" in {doc['seconds']:.0f} s "
-        f"({doc['threads']} thread, {doc['cores']} shared cores, torch {doc['torch']}).", "",
+        f"({doc['threads']} thread, {doc['cores']} shared cores, torch {doc['torch']})"
+        + (f"; the rows matching `{doc['rerun']['only']}` were rerun with `--only` in {doc['rerun']['seconds']:.0f} s"
+           if doc.get("rerun") else "") + ".", "",
         f"Texts: Debian fortunes; {doc['test_texts']} test texts for cosine and Spearman, retrieval of each "
         f"text's second half from its first among {doc['retrieval_pairs']}; {doc['val_texts']} validation texts "
         "for every choice. Distillation (every student, the same budget): "
@@ -282,14 +304,16 @@ def markdown(doc: dict[str, Any]) -> str:
         b, after = r["before"], r.get("after", [])
         cos = "-" if b.get("cosine") is None else f"{b['cosine']:.3f}"
         val = "-" if r.get("val_cosine") is None else f"{r['val_cosine']:.3f}"
-        name = r["row"] + (f", align matched layers {r['mapping']}" if "mapping" in r else "")
+        name = r["row"] + (f", align matched layers {r['mapping']}" if "mapping" in r else "") \
+            + (f", correction {r['correction']}" if "correction" in r else "")
         lines.append(
             f"| {name} | {r['layers']} | {val} | {cos} | {b['spearman']:.3f} | "
             f"{b['recall@1']:.3f} | {b['mrr']:.3f} | "
             + " | ".join(_mean([a[k] for a in after]) for k in ("cosine", "spearman", "recall@1", "mrr")) + " |")
     lines += ["", f"Best layer selection on validation text (before distillation): {doc['best_selection_on_val']}.", "",
               "Fused rows: `clafuse align` with its defaults (CKA layer costs, first and last layers pinned) on the "
-              "validation texts as calibration sentences, then `clafuse fuse` with its defaults: the pair into the "
+              "validation texts as calibration sentences, then `clafuse fuse` (correction `regress` or `none`, "
+              "chosen by validation cosine): the pair into the "
               "shallow model's layout (`--target shallow --weights 1,1`), the teacher into the untrained student's "
               "(`--target A --weights 0,1`). The untrained student has the teacher's embeddings and pooler and freshly "
               "initialised layers, so that its residual stream is in the teacher's unit order (with a fully random "
