@@ -29,6 +29,7 @@ from clafuse.options import (
     Schedule,
     SchemaName,
     Scoring,
+    SentenceLoss,
     Signal,
     Solver,
     check_choice,
@@ -197,13 +198,36 @@ def evaluate(
     ignore_keys: Optional[List[str]] = IgnoreKeysOpt,
     threads: Optional[int] = ThreadsOpt,
     show_progress: bool = ProgressOpt,
+    teacher: Optional[Path] = typer.Option(None, help="Text encoders: the teacher whose sentence embeddings "
+                                                    "the models are compared with."),
+    max_length: int = typer.Option(128, help="Text encoders: tokens per sentence at most."),
+    limit: Optional[int] = typer.Option(None, help="Text encoders: use the first LIMIT sentences only."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Text encoders: tokenizer.json for bare state dicts."),
+    heads: Optional[int] = typer.Option(None, help="Text encoders: attention heads of bare state dicts."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Accuracy and loss of checkpoints, and of the prediction ensemble of the parents (not of
-    fused outputs, unless --ensemble-of names them)."""
+    fused outputs, unless --ensemble-of names them). Text encoders (BERT model folders or state
+    dicts, DATA a file of sentences) are compared with the first one; with --teacher, with the
+    teacher: mean cosine to its sentence embeddings, Spearman of pairwise similarities, and
+    recall@1/recall@5/MRR of finding each text's second half from its first half."""
+    from clafuse.api.encoders import evaluate_encoders, is_encoder_input
+
+    if teacher is not None and all(is_encoder_input(c) for c in ckpts):
+        from clafuse.report import render_text_eval
+
+        if arch:
+            raise typer.BadParameter("applies to image classifiers, not to text encoders", param_hint="--arch")
+        with Session(threads, as_json, show_progress) as session:
+            doc = evaluate_encoders(ckpts, data, teacher=teacher, max_length=max_length, limit=limit, heads=heads,
+                                    tokenizer=tokenizer)
+        emit(doc, as_json, render_text_eval, session.threads)
+        return
     from clafuse.api import evaluate_checkpoints
     from clafuse.report import render_eval
 
+    if teacher is not None:
+        raise typer.BadParameter("applies to text encoders only", param_hint="--teacher")
     keys = key_map(strip_prefix, rename, ignore_keys)
     with Session(threads, as_json, show_progress) as session:
         doc = evaluate_checkpoints(ckpts, data, archs=_per_model(arch, len(ckpts)), keys=keys, normalize=normalize,
@@ -219,20 +243,22 @@ def finetune(
     out: Path = typer.Option(..., "-o", "--out", help="Where to write the best checkpoint (by validation accuracy)."),
     val: Optional[str] = typer.Option(None, help="Validation data (default: the val split of a built-in source or data folder)."),
     epochs: int = typer.Option(1, help="Number of epochs, at least 1."),
-    lr: float = typer.Option(0.01, help="Peak learning rate, positive."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate, positive (default 0.01; 1e-4 for text encoders)."),
     momentum: float = typer.Option(0.9, help="SGD momentum, in [0, 1)."),
-    batch_size: int = typer.Option(64, help="Mini-batch size, at least 1."),
+    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size, at least 1 (default 64; 32 for text encoders)."),
     schedule: str = typer.Option("cosine", help=f"Learning-rate schedule: {one_of(Schedule)}."),
     weight_decay: float = typer.Option(0.0, help="Weight decay, non-negative."),
     seed: int = typer.Option(0, help="Seed for initial shuffling and any randomness."),
     arch: Optional[Path] = typer.Option(None, help="Architecture spec file; detected when omitted."),
-    optimizer: str = typer.Option("sgd", help=f"Optimizer: {one_of(Optimizer)} (momentum and nesterov apply to sgd)."),
+    optimizer: Optional[str] = typer.Option(None, help=f"Optimizer: {one_of(Optimizer)} (momentum and nesterov apply "
+                                                       "to sgd; default sgd, adamw for text encoders)."),
     nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (sgd)."),
     warmup_steps: int = typer.Option(0, help="Steps of linear learning-rate warm-up before the schedule."),
     label_smoothing: float = typer.Option(0.0, help="Label smoothing of the cross-entropy, in [0, 1)."),
     augment: str = typer.Option("none", help=f"Image augmentation: {one_of(Augmentation)} (random crop after "
                                              "zero padding of 2 pixels, 4 for inputs of 28 pixels or more)."),
-    teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint to distil from (same classes)."),
+    teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint to distil from (same classes; for text "
+                                                    "encoders, the sentence encoder whose embeddings to match)."),
     teacher_arch: Optional[Path] = typer.Option(None, help="Architecture spec file of the teacher."),
     kd_alpha: float = typer.Option(0.5, help="Weight of the distillation term (with --teacher), in [0, 1]."),
     kd_temperature: float = typer.Option(4.0, help="Softmax temperature of distillation (with --teacher), positive."),
@@ -251,15 +277,46 @@ def finetune(
     keep_wrapper: bool = KeepWrapperOpt,
     threads: Optional[int] = ThreadsOpt,
     show_progress: bool = ProgressOpt,
+    loss: str = typer.Option("cosine", help=f"Text encoders: {one_of(SentenceLoss)} between the student's and the "
+                                            "teacher's mean-pooled sentence embeddings."),
+    max_length: int = typer.Option(128, help="Text encoders: tokens per sentence at most."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Text encoders: tokenizer.json for a bare state dict "
+                                                      "(default: its folder's, else the teacher's)."),
+    heads: Optional[int] = typer.Option(None, help="Text encoders: attention heads of a bare state dict "
+                                                 "(default: the teacher's config, else width / 64)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Finetune a checkpoint (SGD or AdamW, optionally distilling a teacher), selecting the best epoch on
     validation data. The training state is kept in OUT.state.pt until the run completes. Under
     torchrun the run is data parallel (--batch-size is the global batch) and rank 0 alone prints
-    and writes files."""
+    and writes files. A text encoder (BERT model folder or state dict) is distilled from --teacher
+    on a file of sentences (--data, --val), selecting on the mean cosine to the teacher."""
     from clafuse.api import finetune_checkpoint
+    from clafuse.api.encoders import finetune_encoder, is_encoder_input, refuse_classifier_options
     from clafuse.distributed import ReportedByPeer, env_rank
     from clafuse.report import render_finetune
+
+    if is_encoder_input(ckpt):
+        if teacher is None:
+            raise typer.BadParameter("a text encoder is finetuned by distillation: give --teacher",
+                                     param_hint="--teacher")
+        refuse_classifier_options(arch=arch, teacher_arch=teacher_arch, augment=augment, nesterov=nesterov,
+                                  label_smoothing=label_smoothing, kd_alpha=kd_alpha, kd_temperature=kd_temperature,
+                                  resume=resume)
+        with Session(threads, as_json, show_progress) as session:
+            report = finetune_encoder(ckpt, out, data=data, teacher=teacher, val=val, loss=loss, epochs=epochs,
+                                      lr=1e-4 if lr is None else lr,
+                                      batch_size=32 if batch_size is None else batch_size, schedule=schedule,
+                                      weight_decay=weight_decay, seed=seed, optimizer=optimizer or "adamw",
+                                      momentum=momentum, warmup_steps=warmup_steps, max_length=max_length, heads=heads,
+                                      tokenizer=tokenizer, metrics_out=metrics_out, plot=plot,
+                                      progress=not as_json and sys.stderr.isatty(), precision=precision,
+                                      allow_nonfinite=allow_nonfinite)
+        emit(report, as_json, render_finetune, session.threads)
+        return
+    lr = 0.01 if lr is None else lr
+    batch_size = 64 if batch_size is None else batch_size
+    optimizer = optimizer or "sgd"
 
     main_rank = env_rank() == 0
     if not main_rank:

@@ -24,6 +24,7 @@ Schedule = Literal["cosine", "step", "constant"]
 Optimizer = Literal["sgd", "adamw"]
 Augmentation = Literal["none", "crop", "crop-flip"]
 Precision = Literal["fp32", "bf16", "fp16"]
+SentenceLoss = Literal["cosine", "mse"]
 SchemaName = Literal["map"]
 
 # Sinkhorn's ``reg`` is relative to the largest cost; at or below this the kernel exp(-cost / reg)

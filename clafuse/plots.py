@@ -8,16 +8,17 @@ from collections.abc import Sequence
 from clafuse.io.atomic import AtomicGroup, atomic_output
 
 
-def plot_history(history: Sequence[dict], path: str | os.PathLike[str], group: AtomicGroup | None = None) -> None:
-    """Write a PNG of train/val loss (left) and accuracy (right) against the epoch, atomically (when
-    ``group`` commits, if given)."""
+def plot_history(history: Sequence[dict], path: str | os.PathLike[str], metric: str = "accuracy",
+                 group: AtomicGroup | None = None) -> None:
+    """Write a PNG of train/val loss (left) and ``metric`` (right; accuracy, or cosine to the
+    teacher for sentence encoders) against the epoch, atomically (when ``group`` commits, if given)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(9, 3.5))
     FigureCanvasAgg(fig)  # the Agg canvas, without touching pyplot's global backend
-    for ax, key, title in zip(fig.subplots(1, 2), ("loss", "accuracy"), ("loss", "accuracy")):
+    for ax, key, title in zip(fig.subplots(1, 2), ("loss", metric), ("loss", metric)):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train")
         val = [(e, h[f"val_{key}"]) for e, h in zip(epochs, history) if h.get(f"val_{key}") is not None]
         if val:

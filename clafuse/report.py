@@ -187,14 +187,38 @@ def render_eval(doc: dict[str, Any]) -> None:
 
 
 def render_finetune(doc: dict[str, Any]) -> None:
-    table = Table("epoch", "lr", "train loss", "train acc", "val loss", "val acc", "s")
+    metric = doc.get("metric", "accuracy")
+    short = "acc" if metric == "accuracy" else metric
+
+    def fmt(value: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{100 * value:.2f}%" if metric == "accuracy" else f"{value:.4f}"
+
+    table = Table("epoch", "lr", "train loss", f"train {short}", "val loss", f"val {short}", "s")
     for h in doc["history"]:
         mark = " *" if h["epoch"] == doc["best_epoch"] else ""
-        table.add_row(f"{h['epoch']}{mark}", f"{h['lr']:.4g}", f"{h['train_loss']:.4f}",
-                      f"{100 * h['train_accuracy']:.2f}%",
-                      "-" if h.get("val_loss") is None else f"{h['val_loss']:.4f}",
-                      "-" if h.get("val_accuracy") is None else f"{100 * h['val_accuracy']:.2f}%",
+        table.add_row(f"{h['epoch']}{mark}", f"{h['lr']:.4g}", f"{h['train_loss']:.4f}", fmt(h[f"train_{metric}"]),
+                      "-" if h.get("val_loss") is None else f"{h['val_loss']:.4f}", fmt(h.get(f"val_{metric}")),
                       f"{h['seconds']:.1f}")
     console = _console()
     console.print(table)
-    console.print(f"best epoch {doc['best_epoch']} (by validation accuracy) written to {doc['output']}")
+    console.print(f"best epoch {doc['best_epoch']} (by validation {metric}) written to {doc['output']}")
+
+
+def render_text_eval(doc: dict[str, Any]) -> None:
+    """Table of :func:`clafuse.api.encoders.evaluate_encoders`'s measures."""
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    title = (f"{doc['data']} ({doc['num_sentences']} sentences, retrieval among {doc['retrieval_pairs']})"
+             + (f", teacher {doc['teacher']}" if doc.get("teacher") else ""))
+    table = Table("model", "layers", "cosine", "spearman", "recall@1", "recall@5", "mrr", title=title)
+    rows = [(r["path"], str(r["layers"]), r) for r in doc["models"]]
+    if doc.get("teacher_metrics"):
+        rows.append(("teacher", "", doc["teacher_metrics"]))
+    for name, layers, r in rows:
+        table.add_row(name, layers, num(r.get("cosine")), num(r.get("spearman")), num(r["recall@1"]),
+                      num(r["recall@5"]), num(r["mrr"]))
+    _console().print(table)

@@ -1,6 +1,8 @@
 """``finetune``: the training loop, in one process or data parallel under torchrun.
 
-:func:`finetune` checks its inputs, then a :class:`_Trainer` restores a saved state if given and
+:func:`finetune` trains a classifier; :func:`finetune_objective` runs the same loop for any
+:class:`~clafuse.training.objectives.Objective` (data, loss, validation metric). It checks its
+inputs, then a :class:`_Trainer` restores a saved state if given and
 runs the epochs; each epoch trains on shuffled batches, validates, and hands the training state
 and the epoch's metrics to the caller's callbacks.
 """
@@ -15,15 +17,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clafuse import distributed as ddp
 from clafuse.data import Dataset
 from clafuse.errors import DataError
-from clafuse.training.batches import augment_part, distillation_loss, num_batches, shuffled_batches
+from clafuse.training.batches import num_batches, shuffled_batches
 from clafuse.training.config import AUTOCAST, FinetuneConfig, FinetuneResult, check_precision, make_optimizer
-from clafuse.training.evaluation import checked_forward, checked_labels, device_of, evaluate, evaluate_sharded
+from clafuse.training.evaluation import device_of
+from clafuse.training.objectives import Classification, Objective
 from clafuse.training.state import STATE_VERSION, state_copy
 
 
@@ -64,12 +66,32 @@ def finetune(
     sharded and all-reduced; dropout draws from the global RNG seeded with ``seed + rank``. Pass the
     callbacks on one rank to write things once; a state can only be resumed by as many processes.
     """
+    return finetune_objective(model, Classification(train, val, config, teacher), config, on_epoch=on_epoch,
+                              progress=progress, teacher=teacher, on_state=on_state, resume_from=resume_from)
+
+
+def finetune_objective(
+    model: nn.Module,
+    objective: Objective,
+    config: FinetuneConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: bool = False,
+    teacher: nn.Module | None = None,
+    on_state: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
+) -> FinetuneResult:
+    """:func:`finetune` for any :class:`~clafuse.training.objectives.Objective`: the same loop,
+    schedule, data parallelism, saved states and best-epoch selection (on ``val_<metric>``).
+    ``teacher`` is only put in eval mode for the run (the objective uses it)."""
     params = [p for p in model.parameters() if p.requires_grad]
     with ddp.same_on_every_rank():
-        _check_inputs(train, params, config, device_of(model))
+        objective.check(config)
+        if not params:
+            raise DataError("the model has no trainable parameters")
+        check_precision(config.precision, device_of(model))
         if resume_from is not None:
-            _check_resumable(resume_from, train, config, teacher is not None)
-    trainer = _Trainer(model, train, val, config, teacher, params)
+            _check_resumable(resume_from, len(objective), config, objective.distill)
+    trainer = _Trainer(model, objective, config, params)
     bar = _progress_bar() if progress else None
     fork_devices = [trainer.device] if trainer.device.type == "cuda" else []
     was_training = model.training
@@ -105,26 +127,12 @@ def finetune(
             model.train(was_training)
             if teacher is not None:
                 teacher.train(teacher_was_training)
-    if val is None:
+    if not objective.has_val():
         run.best_epoch, run.best_state = config.epochs, state_copy(model)
     return FinetuneResult(best_state=run.best_state, best_epoch=run.best_epoch, history=run.history)
 
 
-def _check_inputs(train: Dataset, params: list[torch.Tensor], config: FinetuneConfig, device: torch.device) -> None:
-    """Refuse training data, a model or a precision that cannot train."""
-    if train.y is None:
-        raise DataError(f"{train.name} has no labels, so it cannot be used for training")
-    if len(train) < 2:
-        raise DataError(f"{train.name} needs at least 2 samples for training")
-    if not params:
-        raise DataError("the model has no trainable parameters")
-    if config.augment != "none" and train.x.ndim != 4:
-        raise DataError(f"augmentation needs images shaped (N, C, H, W), {train.name} has "
-                        f"{list(train.x.shape[1:])}")
-    check_precision(config.precision, device)
-
-
-def _check_resumable(saved_state: dict, train: Dataset, config: FinetuneConfig, distill: bool) -> None:
+def _check_resumable(saved_state: dict, num_train: int, config: FinetuneConfig, distill: bool) -> None:
     """Refuse a training state saved with other settings, data, teacher or number of processes."""
     saved = saved_state.get("config")
     if isinstance(saved, dict):
@@ -134,7 +142,7 @@ def _check_resumable(saved_state: dict, train: Dataset, config: FinetuneConfig, 
                       if not isinstance(saved, dict) or saved.get(k) != asdict(config)[k])
         raise DataError(f"the training state was saved with different settings ({', '.join(diff)}); "
                         "resume with the same settings")
-    if saved_state.get("num_train") != len(train) or saved_state.get("distill") != distill:
+    if saved_state.get("num_train") != num_train or saved_state.get("distill") != distill:
         raise DataError("the training state was saved for different training data or teacher")
     saved_world = int(saved_state.get("world_size", 1))
     if saved_world != ddp.world_size():
@@ -174,19 +182,17 @@ class _Trainer:
     """The fixed parts of one finetuning run (model, data, optimizer, loss scaler, batch generator)
     and the steps of an epoch: training, validation and the state to save."""
 
-    def __init__(self, model: nn.Module, train: Dataset, val: Dataset | None, config: FinetuneConfig,
-                 teacher: nn.Module | None, params: list[torch.Tensor]) -> None:
-        self.model, self.net, self.train, self.val = model, model, train, val
-        self.config, self.teacher = config, teacher
+    def __init__(self, model: nn.Module, objective: Objective, config: FinetuneConfig,
+                 params: list[torch.Tensor]) -> None:
+        self.model, self.net, self.objective, self.config = model, model, objective, config
         self.world, self.rank = ddp.world_size(), ddp.rank()
         self.device = device_of(model)
         self.optimizer = make_optimizer(params, config)
-        self.steps_per_epoch = num_batches(len(train), config.batch_size)
+        self.steps_per_epoch = num_batches(len(objective), config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.amp_dtype = AUTOCAST.get(config.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.gen = torch.Generator().manual_seed(config.seed)
-        self.labels_checked = False
         self.swaps: list = []
 
     def restore(self, saved: dict) -> _Progress:
@@ -218,63 +224,40 @@ class _Trainer:
     def train_epoch(self, epoch: int, run: _Progress, bar: tuple | None) -> dict:
         """One pass over the shuffled training batches; the epoch's record without validation."""
         self.net.train()
-        loss_sum, correct, seen, lr = 0.0, 0, 0, self.config.lr
-        for idx in shuffled_batches(len(self.train), self.config.batch_size, self.gen):
+        loss_sum, metric_sum, seen, lr = 0.0, 0.0, 0, self.config.lr
+        for idx in shuffled_batches(len(self.objective), self.config.batch_size, self.gen):
             lr = self.config.lr_at(run.step, self.total_steps, self.steps_per_epoch)
-            value, batch_correct = self._train_step(idx, lr, epoch)
+            value, batch_metric = self._train_step(idx, lr, epoch)
             run.step += 1
             loss_sum += value * len(idx)
-            correct += batch_correct
+            metric_sum += batch_metric
             seen += len(idx)
             if bar is not None:
                 bar[0].update(bar[1], advance=1, loss=loss_sum / seen)
+        metric = self.objective.metric
         return {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
+            f"train_{metric}": metric_sum / seen,
             "val_loss": None,
-            "val_accuracy": None,
+            f"val_{metric}": None,
             "lr": lr,
             "seconds": 0.0,
         }
 
-    def _train_step(self, idx: torch.Tensor, lr: float, epoch: int) -> tuple[float, int]:
+    def _train_step(self, idx: torch.Tensor, lr: float, epoch: int) -> tuple[float, float]:
         """One optimizer step on the global batch ``idx`` (this rank's part of it); returns the batch's
-        mean loss and number correct over all ranks."""
-        config, teacher = self.config, self.teacher
+        mean loss and the sum of the per-sample metric over all ranks."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         rows = ddp.part(len(idx), self.rank, self.world)
         local = idx[rows]
-        xb, yb = self.train.x[local].to(self.device), self.train.y[local].to(self.device)
-        xb = augment_part(xb, config.augment, self.gen, len(idx), rows)
-        with ddp.same_on_every_rank():
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = checked_forward(self.net, xb)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = checked_forward(teacher, xb.to(device_of(teacher))).to(logits.device)
-            logits = logits.float()
-            if not self.labels_checked:
-                checked_labels(self.train, logits.shape[1])
-                if self.val is not None:
-                    checked_labels(self.val, logits.shape[1])
-                self.labels_checked = True
-            if teacher is not None and t_logits.shape[1] != logits.shape[1]:
-                raise DataError(f"the teacher has {t_logits.shape[1]} classes but the student "
-                                f"has {logits.shape[1]}")
-        if len(local) == 0:
-            loss = logits.sum() * 0.0  # an empty part still takes part in the gradient all-reduce
-        elif teacher is not None:
-            loss = distillation_loss(logits, t_logits.float(), yb, config.kd_alpha,
-                                     config.kd_temperature, config.label_smoothing)
-        else:
-            loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        loss, batch_metric = self.objective.batch_loss(self.net, local, rows, len(idx), self.gen, autocast)
         value = float(loss.detach())
-        batch_correct = int((logits.detach().argmax(dim=1) == yb).sum())
         if self.world > 1:
-            batch_loss, batch_correct = ddp.all_reduce_sum([value * len(local), batch_correct])
-            value, batch_correct = batch_loss / len(idx), int(batch_correct)
+            batch_loss, batch_metric = ddp.all_reduce_sum([value * len(local), batch_metric])
+            value = batch_loss / len(idx)
             loss = loss * (self.world * len(local) / len(idx))
         if not math.isfinite(value):
             with ddp.same_on_every_rank():
@@ -288,19 +271,16 @@ class _Trainer:
             self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return value, batch_correct
+        return value, batch_metric
 
     def validate(self, epoch: int, run: _Progress, record: dict) -> None:
         """Fill in the epoch's validation metrics (sharded over the ranks) and keep the best weights."""
-        if self.val is None:
+        if not self.objective.has_val():
             return
-        if self.world == 1:
-            metrics = evaluate(self.model, self.val)
-        else:
-            metrics = evaluate_sharded(self.model, self.val, self.rank, self.world)
-        record["val_loss"], record["val_accuracy"] = metrics["loss"], metrics["accuracy"]
-        if metrics["accuracy"] > run.best_acc:
-            run.best_acc, run.best_epoch, run.best_state = metrics["accuracy"], epoch, state_copy(self.model)
+        metrics, name = self.objective.validate(self.model, self.rank, self.world), self.objective.metric
+        record["val_loss"], record[f"val_{name}"] = metrics["loss"], metrics[name]
+        if metrics[name] > run.best_acc:
+            run.best_acc, run.best_epoch, run.best_state = metrics[name], epoch, state_copy(self.model)
 
     def gather_rng_states(self) -> list:
         """Every rank's [CPU, CUDA or None] random state; every rank must call this together."""
@@ -312,8 +292,8 @@ class _Trainer:
         return {
             "version": STATE_VERSION,
             "config": asdict(self.config),
-            "num_train": len(self.train),
-            "distill": self.teacher is not None,
+            "num_train": len(self.objective),
+            "distill": self.objective.distill,
             "world_size": self.world,
             "epoch": epoch,
             "step": run.step,
