@@ -46,10 +46,28 @@ app = typer.Typer(
 )
 
 JsonOpt = typer.Option(False, "--json", help="Print one JSON document on stdout instead of tables.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads torch uses (default: half the usable cores, at least "
+                                                  "1, which stays fast on a shared machine; 0 = torch's default).")
+ProgressOpt = typer.Option(False, "--progress", help="Show progress of long steps on stderr also with --json.")
+StripPrefixOpt = typer.Option(None, "--strip-prefix", help="Use only the tensors under this name prefix, without it "
+                                                          "(e.g. model.); a prefix all names share is stripped "
+                                                          "automatically when the rest fits a family.")
+RenameOpt = typer.Option(None, "--rename", help="OLD=NEW: rename tensors by regular expression (re.sub), after "
+                                                "--strip-prefix; repeatable, applied in order.")
+IgnoreKeysOpt = typer.Option(None, "--ignore-keys", help="Leave out tensors whose name (as stored) matches this "
+                                                         "regular expression; repeatable.")
+KeepWrapperOpt = typer.Option(False, "--keep-wrapper", help="Write the output in the input's own form: its tensor "
+                                                            "names and prefix and, for torch files, its wrapper (e.g. "
+                                                            "a Lightning .ckpt) without optimizer state.")
+NormalizeOpt = typer.Option(None, "--normalize", help="Standardise file and folder inputs per channel: MEAN,STD, "
+                                                      "the means then the stds (one per channel), or mnist, "
+                                                      "fashion-mnist, cifar10, imagenet.")
 
 
-def _emit(doc: Any, as_json: bool, render) -> None:
+def _emit(doc: Any, as_json: bool, render, threads: int | None = None) -> None:
     if as_json:
+        if threads is not None and isinstance(doc, dict):
+            doc = {**doc, "threads": threads}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         render(doc)
@@ -64,6 +82,32 @@ def _console():
 def _err(message: str) -> None:
     """Write ``message`` as exactly one line: line breaks from file names or contents become spaces."""
     sys.stderr.write(" ".join(message.split()) + "\n")
+
+
+class _Session:
+    """What every command sets up first: torch's thread count and the progress reporter."""
+
+    def __init__(self, threads: Optional[int], as_json: bool, show_progress: bool) -> None:
+        from clafuse.threads import use_threads
+
+        self.threads = use_threads(threads)
+        self.show = show_progress or not as_json
+
+    def __enter__(self) -> "_Session":
+        from clafuse.progress import reporting
+
+        self._reporting = reporting(self.show)
+        self._reporting.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._reporting.__exit__(*exc)
+
+
+def _keys(strip_prefix: Optional[str], rename: Optional[List[str]], ignore_keys: Optional[List[str]]):
+    from clafuse.io.keys import KeyMap
+
+    return KeyMap.from_options(strip_prefix, rename or (), ignore_keys or ())
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -107,13 +151,22 @@ def _guard(command):
 def inspect(
     ckpt: Path = typer.Argument(..., help="Checkpoint (.safetensors, .pt, .pth, .bin or a sharded index)."),
     arch: Optional[Path] = typer.Option(None, help="Architecture spec file (JSON/YAML); detected when omitted."),
+    strip_prefix: Optional[str] = StripPrefixOpt,
+    rename: Optional[List[str]] = RenameOpt,
+    ignore_keys: Optional[List[str]] = IgnoreKeysOpt,
+    threads: Optional[int] = ThreadsOpt,
+    show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Show a checkpoint's family, depth, alignable layers, parameters and dtypes."""
+    """Show a checkpoint's family, depth, alignable layers, parameters and dtypes, and how its
+    tensor names were made to fit (prefix stripped, tensors left out)."""
     from clafuse.api import inspect_checkpoint
     from clafuse.report import render_inspect
 
-    _emit(inspect_checkpoint(ckpt, arch), as_json, render_inspect)
+    keys = _keys(strip_prefix, rename, ignore_keys)
+    with _Session(threads, as_json, show_progress) as session:
+        doc = inspect_checkpoint(ckpt, arch, keys=keys)
+    _emit(doc, as_json, render_inspect, session.threads)
 
 
 @app.command()
@@ -131,18 +184,27 @@ def align(
     pin_first: bool = typer.Option(True, "--pin-first/--no-pin-first", help="Map first hidden layer to first."),
     pin_last: bool = typer.Option(True, "--pin-last/--no-pin-last", help="Map last hidden layer to last."),
     arch: Optional[List[Path]] = typer.Option(None, help="Spec file per model, in order (repeat for each checkpoint)."),
+    normalize: Optional[str] = NormalizeOpt,
+    strip_prefix: Optional[str] = StripPrefixOpt,
+    rename: Optional[List[str]] = RenameOpt,
+    ignore_keys: Optional[List[str]] = IgnoreKeysOpt,
+    threads: Optional[int] = ThreadsOpt,
+    show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Align the layers of every network to an anchor's (cross-layer alignment by dynamic programming)."""
+    """Align the layers of every network to an anchor's (cross-layer alignment by dynamic programming).
+    The key handling each checkpoint needed is recorded in the map, so fuse reads it the same way."""
     from clafuse.api import align as run_align
     from clafuse.report import render_map
 
     if len(ckpts) < 2:
         raise typer.BadParameter(f"give at least two checkpoints, got {len(ckpts)}", param_hint="CKPTS")
     archs = _per_model(arch, len(ckpts))
-    doc = run_align(ckpts, out, archs=archs, data=data, samples=samples, metric=metric, seed=seed,
-                    pin_first=pin_first, pin_last=pin_last, anchor=anchor)
-    _emit(doc.model_dump(mode="json"), as_json, lambda d: render_map(d, out))
+    keys = _keys(strip_prefix, rename, ignore_keys)
+    with _Session(threads, as_json, show_progress) as session:
+        doc = run_align(ckpts, out, archs=archs, data=data, samples=samples, metric=metric, seed=seed,
+                        pin_first=pin_first, pin_last=pin_last, anchor=anchor, keys=keys, normalize=normalize)
+    _emit(doc.model_dump(mode="json"), as_json, lambda d: render_map(d, out), session.threads)
 
 
 @app.command()
@@ -177,16 +239,24 @@ def fuse(
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset",
                                   help="Recompute BatchNorm running statistics of the fused network on the calibration data."),
     allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values."),
+    normalize: Optional[str] = NormalizeOpt,
+    keep_wrapper: bool = KeepWrapperOpt,
+    threads: Optional[int] = ThreadsOpt,
+    show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Balance the depths and fuse all mapped networks into one with optimal transport."""
+    """Balance the depths and fuse all mapped networks into one with optimal transport. Checkpoints
+    are read with the key handling the map recorded; the output has the names the architecture
+    knows, or the target input's own names and wrapper with --keep-wrapper."""
     from clafuse.api import fuse as run_fuse
     from clafuse.report import render_fuse
 
-    report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples, signal=signal_,
-                      allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground, inserted=inserted,
-                      correction=correction, bn_reset=bn_reset, dtype=dtype, max_shard_size=max_shard_size)
-    _emit(report, as_json, lambda d: render_fuse(d, map_file))
+    with _Session(threads, as_json, show_progress) as session:
+        report = run_fuse(map_file, out, balance=balance, target=target, weights=weights, data=data, samples=samples,
+                          signal=signal_, allow_nonfinite=allow_nonfinite, solver=solver, reg=reg, ground=ground,
+                          inserted=inserted, correction=correction, bn_reset=bn_reset, dtype=dtype,
+                          max_shard_size=max_shard_size, keep_wrapper=keep_wrapper, normalize=normalize)
+    _emit(report, as_json, lambda d: render_fuse(d, map_file), session.threads)
 
 
 @app.command("eval")
@@ -195,13 +265,27 @@ def evaluate(
     ckpts: List[Path] = typer.Argument(..., help="One or more checkpoints."),
     data: str = typer.Option(..., help="Data: .npz, data folder (IDX, CIFAR-10/100, image class folders) or built-in, with split, e.g. mnist:test, ./cifar-10-batches-py:val."),
     arch: Optional[List[Path]] = typer.Option(None, help="Spec file per checkpoint, in order."),
+    ensemble_of: Optional[str] = typer.Option(None, help="Models the ensemble row averages, e.g. A,B (letters in the "
+                                                        "order given, indices or paths); default: every checkpoint "
+                                                        "that is not a fused output (by its metadata)."),
+    normalize: Optional[str] = NormalizeOpt,
+    strip_prefix: Optional[str] = StripPrefixOpt,
+    rename: Optional[List[str]] = RenameOpt,
+    ignore_keys: Optional[List[str]] = IgnoreKeysOpt,
+    threads: Optional[int] = ThreadsOpt,
+    show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Accuracy and loss of checkpoints, and of their prediction ensemble."""
+    """Accuracy and loss of checkpoints, and of the prediction ensemble of the parents (not of
+    fused outputs, unless --ensemble-of names them)."""
     from clafuse.api import evaluate_checkpoints
     from clafuse.report import render_eval
 
-    _emit(evaluate_checkpoints(ckpts, data, archs=_per_model(arch, len(ckpts))), as_json, render_eval)
+    keys = _keys(strip_prefix, rename, ignore_keys)
+    with _Session(threads, as_json, show_progress) as session:
+        doc = evaluate_checkpoints(ckpts, data, archs=_per_model(arch, len(ckpts)), keys=keys, normalize=normalize,
+                                   ensemble_of=ensemble_of.split(",") if ensemble_of is not None else None)
+    _emit(doc, as_json, render_eval, session.threads)
 
 
 @app.command()
@@ -234,6 +318,13 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.state.pt."),
     precision: str = typer.Option("fp32", help=f"{one_of(Precision)}: fp32, or bf16/fp16 autocast (weights stay fp32; "
                                                "fp16 needs CUDA)."),
+    normalize: Optional[str] = NormalizeOpt,
+    strip_prefix: Optional[str] = StripPrefixOpt,
+    rename: Optional[List[str]] = RenameOpt,
+    ignore_keys: Optional[List[str]] = IgnoreKeysOpt,
+    keep_wrapper: bool = KeepWrapperOpt,
+    threads: Optional[int] = ThreadsOpt,
+    show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Finetune a checkpoint (SGD or AdamW, optionally distilling a teacher), selecting the best epoch on
@@ -251,14 +342,18 @@ def finetune(
         if not main_rank:  # every rank got the same options: rank 0 reports
             raise typer.Exit(2)
         raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
+    keys = _keys(strip_prefix, rename, ignore_keys)
+    session = _Session(threads, as_json, show_progress and main_rank)
+    session.show = session.show and main_rank
     try:
-        report = finetune_checkpoint(ckpt, out, data=data, val=val, epochs=epochs, lr=lr, momentum=momentum,
-                                     batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
-                                     arch=arch, progress=not as_json and sys.stderr.isatty(), optimizer=optimizer,
-                                     nesterov=nesterov, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
-                                     augment=augment, teacher=teacher, teacher_arch=teacher_arch, kd_alpha=kd_alpha,
-                                     kd_temperature=kd_temperature, metrics_out=metrics_out, plot=plot, resume=resume,
-                                     precision=precision)
+        with session:
+            report = finetune_checkpoint(ckpt, out, data=data, val=val, epochs=epochs, lr=lr, momentum=momentum,
+                                         batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
+                                         arch=arch, progress=not as_json and sys.stderr.isatty(), optimizer=optimizer,
+                                         nesterov=nesterov, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
+                                         augment=augment, teacher=teacher, teacher_arch=teacher_arch, kd_alpha=kd_alpha,
+                                         kd_temperature=kd_temperature, metrics_out=metrics_out, plot=plot, resume=resume,
+                                         precision=precision, keys=keys, keep_wrapper=keep_wrapper, normalize=normalize)
     except ReportedByPeer:
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
@@ -266,7 +361,7 @@ def finetune(
             raise typer.Exit(130) from None
         raise
     if main_rank:
-        _emit(report, as_json, render_finetune)
+        _emit(report, as_json, render_finetune, session.threads)
 
 
 @app.command()
@@ -295,6 +390,9 @@ def report(
     reg: Optional[float] = typer.Option(None, help="Sinkhorn regularisation (default: the fused "
                                                           "checkpoint's, else 0.05)."),
     png_dir: Optional[Path] = typer.Option(None, help="Also write every figure as a PNG file into this folder."),
+    normalize: Optional[str] = NormalizeOpt,
+    threads: Optional[int] = ThreadsOpt,
+    show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Write an HTML report of an alignment map: cost heat-maps with the chosen path, the mapping in
@@ -302,11 +400,12 @@ def report(
     fused network compares to its parents."""
     from clafuse.reporting.build import build_report
 
-    doc = build_report(map_file, out, fused=fused, data=data, samples=samples, solver=solver, reg=reg,
-                       png_dir=png_dir)
+    with _Session(threads, as_json, show_progress) as session:
+        doc = build_report(map_file, out, fused=fused, data=data, samples=samples, solver=solver, reg=reg,
+                           png_dir=png_dir, normalize=normalize)
     _emit(doc, as_json, lambda d: _console().print(
         f"report written to {d['output']}" + (f" ({len(d['pngs'])} PNGs in {png_dir})" if d["pngs"] else ""),
-        markup=False, soft_wrap=True))
+        markup=False, soft_wrap=True), session.threads)
 
 
 def _per_model(arch: Optional[List[Path]], count: int) -> list[Optional[Path]]:

@@ -23,6 +23,14 @@ def render_inspect(doc: dict[str, Any]) -> None:
             table.add_row(group["name"] if i == 0 else "", str(i), layer["name"], str(layer["width"]),
                           f"{layer['params']:,}")
     console.print(table)
+    keys = doc.get("keys") or {}
+    if keys.get("strip_prefix") or keys.get("rename") or keys.get("ignore") or doc.get("ignored_keys"):
+        from clafuse.io.keys import KeyMap
+
+        ignored = doc.get("ignored_keys") or []
+        left_out = f"; left out {len(ignored)} tensor{'s' if len(ignored) > 1 else ''}: {', '.join(ignored[:8])}" + (" ..." if len(ignored) > 8 else "") \
+            if ignored else ""
+        console.print(f"keys: {KeyMap.model_validate(keys).describe()}{left_out}", markup=False, soft_wrap=True)
     if doc["nonfinite"]:
         console.print(f"[red]non-finite values in: {', '.join(doc['nonfinite'])}[/]")
 
@@ -84,11 +92,15 @@ def render_fuse(doc: dict[str, Any], map_path: Path | None = None) -> None:
 
 
 def render_eval(doc: dict[str, Any]) -> None:
-    table = Table("model", "accuracy", "loss", title=f"{doc['data']} ({doc['num_samples']} samples)")
-    for row in doc["models"]:
-        table.add_row(row["path"], f"{100 * row['accuracy']:.2f}%", f"{row['loss']:.4f}")
+    from clafuse.api.common import model_letter
+
+    table = Table("", "model", "accuracy", "loss", title=f"{doc['data']} ({doc['num_samples']} samples)")
+    for k, row in enumerate(doc["models"]):
+        table.add_row(model_letter(k), row["path"], f"{100 * row['accuracy']:.2f}%", f"{row['loss']:.4f}")
     if "ensemble" in doc:
-        table.add_row("ensemble", f"{100 * doc['ensemble']['accuracy']:.2f}%", f"{doc['ensemble']['loss']:.4f}")
+        members = doc.get("ensemble_of")
+        label = f"ensemble of {', '.join(members)}" if members else "ensemble"
+        table.add_row("", label, f"{100 * doc['ensemble']['accuracy']:.2f}%", f"{doc['ensemble']['loss']:.4f}")
     _console().print(table)
 
 

@@ -125,3 +125,9 @@ def run_capped(cases: list[list[str]], limit: int = MEMORY_LIMIT,
                           preexec_fn=cap, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"the capped child died ({proc.returncode}):\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def without_progress(stderr: str) -> str:
+    """``stderr`` without the ``clafuse: progress: ...`` lines that steps longer than a second show
+    (how long a step takes depends on the machine's load, so tests of other output ignore them)."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("clafuse: progress: "))

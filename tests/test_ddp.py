@@ -21,7 +21,7 @@ from clafuse import api
 from clafuse.arch.registry import FAMILIES
 from clafuse.arch.vgg import VGGLinear, VGGSpec
 from clafuse.io.checkpoint import load_checkpoint
-from tests.helpers import save_mlp, save_safetensors
+from tests.helpers import save_mlp, save_safetensors, without_progress
 
 TOL = {"rtol": 0, "atol": 1e-5}
 
@@ -59,7 +59,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 def _clafuse_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("clafuse:")]
+    return [line for line in without_progress(stderr).splitlines() if line.startswith("clafuse:")]
 
 
 def test_two_processes_train_like_one_with_the_global_batch(tmp_path: Path) -> None:

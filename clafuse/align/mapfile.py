@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from clafuse.errors import MapError
 from clafuse.io.inputs import MAX_TEXT_BYTES, read_input_text, sha256_input
+from clafuse.io.keys import KeyMap
 
 MAP_FORMAT = "clafuse-map"
 MAP_VERSION = 1
@@ -46,6 +47,16 @@ class ModelEntry(_Strict):
     spec: dict[str, Any] = Field(description="the architecture spec, as a spec file would hold it")
     groups: list[GroupEntry]
     role: Literal["deep", "shallow", "anchor", "member"]
+    keys: KeyMap | None = Field(None, description="how the checkpoint's tensor names were made to fit its family "
+                                                  "(absent: used as read); fuse applies the same")
+
+    @model_serializer(mode="wrap")
+    def _without_plain_keys(self, handler: Any) -> dict[str, Any]:
+        """Maps of checkpoints used as read stay as they were before key handling existed."""
+        out = handler(self)
+        if out.get("keys") is None:
+            out.pop("keys", None)
+        return out
 
 
 class GroupAlignment(_Strict):
@@ -85,6 +96,16 @@ class DataEntry(_Strict):
     samples: int = Field(gt=1)
     seed: int
     sha256: str | None = None
+    normalize: list[list[float]] | None = Field(None, description="[means, stds] per channel the inputs were "
+                                                                  "standardised with (absent: used as read)")
+
+    @model_serializer(mode="wrap")
+    def _without_plain_normalize(self, handler: Any) -> dict[str, Any]:
+        """Maps of data used as read stay as they were before --normalize existed."""
+        out = handler(self)
+        if out.get("normalize") is None:
+            out.pop("normalize", None)
+        return out
 
 
 class Settings(_Strict):

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 import clafuse
+from clafuse import progress
 from clafuse.align.costs import activation_cost, neuron_cost
 from clafuse.align.dp import solve_alignment
 from clafuse.align.mapfile import (
@@ -25,8 +26,10 @@ from clafuse.align.mapfile import (
 from clafuse.api.common import DEFAULT_SAMPLES, calibration, check_activations, is_path, model_index, rel_path
 from clafuse.api.models import LoadedModel, check_fits, load_model
 from clafuse.data.common import check_varied
+from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
 from clafuse.io.atomic import sha256_file, write_text_atomic
+from clafuse.io.keys import KeyMap
 from clafuse.options import Metric, check_choice, check_integer, check_seed
 
 
@@ -72,21 +75,30 @@ def _align_pair(models: Sequence[LoadedModel], deep: int, shallow: int, metric: 
 def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, *,
           archs: Sequence[str | os.PathLike | None] | None = None, data: str | None = None,
           samples: int = DEFAULT_SAMPLES, metric: Metric = "cka", seed: int = 0,
-          pin_first: bool = True, pin_last: bool = True, anchor: str | int | None = None) -> MapFile:
+          pin_first: bool = True, pin_last: bool = True, anchor: str | int | None = None,
+          keys: KeyMap | None = None, normalize: str | None = None) -> MapFile:
     """Align the layers of every checkpoint to an anchor's and write the map to ``out``.
 
     The anchor is the deepest model unless ``anchor`` names another (letter, index, path, deep or
     shallow); it is the architecture ``fuse`` targets by default. For each other model, per
     alignment group, the layer cost matrix between it and the anchor (shallower x deeper) is
-    computed (``metric``) and the optimal order-preserving mapping solved by DP.
+    computed (``metric``) and the optimal order-preserving mapping solved by DP. ``keys`` is the
+    key handling of every checkpoint (a shared prefix is stripped per model where needed); what
+    each model needed is recorded in the map, so ``fuse`` reads the checkpoints the same way.
+    ``normalize`` (``--normalize`` text) standardises the calibration inputs; it is recorded with
+    the data.
     """
     if len(paths) < 2:
         raise ClafuseError(f"align needs at least two checkpoints, got {len(paths)}")
     check_choice("--metric", metric, Metric)
     check_integer("--samples", samples, at_least=2)
     check_seed("--seed", seed)
+    norm = Normalization.parse(normalize)
+    if norm is not None and metric == "neuron":
+        raise ClafuseError("--normalize applies to calibration data, which --metric neuron does not use")
     archs = list(archs) if archs else [None] * len(paths)
-    models = [load_model(p, a, lazy=True) for p, a in zip(paths, archs)]
+    with progress.step(f"reading {len(paths)} checkpoints"):
+        models = [load_model(p, a, lazy=True, keys=keys) for p, a in zip(paths, archs)]
     for m in models[1:]:
         if m.family.name != models[0].family.name:
             raise ClafuseError(f"cannot align a {models[0].family.name} with a {m.family.name} ({m.path})")
@@ -105,17 +117,23 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
     if metric != "neuron":
         if data is None:
             raise ClafuseError(f"metric {metric!r} needs calibration data: pass --data (or use --metric neuron)")
-        x = calibration(data, samples, seed)
+        x = calibration(data, samples, seed, normalize=norm)
         is_file = is_path(data)
         data_entry = DataEntry(source=rel_path(Path(data), base) if is_file else data, split="train", samples=samples,
-                               seed=seed, sha256=sha256_file(data) if Path(data).is_file() else None)
+                               seed=seed, sha256=sha256_file(data) if Path(data).is_file() else None,
+                               normalize=norm.to_list() if norm is not None else None)
         for m in models:
             check_fits(m, x, f"data {data}")
         check_varied(x, f"data {data}")
-        acts = [m.layer_outputs(x) for m in models]
+        with progress.step(f"recording activations of {len(models)} models on {samples} samples"):
+            acts = []
+            for k, m in enumerate(models):
+                acts.append(m.layer_outputs(x))
+                progress.advance(k + 1, len(models), str(m.path))
         for m, layer_acts in zip(models, acts):
             check_activations(layer_acts, [l.name for g in m.groups for l in g.layers], m.path, f"data {data}")
-    alignments = [_align_pair(models, deep, shallow, metric, acts, pin_first, pin_last) for deep, shallow in pairs]
+    with progress.step("aligning layers"):
+        alignments = [_align_pair(models, deep, shallow, metric, acts, pin_first, pin_last) for deep, shallow in pairs]
     if len(models) == 2:
         roles = ["deep" if i == pairs[0][0] else "shallow" for i in range(2)]
     else:
@@ -125,12 +143,13 @@ def align(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = No
                    spec=m.spec.model_dump(mode="json"),
                    groups=[GroupEntry(name=g.name, layers=[LayerEntry(name=l.name, width=l.width) for l in g.layers])
                            for g in m.groups],
-                   role=role)
+                   role=role, keys=None if m.keys.is_identity else m.keys)
         for m, role in zip(models, roles)
     ]
     doc = MapFile(tool=f"clafuse {clafuse.__version__}", models=entries, anchor=center,
                   settings=Settings(metric=metric, pin_first=pin_first, pin_last=pin_last),
                   data=data_entry, alignments=alignments)
     if out is not None:
-        write_text_atomic(out, dump_map(doc))
+        with progress.step(f"writing {out}"):
+            write_text_atomic(out, dump_map(doc))
     return doc

@@ -9,7 +9,9 @@ from typing import Sequence
 
 import torch
 
-from clafuse.data import calibration_inputs, load_source
+from clafuse import progress
+from clafuse.data import BUILTIN_SOURCES, Dataset, calibration_inputs, load_source
+from clafuse.data.normalize import Normalization, normalized, raw_pixel_warning
 from clafuse.errors import ClafuseError, DataError
 
 DEFAULT_SAMPLES = 2000
@@ -23,12 +25,30 @@ def rel_path(path: Path, base: Path) -> str:
         return str(path.resolve())
 
 
-def calibration(source: str, samples: int, seed: int, base: Path | None = None) -> torch.Tensor:
-    """``samples`` calibration inputs from ``source``'s train split; a relative file path is taken
-    relative to ``base`` (the map's folder) when given."""
+def load_data(source: str, split: str | None = None, normalize: Normalization | str | None = None) -> Dataset:
+    """``source`` loaded (:func:`~clafuse.data.load_source`) and standardised by ``normalize``
+    (a :class:`~clafuse.data.normalize.Normalization` or ``--normalize`` text). Files and folders
+    read without it are checked for raw pixels fed to a model that likely expects standardised
+    inputs (a warning, see :func:`~clafuse.data.normalize.raw_pixel_warning`)."""
+    norm = Normalization.parse(normalize) if isinstance(normalize, str) else normalize
+    with progress.step(f"reading data {source}"):
+        ds = load_source(source, split)
+    if norm is not None:
+        return normalized(ds, norm)
+    if is_path(source) and source.split(":", 1)[0].strip().lower() not in BUILTIN_SOURCES:
+        warning = raw_pixel_warning(ds.x, source)
+        if warning is not None:
+            log.warning(warning)
+    return ds
+
+
+def calibration(source: str, samples: int, seed: int, base: Path | None = None,
+                normalize: Normalization | str | None = None) -> torch.Tensor:
+    """``samples`` calibration inputs from ``source``'s train split, standardised by ``normalize``;
+    a relative file path is taken relative to ``base`` (the map's folder) when given."""
     if base is not None and is_path(source) and not Path(source).is_absolute():
         source = str(base / source)
-    return calibration_inputs(load_source(source), samples, seed)
+    return calibration_inputs(load_data(source, None, normalize), samples, seed)
 
 
 def check_activations(acts: Sequence[torch.Tensor], names: Sequence[str], model: object, what: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,9 +12,14 @@ import torch
 
 import clafuse
 from clafuse.api.models import check_fits, load_model
-from clafuse.data import has_val_split, load_source
+from clafuse import progress as progress_steps
+from clafuse.api.common import load_data
+from clafuse.data import has_val_split
+from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError, DataError
 from clafuse.io.checkpoint import save_checkpoint
+from clafuse.io.keys import KeyMap
+from clafuse.io.wrapper import check_keep_wrapper, in_input_form, save_in_input_form
 from clafuse.options import Augmentation, Optimizer, Precision, Schedule
 
 
@@ -21,6 +27,12 @@ def train_state_path(out: str | os.PathLike) -> Path:
     """Where ``finetune_checkpoint`` keeps the training state of a run writing ``out``: ``OUT.state.pt``."""
     out = Path(out)
     return out.with_name(out.name + ".state.pt")
+
+
+def untimed_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epochs' records without their wall-clock ``seconds``: what the output's metadata keeps,
+    so that the same run always writes the same bytes."""
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
 
 
 def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data: str, val: str | None = None,
@@ -32,7 +44,8 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                         teacher: str | os.PathLike | None = None, teacher_arch: str | os.PathLike | None = None,
                         kd_alpha: float = 0.5, kd_temperature: float = 4.0,
                         metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-                        resume: bool = False, precision: Precision = "fp32") -> dict[str, Any]:
+                        resume: bool = False, precision: Precision = "fp32", keys: KeyMap | None = None,
+                        keep_wrapper: bool = False, normalize: str | None = None) -> dict[str, Any]:
     """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
     test data) to ``out``, in the input's key names and dtypes.
 
@@ -41,6 +54,10 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
     ``out`` is written; ``resume`` continues an interrupted run from it (same settings required).
     ``metrics_out`` gets one JSON line per epoch as training goes; ``plot`` a PNG of the curves.
     ``precision`` ``bf16``/``fp16`` runs the forward passes under autocast (fp16 needs CUDA).
+    ``keys`` is the key handling of the input (and teacher); ``keep_wrapper`` writes ``out`` in the
+    input's own form (:mod:`clafuse.io.wrapper`). The output's metadata holds no timings, so two
+    identical runs write identical bytes; the seconds per epoch are in the report and metrics.
+    ``normalize`` (``--normalize`` text) standardises the training and validation inputs.
 
     Training runs on CUDA when available (``cuda:LOCAL_RANK``), else on the CPU. Started by torchrun
     with several processes, the run is data parallel (see :func:`clafuse.training.finetune`):
@@ -59,23 +76,25 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                                 warmup_steps=warmup_steps, label_smoothing=label_smoothing, augment=augment,
                                 kd_alpha=kd_alpha, kd_temperature=kd_temperature, precision=precision)
         check_precision(precision, device)
+        norm = Normalization.parse(normalize)
     with ddp.process_group(launch):
         main = ddp.rank() == 0
         state_file = train_state_path(out)
         resume_from = None
         with ddp.agree():
-            model = load_model(path, arch)
-            train = load_source(data, split="train")
+            model = load_model(path, arch, keys=keys)
+            container = check_keep_wrapper(path, out) if keep_wrapper else None
+            train = load_data(data, "train", norm)
             if val is None and not has_val_split(data):
                 raise DataError("a .npz training file has no validation split: pass --val")
-            val_ds = load_source(val if val is not None else data, split="val")
+            val_ds = load_data(val if val is not None else data, "val", norm)
             for ds, name in ((train, data), (val_ds, val or data)):
                 if ds.y is None:
                     raise DataError(f"data {name}: finetuning needs labels (array 'y')")
                 check_fits(model, ds.x, f"data {name}")
             teacher_model = teacher_module = None
             if teacher is not None:
-                teacher_model = load_model(teacher, teacher_arch)
+                teacher_model = load_model(teacher, teacher_arch, keys=keys)
                 check_fits(teacher_model, train.x, f"teacher {teacher} on data {data}")
                 with torch.no_grad():
                     probe = train.x[:2]
@@ -103,6 +122,8 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
         metrics_fh = None
 
         def on_epoch(record: dict) -> None:
+            progress_steps.advance(record["epoch"], epochs, f"val accuracy {record['val_accuracy']:.4f}"
+                             if record.get("val_accuracy") is not None else "")
             if metrics_fh is not None:
                 metrics_fh.write(json.dumps(record) + "\n")
                 metrics_fh.flush()
@@ -118,9 +139,11 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                 for record in resume_from["history"]:
                     on_epoch(record)
             module = model.module().to(device)
-            result = finetune(module, train, val_ds, config, on_epoch=on_epoch if main else None,
-                              progress=progress and main, teacher=teacher_module,
-                              on_state=on_state if main else None, resume_from=resume_from)
+            # A progress bar (``progress``, on a terminal) shows the training itself.
+            with contextlib.nullcontext() if progress else progress_steps.step(f"training {epochs} epochs"):
+                result = finetune(module, train, val_ds, config, on_epoch=on_epoch if main else None,
+                                  progress=progress and main, teacher=teacher_module,
+                                  on_state=on_state if main else None, resume_from=resume_from)
         finally:
             if metrics_fh is not None:
                 metrics_fh.close()
@@ -128,10 +151,14 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
             if main:
                 state = {k: v.to(model.state_dict[k].dtype) for k, v in result.best_state.items()}
                 metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
-                            "best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
+                            "best_epoch": str(result.best_epoch), "history": json.dumps(untimed_history(result.history))}
                 if teacher_model is not None:
                     metadata["distilled_from"] = teacher_model.sha256
-                save_checkpoint(out, state, metadata)
+                if container is not None:
+                    plan = model.plan or KeyMap().apply(model.state_dict)
+                    save_in_input_form(out, container, in_input_form(container, plan, state), metadata)
+                else:
+                    save_checkpoint(out, state, metadata)
                 if plot is not None:
                     from clafuse.plots import plot_history
 

@@ -11,30 +11,22 @@ from typing import Any, Sequence
 import torch
 
 import clafuse
+from clafuse import progress
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
 from clafuse.api.common import DEFAULT_SAMPLES, calibration, log, model_index, model_letter
-from clafuse.api.models import LoadedModel, check_fits, nonfinite_keys
-from clafuse.arch.registry import parse_spec
-from clafuse.errors import ClafuseError, MapError
+from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys
+from clafuse.data.normalize import Normalization
+from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
-from clafuse.io.checkpoint import open_checkpoint, output_format, save_checkpoint
-from clafuse.io.lazy import LazyStateDict
+from clafuse.io.checkpoint import output_format, save_checkpoint
+from clafuse.io.keys import KeyMap
+from clafuse.io.wrapper import check_keep_wrapper, dropped_entries, in_input_form, save_in_input_form
 from clafuse.options import Balance, OutputDtype, Signal, check_choice, check_integer, mixing_weights
 
 
 def _map_model(entry: ModelEntry, base: Path) -> LoadedModel:
-    path = base / entry.path
-    if not path.exists():
-        raise MapError(f"{path}: checkpoint named in the map does not exist")
-    family, spec = parse_spec(entry.spec, f"map entry {entry.path}")
-    state_dict = open_checkpoint(path)
-    family.check(spec, state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict)
-    model = LoadedModel(path, state_dict, family, spec)
-    if model.sha256 != entry.sha256:
-        raise MapError(f"{path} changed since align (sha256 {model.sha256[:12]}…, the map has {entry.sha256[:12]}…); "
-                       f"run align again")
-    return model
+    return map_model(entry, base, lazy=True)
 
 
 def resolve_target(doc: MapFile, target: str | int | None, balance: Balance | None) -> int:
@@ -99,7 +91,8 @@ def _fusion_settings(signal: str, options: dict[str, Any]) -> FusionSettings:
 def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balance | None = None,
          target: str | int | None = None, weights: str | Sequence[float] | None = None, data: str | None = None,
          samples: int | None = None, signal: Signal | None = None, allow_nonfinite: bool = False,
-         dtype: str | None = None, max_shard_size: str | int | None = None, **options: Any) -> dict[str, Any]:
+         dtype: str | None = None, max_shard_size: str | int | None = None, keep_wrapper: bool = False,
+         normalize: str | None = None, **options: Any) -> dict[str, Any]:
     """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
     The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
@@ -109,7 +102,10 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     Activations drive the transport when calibration data is at hand (the map's, or ``data``), else
     weights; ``options`` are further :class:`~clafuse.fusion.otfusion.FusionSettings` fields.
     ``dtype`` overrides the target's floating-point dtype; above ``max_shard_size`` the output is
-    written as shards with an index.
+    written as shards with an index. ``keep_wrapper`` writes the result in the target input's own
+    form (:mod:`clafuse.io.wrapper`): its tensor names and prefix, and its wrapper for torch files
+    (e.g. a Lightning ``.ckpt``), without optimizer state. ``normalize`` (``--normalize`` text)
+    standardises the calibration inputs; by default the map's data is standardised as align did.
     """
     started = time.perf_counter()
     check_output(out, dtype, max_shard_size)
@@ -120,18 +116,25 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     if samples is not None:
         check_integer("--samples", samples, at_least=2)
     _fusion_settings(signal or "activations", options)  # refuse bad options before any work
+    norm = Normalization.parse(normalize)
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
     if data is None:  # the map's own calibration data will be used: refuse it if it changed since align
         check_data_digest(doc, base)
-    models = [_map_model(entry, base) for entry in doc.models]
+    with progress.step(f"reading {len(doc.models)} checkpoints"):
+        models = [_map_model(entry, base) for entry in doc.models]
     if not allow_nonfinite:
         for m in models:
             bad = nonfinite_keys(m.state_dict)
             if bad:
                 raise ClafuseError(f"{m.path}: {bad[0]} has NaN or Inf values; pass --allow-nonfinite to fuse anyway")
     chosen = resolve_target(doc, target, balance)
+    container = None
+    if keep_wrapper:
+        if max_shard_size is not None:
+            raise ClafuseError("--keep-wrapper writes one file in the input's form: leave out --max-shard-size")
+        container = check_keep_wrapper(models[chosen].path, out)
     sources, methods = [], {}
     for i, m in enumerate(models):
         if i == chosen:
@@ -150,7 +153,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         source = data if data is not None else doc.data.source
         n = samples or (doc.data.samples if doc.data else DEFAULT_SAMPLES)
         seed = doc.data.seed if doc.data else 0
-        x = calibration(source, n, seed, base=None if data is not None else base)
+        if norm is None and data is None and doc.data is not None:
+            norm = Normalization.from_list(doc.data.normalize)
+        x = calibration(source, n, seed, base=None if data is not None else base, normalize=norm)
         for m in models:
             check_fits(m, x, f"data {source}")
     if signal is None:
@@ -166,8 +171,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     engine = ENGINES[target_model.family.engine]
     mixing = mixing_weights(alpha)
     order = [chosen, *(i for i, _ in sources)]
-    result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
-                    [source for _, source in sources], [mixing[i] for i in order], x, settings)
+    with progress.step(f"fusing {len(models)} models into {target_model.path.name}"):
+        result = engine(Member(target_model.family, target_model.spec, target_model.state_dict),
+                        [source for _, source in sources], [mixing[i] for i in order], x, settings)
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
     state = cast_state(result.state_dict, dtype)
@@ -179,7 +185,12 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
                                 "dtype": dtype, **settings.__dict__}),
     }
-    shards = save_checkpoint(out, state, metadata, max_shard_size=max_shard_size)
+    with progress.step(f"writing {out}"):
+        if container is not None:
+            plan = target_model.plan or KeyMap().apply(target_model.state_dict)
+            shards = save_in_input_form(out, container, in_input_form(container, plan, state), metadata)
+        else:
+            shards = save_checkpoint(out, state, metadata, max_shard_size=max_shard_size)
     return {
         "output": str(out),
         "files": [str(f) for f in shards],
@@ -195,6 +206,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "mixing": [[round(float(v), 6) for v in row] for row in result.mixing],
         "mixing_order": [model_letter(i) for i in order],
         "seconds": round(time.perf_counter() - started, 3),
+        **({"kept_wrapper": {"names": "input", "wrapper": container.wrapper_key,
+                             "dropped": dropped_entries(container)}} if container is not None else {}),
     }
 
 

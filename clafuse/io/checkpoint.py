@@ -31,7 +31,7 @@ from clafuse.io.writer import parse_size, save_safetensors
 from clafuse.io.inputs import MAX_TEXT_BYTES, check_input, open_input, read_input_text
 from clafuse.io.tensors import admit_tensors
 
-_TORCH_OUTPUT_EXTS = (".pt", ".pth", ".bin")
+_TORCH_OUTPUT_EXTS = (".pt", ".pth", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
@@ -165,7 +165,8 @@ def _load_torch(p: Path) -> Any:
         what = found.group(1) if found else "torch weights_only load failed"
         raise CheckpointError(
             f"{p}: refusing to load: the pickle contains objects other than tensors ({what}); "
-            "clafuse never executes pickled code"
+            "clafuse never executes pickled code. If it is a whole model saved with torch.save(model), "
+            "re-save its weights where the model's class is importable: torch.save(model.state_dict(), path)"
         ) from exc
     except Exception as exc:  # noqa: BLE001 - torch's unpickler lets IndexError, KeyError, ... escape on bad bytes
         wanted = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(exc))
@@ -297,7 +298,7 @@ def output_format(path: str | os.PathLike[str], max_shard_size: str | int | None
     if name.endswith(SAFETENSORS_EXTS):
         return "safetensors", limit
     if not name.endswith(_TORCH_OUTPUT_EXTS):
-        raise CheckpointError(f"{path}: unsupported output extension, use .safetensors or .pt")
+        raise CheckpointError(f"{path}: unsupported output extension, use .safetensors, .pt or .ckpt")
     if limit is not None:
         raise CheckpointError(f"{path}: sharded output (--max-shard-size) needs a .safetensors file name")
     return "torch", None

@@ -74,6 +74,14 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def renamed(self, names: Mapping[str, str]) -> "LazyStateDict":
+        """A lazy view holding ``names[new]`` under each new name (and nothing else); nothing is read."""
+        view = object.__new__(LazyStateDict)
+        view.path = self.path
+        view._entries = {new: self._entries[old] for new, old in names.items()}
+        view._skeleton = None
+        return view
+
     def skeleton(self) -> dict[str, torch.Tensor]:
         """Meta-device stand-ins with the tensors' shapes; floating-point ones are float32, so that
         ``.float()`` returns the stand-in itself and :func:`materializer` can recognise it."""

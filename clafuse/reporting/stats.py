@@ -19,11 +19,8 @@ import torch
 from clafuse import api
 from clafuse.align.costs import linear_cka
 from clafuse.align.mapfile import MapFile
-from clafuse.arch.registry import parse_spec
-from clafuse.errors import MapError
+from clafuse.api.models import map_model
 from clafuse.fusion.transport import transport_plan
-from clafuse.io.atomic import sha256_file
-from clafuse.io.checkpoint import load_checkpoint
 from clafuse.reporting.mapping import PairView, letter
 
 
@@ -85,17 +82,9 @@ def neuron_correlation_cost(h_source: torch.Tensor, h_target: torch.Tensor) -> n
 
 
 def load_map_models(doc: MapFile, base: Path) -> list[api.LoadedModel]:
-    """The map's checkpoints with the specs the map recorded, refusing any that changed since align."""
-    models = []
-    for entry in doc.models:
-        path = base / entry.path
-        if not path.exists():
-            raise MapError(f"{path}: checkpoint named in the map does not exist")
-        if sha256_file(path) != entry.sha256:
-            raise MapError(f"{path} changed since align (its sha256 differs from the map's); run align again")
-        family, spec = parse_spec(entry.spec, f"map entry {entry.path}")
-        models.append(api.LoadedModel(path, load_checkpoint(path), family, spec))
-    return models
+    """The map's checkpoints with the key handling and specs the map recorded, refusing any that
+    changed since align."""
+    return [map_model(entry, base, lazy=False) for entry in doc.models]
 
 
 def _flat_offsets(view: PairView) -> tuple[list[int], list[int]]:
