@@ -412,13 +412,13 @@ def mlp_under_load(repeats: int, burn_s: int) -> dict:
                for _ in range(os.cpu_count() or 1)]
     report: dict = {"burners": len(burners), "load_before": os.getloadavg()}
     try:
-        for label, env in (("torch default threads", {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}),
-                           ("OMP_NUM_THREADS=1", {**os.environ, "OMP_NUM_THREADS": "1"})):
-            env = {**env, "PYTHONPATH": str(ROOT.parent)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT.parent)}
+        env.pop("OMP_NUM_THREADS", None)
+        for label, extra in (("clafuse default threads", []), ("--threads 0 (one per core)", ["--threads", "0"])):
             walls: dict[str, list[float]] = {c: [] for c in commands}
             for _ in range(repeats):
                 for c, cmd in commands.items():
-                    walls[c].append(_wall(cmd, env))
+                    walls[c].append(_wall(cmd + (extra if c != "import torch" else []), env))
             med = {c: statistics.median(v) for c, v in walls.items()}
             report[label] = {"median_s": med, "runs_s": walls,
                              "align_ratio": med["clafuse align"] / med["import torch"],
@@ -491,7 +491,7 @@ def markdown(r: dict) -> str:
                   f"{m['load_before'][0]:.1f} before): median wall seconds", "",
                   "| threads | import torch | clafuse align | clafuse fuse | align / import | fuse / import |",
                   "|---|---|---|---|---|---|"]
-        for label in ("torch default threads", "OMP_NUM_THREADS=1"):
+        for label in ("clafuse default threads", "--threads 0 (one per core)"):
             v = m[label]
             med = v["median_s"]
             lines.append(f"| {label} | {med['import torch']:.2f} | {med['clafuse align']:.2f} | "
