@@ -42,8 +42,9 @@ def main() -> int:
 
     from clafuse import api
     from clafuse.data import load_source
+    from clafuse.threads import use_threads
 
-    torch.set_num_threads(2)
+    use_threads()  # half the usable cores, as the CLI: two threads on a shared 2-core machine ran many times slower
     train, val = load_source("mnist:train"), load_source("mnist:val")
     paths = {name: mnist_mlp.parent(name if name != "P4" else "B", widths, seed, train, val)[0]
              for name, (widths, seed) in PARENTS.items()}

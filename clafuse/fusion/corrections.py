@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 
 from clafuse.arch.network import Network, Tap, run
-from clafuse.fusion.neurons import neuron_features, reduce_map
+from clafuse.fusion.neurons import reduce_map
 
 RECORD_BATCH = 256
 
@@ -84,12 +84,15 @@ def _tensors_of(net: Network, state: dict[str, torch.Tensor]):
 
 
 class _Reset(Tap):
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
+    """Recomputes each BatchNorm's running statistics from what it receives, before applying it."""
+
+    state: dict[str, torch.Tensor]
 
     def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
-        f = neuron_features(z).double()
-        mean, var = f.mean(1).float(), f.var(1, unbiased=True).float()
+        n, total, squares = _moments(z)
+        mean = total / n
+        var = ((squares - n * mean.pow(2)) / (n - 1).clamp_min(1)).clamp_min(0)
+        mean, var = mean.float(), var.float()
         for leaf, value in (("running_mean", mean), ("running_var", var)):
             key = self.block.params[f"{local}.{leaf}"].key
             if key in self.state:
@@ -103,24 +106,35 @@ def reset_norms(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor) -
     """``state`` with every BatchNorm's running mean and variance recomputed from what it receives
     on ``x``, each seeing the reset earlier ones."""
     state = dict(state)
-    run(net, state, x, _Reset(state), tensors=_tensors_of(net, state))
+    tap = _Reset()
+    tap.state = state
+    run(net, state, x, tap, tensors=_tensors_of(net, state))
     return state
 
 
 def _moments(z: torch.Tensor) -> torch.Tensor:
-    """(3, units): per unit (axis 1) the count, sum and sum of squares of ``z``, in float64."""
-    dims = [d for d in range(z.dim()) if d != 1]
+    """(3, units): per unit (axis 1) the count, sum and sum of squares of ``z``, in float64.
+
+    A feature map is summed within each sample's map in float32 (a few hundred values; the squares
+    through a norm, so that no squared copy of the map is made), and across samples in float64."""
+    if z.dim() > 2:
+        f = z.flatten(2)
+        total = f.sum(2).sum(0, dtype=torch.float64)
+        squares = torch.linalg.vector_norm(f, dim=2).double().pow(2).sum(0)
+    else:
+        total, squares = z.sum(0, dtype=torch.float64), torch.linalg.vector_norm(z.double(), dim=0).pow(2)
     count = torch.full((z.shape[1],), float(z.numel() // z.shape[1]), dtype=torch.float64)
-    return torch.stack([count, z.sum(dims, dtype=torch.float64), z.square().sum(dims, dtype=torch.float64)])
+    return torch.stack([count, total, squares])
 
 
 def _pre_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if z.dim() > 2:  # feature maps: per-channel moments without a float64 copy of the map
+    """Per unit (axis 1) of ``z``, its mean and (population) standard deviation, in float64."""
+    if z.dim() > 2:
         n, total, squares = _moments(z)
         mean = total / n
         return mean, (squares / n - mean.pow(2)).clamp_min(0).sqrt()
-    f = neuron_features(z).double()
-    return f.mean(1), f.std(1, unbiased=False)
+    f = z.double()
+    return f.mean(0), f.std(0, unbiased=False)
 
 
 def ridge_fit(inputs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -141,11 +155,15 @@ def ridge_fit(inputs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, 
     return solved.float().contiguous(), None
 
 
-class _Correct(Tap):
+class _Correct(_Reset):
     def __init__(self, net: Network, state: dict[str, torch.Tensor], targets: Mapping[tuple[int, str], torch.Tensor],
-                 method: str, ridge: float) -> None:
+                 method: str, ridge: float, reset: bool) -> None:
         self.net, self.state, self.targets, self.method, self.ridge = net, state, targets, method, ridge
+        self.reset = reset
         self.index = {b.name: i for i, b in enumerate(net.blocks)}
+
+    def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
+        return super().norm(local, z, eps) if self.reset else Tap.norm(self, local, z, eps)
 
     def _set(self, local: str, value: torch.Tensor) -> None:
         key = self.block.params[local].key
@@ -181,17 +199,20 @@ class _Correct(Tap):
             else:
                 shift = torch.zeros_like(shift)
         view = (1, -1) + (1,) * (z.dim() - 2)
-        return z * scale.to(z.dtype).view(view) + shift.to(z.dtype).view(view)
+        return torch.addcmul(shift.to(z.dtype).view(view), z, scale.to(z.dtype).view(view))
 
 
 @torch.no_grad()
 def correct(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor,
-            targets: Mapping[tuple[int, str], torch.Tensor], method: str, ridge: float = 1e-3) -> dict[str, torch.Tensor]:
+            targets: Mapping[tuple[int, str], torch.Tensor], method: str, ridge: float = 1e-3,
+            reset: bool = False) -> dict[str, torch.Tensor]:
     """``state`` corrected site by site towards ``targets`` (per site: the mixed pre-activations of
     the parents), each site seeing the corrected earlier ones. ``regress`` refits plain linear
     sites by ridge least squares and repairs the others; ``repair`` restores each unit's mean and
     std (the shift needs a bias or a norm to live in). Sites in fixed spaces (the classes) are only
-    regressed."""
+    regressed. With ``reset``, each BatchNorm's running statistics are first recomputed from what
+    it receives in the same pass (as :func:`reset_norms` would, after the earlier corrections), so
+    the fused network runs once instead of twice."""
     state = dict(state)
-    run(net, state, x, _Correct(net, state, targets, method, ridge), tensors=_tensors_of(net, state))
+    run(net, state, x, _Correct(net, state, targets, method, ridge, reset), tensors=_tensors_of(net, state))
     return state

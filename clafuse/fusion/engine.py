@@ -408,12 +408,13 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
     keep = (settings.inserted or default_inserted(net)) == "keep"
     mixed = transport_and_mix(anchor, models, list(weights), keep, settings.solver, settings.reg, settings.ground,
                               use_acts, pairings)
-    if x is not None and settings.bn_reset and net.has_stats():
+    reset = x is not None and settings.bn_reset and net.has_stats()
+    if reset and not need_sites:
         mixed.state = reset_norms(net, mixed.state, x)
     if need_sites:
         targets = site_targets(anchor, models, mixed)
         if pairings is None:
             for model in models:
                 model.pre = model.acts = None
-        mixed.state = correct(net, mixed.state, x, targets, settings.correction, settings.ridge)
+        mixed.state = correct(net, mixed.state, x, targets, settings.correction, settings.ridge, reset=reset)
     return mixed
