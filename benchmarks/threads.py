@@ -78,7 +78,8 @@ def prepare(train: int) -> None:
 def run_setting(threads: int, loaded: bool) -> dict:
     burners = []
     if loaded:
-        burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+        # Bounded in time by timeout(1), so a burner outlives no interrupted benchmark by long.
+        burners = [subprocess.Popen(["timeout", "900", sys.executable, "-c", "while True: pass"]) for _ in range(2)]
         time.sleep(1.0)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = str(ROOT.parent)
