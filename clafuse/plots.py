@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from clafuse.io.atomic import AtomicGroup, atomic_output
+from clafuse.io.atomic import AtomicGroup, write_through
 
 
 def plot_history(history: Sequence[dict], path: str | os.PathLike[str], metric: str = "accuracy",
@@ -28,8 +28,4 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike[str], metric: 
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    if group is not None:
-        fig.savefig(group.temp(path), format="png", dpi=100)
-        return
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    write_through(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), group)

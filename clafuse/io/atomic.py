@@ -14,7 +14,7 @@ import hashlib
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -168,6 +168,16 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path to write; on success it replaces ``path``, on any exception it is deleted."""
     with atomic_group() as group:
         yield group.temp(path)
+
+
+def write_through(path: str | os.PathLike[str], write: Callable[[Path], None], group: AtomicGroup | None = None) -> None:
+    """Have ``write`` fill a temp file for ``path``: one of ``group``'s (renamed into place when the
+    group commits, with the run's other outputs), or, without a group, renamed at once."""
+    if group is not None:
+        write(group.temp(path))
+        return
+    with atomic_output(path) as tmp:
+        write(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

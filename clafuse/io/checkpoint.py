@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from clafuse.errors import CheckpointError
-from clafuse.io.atomic import AtomicGroup, atomic_output
+from clafuse.io.atomic import AtomicGroup, write_through
 from clafuse.io.common import DDP_PREFIX as _DDP_PREFIX
 from clafuse.io.common import INDEX_SUFFIX, SAFETENSORS_EXTS, TORCH_EXTS
 from clafuse.io.common import one_line as _one_line
@@ -326,9 +326,5 @@ def save_checkpoint(
     if kind == "safetensors":
         return save_safetensors(p, _checked(state_dict), metadata, limit, group=group)
     tensors = _prepare(state_dict)
-    if group is not None:
-        torch.save(tensors, group.temp(p))
-    else:
-        with atomic_output(p) as tmp:
-            torch.save(tensors, tmp)
+    write_through(p, lambda tmp: torch.save(tensors, tmp), group)
     return [p]

@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from clafuse.errors import CheckpointError, ClafuseError
-from clafuse.io.atomic import AtomicGroup, atomic_output
+from clafuse.io.atomic import AtomicGroup, write_through
 from clafuse.io.checkpoint import format_of, load_checkpoint, open_checkpoint, output_format, save_checkpoint
 from clafuse.io.common import DDP_PREFIX, INDEX_SUFFIX, one_line
 from clafuse.io.keys import KeyPlan
@@ -134,11 +134,7 @@ def save_in_input_form(out: str | os.PathLike, container: Container, tensors: di
     obj[container.wrapper_key] = fresh
     obj["clafuse"] = dict(metadata)
     output_format(p)
-    if group is not None:
-        torch.save(obj, group.temp(p))
-    else:
-        with atomic_output(p) as tmp:
-            torch.save(obj, tmp)
+    write_through(p, lambda tmp: torch.save(obj, tmp), group)
     return [p]
 
 
