@@ -127,6 +127,8 @@ class Tap:
     block: "Block"
     tensors: Mapping[str, torch.Tensor]
     x: torch.Tensor
+    current: str | None = None
+    """The space of the block input (the last space a block wrote; None before the first)."""
 
     def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
         t = self.tensors
@@ -272,11 +274,13 @@ def run(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, tap: T
     Integer inputs (token ids) reach ``pre`` as they are, floating-point ones as float32."""
     tap = tap or Tap()
     tap.x = x
+    tap.current = None
     h = net.pre(x.float() if x.is_floating_point() else x)
     for block in net.blocks:
         tap.block = block
         tap.tensors = tensors(block) if tensors is not None else block_tensors(net, block, state)
         h = block.forward(tap.tensors, h, tap)
+        tap.current = block.output or tap.current
     return h
 
 
@@ -352,11 +356,13 @@ def layer_forward(op: LayerOp, out_space: str) -> Forward:
 
 
 def pool_block(name: str, space: str, slot: str | None = None) -> Block:
-    """A 2x2 max-pool: a fixed block without tensors. Its output is recorded as the pooled
-    layer's activations (max-pooling commutes with permutations and identity layers)."""
+    """A 2x2 max-pool: a fixed block without tensors. Its output is recorded as the activations of
+    the layer it pools (max-pooling commutes with permutations and identity layers): the block
+    that really precedes it when it runs (an identity inserted by balancing), else ``space``; so
+    both networks record each space at the same point, before or after the pool."""
 
     def forward(t: Mapping[str, torch.Tensor], h: torch.Tensor, tap: Tap) -> torch.Tensor:
-        return tap.space(space, F.max_pool2d(h, 2))
+        return tap.space(tap.current or space, F.max_pool2d(h, 2))
 
     return Block(name, {}, forward, slot=slot)
 
