@@ -15,6 +15,7 @@ from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError, DataError
 from clafuse.io.checkpoint import read_metadata
 from clafuse.io.keys import KeyMap
+from clafuse.textmetrics import spearman
 
 
 def is_fused(model: LoadedModel) -> bool:
@@ -75,19 +76,6 @@ def evaluate_checkpoints(paths: Sequence[str | os.PathLike], data: str,
             doc["ensemble"] = evaluate_ensemble([modules[i] for i in members], ds)
             doc["ensemble_of"] = [model_letter(i) for i in members]
     return doc
-
-
-def _ranks(v: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(v)
-    out[torch.argsort(v)] = torch.arange(len(v), dtype=v.dtype)
-    return out
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two equally long vectors (ties broken by position)."""
-    ra, rb = _ranks(a.double()), _ranks(b.double())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra @ rb) / (ra.norm() * rb.norm()).clamp_min(1e-30))
 
 
 def evaluate_text(models: Sequence[LoadedModel], data: str) -> dict[str, Any]:
