@@ -167,3 +167,30 @@ def test_cli_on_model_folders(tmp_path):
     assert r.code == 0, r
     r = invoke("align", deep, shallow, "--data", "mnist", "-o", tmp_path / "bad.yaml")
     assert r.code != 0 and r.stderr.strip().startswith("clafuse: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_recording_runs_in_sequence_batches_and_keeps_token_rows_in_float16():
+    """A BERT is recorded 32 sentences at a time (attention grows with length squared) and its
+    per-token activations are kept in float16, like feature maps; batching changes nothing else."""
+    from clafuse.fusion.corrections import record
+
+    spec = tiny_spec(2)
+    sd = random_bert(spec)
+    net = FAMILY.describe(spec)
+    assert net.batch == 32
+    x = tokens(n=70)
+    real = int(unpack_tokens(x).attention_mask.sum())
+    acts, pre, out = record(net, sd, x, spaces=True, sites=True)
+    one = FAMILY.describe(spec)
+    one.batch = len(x)
+    acts_one, _, out_one = record(one, sd, x, spaces=True, sites=True)
+    assert acts["stream"].dtype == torch.float16 and acts["stream"].shape == (real, spec.hidden)
+    assert all(v.dtype == torch.float16 for v in acts.values())
+    assert all(v.shape[0] >= real for v in acts.values())
+    for name, value in acts.items():  # query/key rows are stacked per batch: compare their Gram matrices
+        a, b = value.float(), acts_one[name].float()
+        if name.endswith((":qk", ":vo")):
+            a, b = a.T @ a / len(a), b.T @ b / len(b)
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(out, out_one, atol=1e-5, rtol=1e-5)
+    assert all(v.dtype == torch.float32 for v in pre.values() if isinstance(v, torch.Tensor))

@@ -36,7 +36,7 @@ from clafuse.arch.bert_model import (
     key_bias_from_mask,
     layer_key,
 )
-from clafuse.arch.network import Block, Network, Param, Site, Space, Tap
+from clafuse.arch.network import SEQUENCE_BATCH, Block, Network, Param, Site, Space, Tap
 from clafuse.textdata import masked_mean, unpack_tokens
 
 LayerFeatures = Literal["mean", "centred", "tokens"]
@@ -256,7 +256,7 @@ class BertFamily(Family):
             blocks.append(_classifier(spec))
         else:
             blocks.append(Block("sentence", {}, _sentence, slot="sentence"))
-        return Network(spaces, blocks)
+        return Network(spaces, blocks, batch=SEQUENCE_BATCH)
 
     def forward(self, spec: BertSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits with a classifier, else mean-pooled sentence embeddings, on packed tokens ``x``."""

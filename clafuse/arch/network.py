@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 NORM_LEAVES = ("weight", "bias", "running_mean", "running_var")
+SEQUENCE_BATCH = 32
+"""Samples per recording pass for sequence models (:attr:`Network.batch`): 32 sentences of 128
+tokens hold a transformer's attention for a MiniLM in a few hundred MB."""
 
 Activation = Literal["relu", "gelu", "tanh", "sigmoid", "identity"]
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -210,6 +213,9 @@ class Network:
     pre: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     detached: list[Block] = field(default_factory=list)
     """Blocks balancing removed; their tensors can still describe the units of a space."""
+    batch: int = 256
+    """Samples per forward pass when the network is recorded on calibration data: a transformer's
+    attention grows with the square of its length, so its description asks for fewer."""
 
     def all_spaces(self) -> dict[str, Space]:
         """Every space by name: the shared ones, then each block's inner ones, in block order."""

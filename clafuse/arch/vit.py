@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from clafuse.arch.base import Family, Group, LayerInfo
 from clafuse.arch.bert_model import attend
-from clafuse.arch.network import Block, Network, Param, Site, Space, Tap
+from clafuse.arch.network import SEQUENCE_BATCH, Block, Network, Param, Site, Space, Tap
 from clafuse.arch.vit_model import ViTSpec, block_key, build_vit, check_vit, detect_vit, instantiate_vit
 
 BATCH = 256
@@ -152,7 +152,7 @@ class ViTFamily(Family):
                     for role in ("attn_norm", "qkv", "attn_out", "ffn_norm", "ffn_in", "ffn_out")
                     for leaf in ("weight", "bias")}
             blocks.append(_block(spec, f"blocks.{i}", keys))
-        return Network(spaces, [*blocks, _head(spec)])
+        return Network(spaces, [*blocks, _head(spec)], batch=SEQUENCE_BATCH)
 
     def forward(self, spec: ViTSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         net = instantiate_vit(spec, state_dict)

@@ -16,7 +16,7 @@ import torch
 from clafuse.arch.base import Chain, ChainLayer, chain_of, describe_chain
 from clafuse.arch.network import Block, Network, Tap, block_tensors, identity_layer_block, layer_block
 from clafuse.errors import ClafuseError
-from clafuse.fusion.corrections import RECORD_BATCH, record
+from clafuse.fusion.corrections import record
 
 BALANCE_METHODS = ("add", "merge")
 
@@ -117,8 +117,8 @@ def fit_inserted(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tenso
         return net
     tap = Tap()
     states: FitInput = []
-    for start in range(0, len(x), RECORD_BATCH):
-        xb = x[start:start + RECORD_BATCH]
+    for start in range(0, len(x), net.batch):
+        xb = x[start:start + net.batch]
         states.append((net.pre(xb.float() if xb.is_floating_point() else xb), xb))
     blocks = []
     for block in net.blocks:

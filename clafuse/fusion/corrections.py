@@ -14,9 +14,6 @@ import torch
 from clafuse.arch.network import Network, Tap, run
 from clafuse.fusion.neurons import reduce_map
 
-RECORD_BATCH = 256
-
-
 SiteRecord = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
 
 
@@ -31,6 +28,7 @@ class _Recorder(Tap):
         self.pre: dict[tuple[int, str], list[torch.Tensor]] = {}
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.want_spaces, self.want_sites, self.max_positions = spaces, sites, max_positions
+        self.samples = 0
 
     def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         if self.want_sites:
@@ -44,6 +42,8 @@ class _Recorder(Tap):
 
     def space(self, name: str, h: torch.Tensor) -> torch.Tensor:
         if self.want_spaces:
+            if h.dim() == 2 and len(h) != self.samples:  # rows per position (tokens): kept as maps are
+                h = h.to(torch.float16)
             self.batch[name] = reduce_map(h, self.max_positions)
         return h
 
@@ -53,16 +53,17 @@ def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spa
            sites: bool = False, max_positions: int | None = 64
            ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], SiteRecord], torch.Tensor]:
     """Per space, the activations of the last block writing it (maps thinned to ``max_positions``
-    positions, in float16); per correction site (block index, name), its pre-activations (plain
-    linear sites) or their per-unit (mean, std) (the others); and the output; on ``x`` in
-    batches."""
+    positions, and rows per token, in float16); per correction site (block index, name), its
+    pre-activations (plain linear sites) or their per-unit (mean, std) (the others); and the
+    output; on ``x`` in batches of ``net.batch`` samples."""
     tensors = {b.name: {local: net.param_value(b, local, state).float() for local in b.params} for b in net.blocks}
     tap = _Recorder(net, spaces, sites, max_positions)
     acts: dict[str, list[torch.Tensor]] = {}
     outs = []
-    for start in range(0, len(x), RECORD_BATCH):
+    for start in range(0, len(x), net.batch):
         tap.batch = {}
-        outs.append(run(net, state, x[start:start + RECORD_BATCH], tap, tensors=lambda b: tensors[b.name]))
+        tap.samples = len(x[start:start + net.batch])
+        outs.append(run(net, state, x[start:start + net.batch], tap, tensors=lambda b: tensors[b.name]))
         for name, value in tap.batch.items():
             acts.setdefault(name, []).append(value)
     pre: dict[tuple[int, str], SiteRecord] = {k: torch.cat(v) for k, v in tap.pre.items()}
