@@ -153,6 +153,7 @@ def test_cli_on_model_folders(tmp_path):
     assert r.code == 0, r
     doc = json.loads(r.stdout)
     assert list(doc["approximate_identities"]) and "near-identity" in r.stderr
+    assert doc["correction"] == "none"  # the BERT description's default: refitting measured worse there
     folder = read_hf_folder(tmp_path / "fused")
     assert folder.config["num_hidden_layers"] == 3 and folder.tokenizer_json is not None
     r = invoke("fuse", "--map", tmp_path / "map.yaml", "--target", "shallow", "-o", tmp_path / "small", "--json")

@@ -197,12 +197,14 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         signal = "activations" if x is not None else "weights"
     if signal == "activations" and x is None:
         raise ClafuseError("the activation signal needs calibration data: pass --data, or --signal weights")
-    without_data = x is None and options.get("correction", "regress") != "none"
+    without_data = x is None and options.get("correction") != "none"
     if without_data:
         options["correction"] = "none"
     settings = _fusion_settings(signal, options)
 
     target_model = models[chosen]
+    if settings.correction is None:
+        settings = replace(settings, correction=target_model.family.describe(target_model.spec).correction)
     folder_config = None
     if is_folder_output(out):
         base_config = target_model.folder.config if target_model.folder is not None else None

@@ -256,7 +256,7 @@ class BertFamily(Family):
             blocks.append(_classifier(spec))
         else:
             blocks.append(Block("sentence", {}, _sentence, slot="sentence"))
-        return Network(spaces, blocks, batch=SEQUENCE_BATCH)
+        return Network(spaces, blocks, batch=SEQUENCE_BATCH, correction="none")
 
     def forward(self, spec: BertSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits with a classifier, else mean-pooled sentence embeddings, on packed tokens ``x``."""

@@ -213,6 +213,9 @@ class Network:
     pre: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     detached: list[Block] = field(default_factory=list)
     """Blocks balancing removed; their tensors can still describe the units of a space."""
+    correction: str = "regress"
+    """The correction fusion applies unless told otherwise: ``regress`` by default; ``none`` where
+    refitting was measured to hurt (post-LN transformers, whose LayerNorms undo a refit's scale)."""
     batch: int = 256
     """Samples per forward pass when the network is recorded on calibration data: a transformer's
     attention grows with the square of its length, so its description asks for fewer."""

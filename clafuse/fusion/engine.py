@@ -401,7 +401,8 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
     if use_acts and x is None:
         raise ClafuseError("the activation signal needs calibration inputs")
     net = anchor.net
-    need_sites = x is not None and settings.correction != "none"
+    correction = settings.correction or net.correction
+    need_sites = x is not None and correction != "none"
     if x is not None and (use_acts or need_sites) and pairings is None:
         for model in (anchor, *models):
             model.acts, model.pre, _ = record(model.net, model.state, x, spaces=use_acts, sites=need_sites)
@@ -416,5 +417,5 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
         if pairings is None:
             for model in models:
                 model.pre = model.acts = None
-        mixed.state = correct(net, mixed.state, x, targets, settings.correction, settings.ridge, reset=reset)
+        mixed.state = correct(net, mixed.state, x, targets, correction, settings.ridge, reset=reset)
     return mixed

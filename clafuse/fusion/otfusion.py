@@ -39,7 +39,8 @@ class FusionSettings:
     ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
     own activations, it reproduces the weighted average of the parents' aligned pre-activations
     (layers with BatchNorm fall back to ``repair``); ``repair`` only restores each neuron's mean
-    and std. ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
+    and std; None lets the architecture's description choose (``regress``, but ``none`` for
+    post-LN transformers, where it measured better). ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
     calibration inputs (the averaged parents' statistics do not describe the fused network).
     ``reg`` (Sinkhorn, relative to the largest cost) must exceed ``MIN_REG``; ``ridge`` is positive.
     Bad values raise ClafuseError.
@@ -50,7 +51,7 @@ class FusionSettings:
     signal: Signal = "activations"
     ground: Ground = "correlation"
     inserted: Inserted | None = None
-    correction: Correction = "regress"
+    correction: Correction | None = None
     ridge: float = 1e-3
     bn_reset: bool = True
 
@@ -61,7 +62,8 @@ class FusionSettings:
         check_choice("--ground", self.ground, Ground)
         if self.inserted is not None:
             check_choice("--inserted", self.inserted, Inserted)
-        check_choice("--correction", self.correction, Correction)
+        if self.correction is not None:
+            check_choice("--correction", self.correction, Correction)
         check_number("ridge", self.ridge, above=0.0)
         if not isinstance(self.bn_reset, bool):
             raise ClafuseError(f"bn_reset must be True or False, got {self.bn_reset!r}")
