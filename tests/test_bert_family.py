@@ -164,6 +164,21 @@ def test_cli_on_model_folders(tmp_path):
     assert r.code == 0, r
     rows = json.loads(r.stdout)["models"]
     assert rows[0]["cosine_to_first"] == pytest.approx(1.0) and len(rows) == 3
+    # Run again into the same model folders (-o with and without a trailing slash): replaced.
+    (tmp_path / "small" / "stale.bin").write_bytes(b"old")
+    for out in (tmp_path / "small", f"{tmp_path / 'fused'}/"):
+        r = invoke("fuse", "--map", tmp_path / "map.yaml", "--target", "shallow", "-o", out, "--json")
+        assert r.code == 0, r
+    assert not (tmp_path / "small" / "stale.bin").exists()
+    assert read_hf_folder(tmp_path / "fused").config["num_hidden_layers"] == 2
+    # ... but never over an input's folder, or a folder holding something other than a model.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    for out, said in ((shallow, "shallow"), (tmp_path / "notes", "not a model folder")):
+        r = invoke("fuse", "--map", tmp_path / "map.yaml", "--target", "shallow", "-o", out)
+        assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert set(read_hf_folder(shallow).state_dict) == set(small.state_dict)
     r = invoke("fuse", "--map", tmp_path / "map.yaml", "-o", tmp_path / "x.safetensors", "--signal", "weights")
     assert r.code == 0, r
     r = invoke("align", deep, shallow, "--data", "mnist", "-o", tmp_path / "bad.yaml")

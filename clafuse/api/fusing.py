@@ -23,7 +23,7 @@ from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.checkpoint import output_format, save_checkpoint
-from clafuse.io.hf_folder import write_hf_folder
+from clafuse.io.hf_folder import refuse_non_model, write_hf_folder
 from clafuse.io.keys import KeyMap
 from clafuse.io.outputs import checkpoint_output, plan_outputs
 from clafuse.io.wrapper import check_keep_wrapper, dropped_entries, in_input_form, save_in_input_form
@@ -146,8 +146,11 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
     calibration_file = data if data is not None else (str(base / doc.data.source) if doc.data is not None else None)
+    folder_out = is_folder_output(out)
     plan_outputs([map_path, *(base / entry.path for entry in doc.models), calibration_file],
-                 [checkpoint_output("-o", out)])
+                 [checkpoint_output("-o", out, folder=folder_out)])
+    if folder_out:
+        refuse_non_model(Path(out))
     if data is None:  # the map's own calibration data will be used: refuse it if it changed since align
         check_data_digest(doc, base)
     with progress.step(f"reading {len(doc.models)} checkpoints"):
@@ -331,11 +334,13 @@ def check_output(out: str | os.PathLike, dtype: str | None = None, max_shard_siz
 
 
 def is_folder_output(out: str | os.PathLike) -> bool:
-    """Whether ``out`` names a model folder (an existing folder, a name ending in a slash or one
-    without an extension) rather than a checkpoint file."""
+    """Whether ``out`` names a model folder (a name ending in a slash, one without an extension,
+    or an existing folder not named like a checkpoint file) rather than a checkpoint file."""
     text = str(out)
     if text.endswith(("/", os.sep)) or Path(out).suffix == "":
         return True
+    if Path(out).suffix.lower() in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        return False
     try:
         return Path(out).is_dir()
     except OSError:  # a name the file system refuses (too long, ...): not a folder; the output checks say why

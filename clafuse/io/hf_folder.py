@@ -143,7 +143,8 @@ def _copy_extras(source: HFFolder, dest_root: Path, hidden_size: int | None) -> 
             shutil.copy2(src, dst)
 
 
-def _refuse_non_model(target: Path) -> None:
+def refuse_non_model(target: Path) -> None:
+    """Refuse to write a model folder over a file or over a folder holding anything but a model."""
     if target.is_file() or target.is_symlink():
         raise ClafuseError(f"cannot write model folder {target}: a file of that name exists")
     if target.is_dir() and any(target.iterdir()) and not is_hf_folder(target):
@@ -161,7 +162,7 @@ def write_hf_folder(path: str | os.PathLike[str], state_dict: Mapping[str, torch
     parent = target.parent
     if not parent.is_dir():
         raise ClafuseError(f"cannot write {target}: directory {parent} does not exist")
-    _refuse_non_model(target)
+    refuse_non_model(target)
     tmp = parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:

@@ -45,10 +45,13 @@ class Output:
         return f"{self.option} {self.path}" if self.option else str(self.path)
 
 
-def checkpoint_output(option: str, path: PathLike) -> Output:
+def checkpoint_output(option: str, path: PathLike, folder: bool = False) -> Output:
     """A checkpoint output: with a ``.safetensors`` name it may also write (or remove stale) shards
-    and an index beside it, so those names are claimed too."""
+    and an index beside it, so those names are claimed too. A model ``folder`` is replaced as a
+    whole, so every file in it is claimed."""
     p = Path(path)
+    if folder:
+        return Output(option, p, siblings=".+", folder=True)
     if not p.name.endswith(".safetensors"):
         return Output(option, p)
     return Output(option, p, siblings=f"{shard_pattern(p)}|{re.escape(index_path(p).name)}")
@@ -70,6 +73,13 @@ def _places(path: Path) -> set[tuple[tuple, str]]:
     """Where ``path`` lives, as (folder, name), under the name given and under its real path."""
     real = Path(os.path.realpath(path))
     return {(_folder_key(path.parent), path.name), (_folder_key(real.parent), real.name)}
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies anywhere inside it (real paths): a folder output
+    replaces all of that."""
+    real, top = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return real == top or top in real.parents
 
 
 def _index_shards(index: Path) -> list[Path]:
@@ -157,7 +167,8 @@ def plan_outputs(inputs: Iterable[PathLike | None], outputs: Iterable[Output | N
     for output in planned:
         for source in read:
             if (not output.folder and _same_file(output.path, source)) or any(_claims(output, place)
-                                                                              for place in _places(source)):
+                                                                              for place in _places(source)) \
+                    or (output.folder and _within(source, output.path)):
                 raise ClafuseError(f"{output.names()} would overwrite the input {source}; choose another output name")
     for i, first in enumerate(planned):
         for second in planned[i + 1:]:
