@@ -166,7 +166,8 @@ def fuse(
                                                    "default 8 candidates."),
     scoring: Optional[str] = typer.Option(None, help=f"With --search, {one_of(Scoring)}: kl = agreement with the "
                                                     "models' ensemble (no labels, the default); accuracy = on the "
-                                                    "held-out labels."),
+                                                    "held-out labels; cosine = agreement with the models' mean "
+                                                    "sentence embedding (the default for text encoders)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Balance the depths and fuse all mapped networks into one with optimal transport. Checkpoints

@@ -114,7 +114,10 @@ def _short(cells: list[str]) -> list[str]:
 
 
 def _score_cells(record: dict[str, Any]) -> list[str]:
-    """KL to the ensemble, top-1 agreement with it and, with labels, accuracy."""
+    """KL to the ensemble, top-1 agreement with it and, with labels, accuracy; or for encoders the
+    cosine agreement with the ensemble's mean embedding."""
+    if "cosine" in record:
+        return [f"{record['cosine']:.4f}"]
     cells = [f"{record['kl']:.3g}" if "kl" in record else "-",
              f"{100 * record['agreement']:.1f}%" if "agreement" in record else "-"]
     if "accuracy" in record:
@@ -122,12 +125,19 @@ def _score_cells(record: dict[str, Any]) -> list[str]:
     return cells
 
 
+def _score_words(score: dict[str, Any]) -> str:
+    cells = _score_cells(score)
+    if "cosine" in score:
+        return f"cosine {cells[0]}"
+    return f"KL {cells[0]}, agreement {cells[1]}" + (f", accuracy {cells[2]}" if len(cells) > 2 else "")
+
+
 def render_search(search: dict[str, Any], order: list[str], console: Console) -> None:
     """The candidates a search tried (the chosen one starred), the references and the command that
     repeats the choice."""
     labelled = "accuracy" in search["table"][0]
-    table = Table("#", f"w {','.join(order)}", "map", "ins", "corr", "refit", "n", "KL", "agree",
-                  *(("acc",) if labelled else ()), box=box.SIMPLE_HEAD, pad_edge=False,
+    scores = ("cosine",) if search["scoring"] == "cosine" else ("KL", "agree", *(("acc",) if labelled else ()))
+    table = Table("#", f"w {','.join(order)}", "map", "ins", "corr", "refit", "n", *scores, box=box.SIMPLE_HEAD, pad_edge=False,
                   title=f"search: {len(search['table'])} candidates, {search['stopped']}, scored by "
                         f"{search['scoring']} on {search['holdout_samples']} held-out samples",
                   caption="* = chosen; w: weights; map: rank of each model's mapping among the alignment's best; "
@@ -142,8 +152,7 @@ def render_search(search: dict[str, Any], order: list[str], console: Console) ->
     for name, score in search["references"].items():
         if name.startswith("parent "):
             name = f"model {order[int(name.split()[1])]}"
-        console.print(f"{name}: KL {score['kl']:.3g}, agreement {100 * score['agreement']:.1f}%"
-                      + (f", accuracy {100 * score['accuracy']:.2f}%" if "accuracy" in score else ""), markup=False)
+        console.print(f"{name}: {_score_words(score)}", markup=False)
     console.print(f"search took {search['seconds']:.2f} s; to repeat this fusion without search:", markup=False)
     console.print(search["command"], markup=False, soft_wrap=True)
 
@@ -152,13 +161,12 @@ def search_progress(record: dict[str, Any]) -> None:
     """One line on stderr per candidate scored (``fuse --search``'s progress)."""
     import sys
 
-    cells, scores = _candidate_cells(record), _score_cells(record)
-    labelled = f", accuracy {scores[2]}" if len(scores) > 2 else ""
+    cells = _candidate_cells(record)
     from clafuse.progress import PREFIX
 
     sys.stderr.write(f"{PREFIX}candidate {record['index']} ({record['stage']}): weights {cells[0]}, mapping {cells[1]}, "
-                     f"{cells[2]}, {cells[3]}, refit {cells[4]}, {cells[5]} samples: KL {scores[0]}, agreement "
-                     f"{scores[1]}{labelled} ({record['seconds']:.2f} s)\n")
+                     f"{cells[2]}, {cells[3]}, refit {cells[4]}, {cells[5]} samples: {_score_words(record)} "
+                     f"({record['seconds']:.2f} s)\n")
     sys.stderr.flush()
 
 

@@ -203,3 +203,36 @@ def test_search_on_resnets(tmp_path: Path) -> None:
     for target in ("deep", "shallow"):
         doc = _search_and_repeat(tmp_path, "map.json", "--budget", "4", "--target", target)
         assert doc["family"] == "resnet"
+
+
+def test_search_of_text_encoders_scores_sentence_embeddings_and_is_repeated(tmp_path: Path) -> None:
+    """BERT model folders: the search tokenizes the calibration sentences, scores candidates by
+    cosine agreement with the parents' mean sentence embedding (the default for encoders), and the
+    printed command writes the same model folder; class-prediction scorings and --refit-head are
+    refused with one line."""
+    from bert_helpers import random_bert, tiny_spec, write_folder
+    from clafuse.io.hf_folder import read_hf_folder
+
+    deep = write_folder(tmp_path / "deep", tiny_spec(3), random_bert(tiny_spec(3), 0))
+    shallow = write_folder(tmp_path / "shallow", tiny_spec(2), random_bert(tiny_spec(2), 1))
+    words = "the a cat dog sat on mat ran far fox over lazy".split()
+    gen = np.random.default_rng(0)
+    (tmp_path / "s.txt").write_text("\n".join(" ".join(gen.choice(words, 3 + i % 6)) for i in range(60)) + "\n")
+    assert invoke("align", deep, shallow, "--data", tmp_path / "s.txt", "-o", tmp_path / "map.json").code == 0
+    run = invoke("fuse", "--map", "map.json", "-o", "out", "--target", "shallow", "--search", "--budget", "6",
+                 "--samples", "40", "--json", "--progress", cwd=tmp_path)
+    assert run.code == 0, run
+    search = json.loads(run.stdout)["search"]
+    assert search["scoring"] == "cosine" and search["holdout_samples"] == 20 and len(search["table"]) == 6
+    assert all(0 < r["cosine"] <= 1 and not r["refit"] for r in search["table"])
+    assert run.progress.count("progress: candidate ") == 6 and "cosine 0." in run.progress
+    args, again = _repeat(search["command"], tmp_path / "again", tmp_path)
+    assert again.code == 0, again
+    first, second = read_hf_folder(tmp_path / "out").state_dict, read_hf_folder(tmp_path / "again").state_dict
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    shown = invoke("fuse", "--map", "map.json", "-o", "shown", "--target", "shallow", "--search", "--budget", "3",
+                   "--samples", "40", cwd=tmp_path)
+    assert shown.code == 0 and "cosine" in shown.stdout and "clafuse fuse --map" in shown.stdout, shown
+    for extra, said in ((["--scoring", "kl"], "--scoring cosine"), (["--refit-head"], "--refit-head")):
+        r = invoke("fuse", "--map", "map.json", "-o", "x", "--search", *extra, cwd=tmp_path)
+        assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r

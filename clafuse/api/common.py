@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -13,6 +13,9 @@ from clafuse import progress
 from clafuse.data import BUILTIN_SOURCES, Dataset, calibration_inputs, load_source
 from clafuse.data.normalize import Normalization, normalized, raw_pixel_warning
 from clafuse.errors import ClafuseError, DataError
+
+if TYPE_CHECKING:
+    from clafuse.textdata import TokenBatch
 
 DEFAULT_SAMPLES = 2000
 log = logging.getLogger("clafuse")
@@ -58,13 +61,27 @@ def model_calibration(models: Sequence[Any], source: str, samples: int, seed: in
     from a sentence file (tokenized with the first model folder's ``tokenizer.json``) or an
     ``.npz`` of ``input_ids`` and ``attention_mask``: ``samples`` rows drawn with ``seed`` (all of
     them when there are fewer)."""
-    limits = [m.family.token_limits(m.spec) for m in models]
-    if limits[0] is None:
+    if models[0].family.token_limits(models[0].spec) is None:
         return calibration(source, samples, seed, base, normalize=normalize)
+    from clafuse.textdata import pack_tokens
+
+    batch = text_calibration(models, source, base, normalize)
+    if samples < len(batch):
+        batch = batch.subset(torch.randperm(len(batch), generator=torch.Generator().manual_seed(int(seed)))[:samples])
+    return pack_tokens(batch)
+
+
+def text_calibration(models: Sequence[Any], source: str, base: Path | None = None,
+                     normalize: Normalization | str | None = None) -> "TokenBatch":
+    """Every sentence of a text calibration source for ``models`` (text models of one family), as
+    token ids and masks: a sentence file tokenized with the first model folder's ``tokenizer.json``,
+    or an ``.npz`` of ``input_ids`` and ``attention_mask``; checked against the models' positions
+    and vocabulary."""
     if normalize is not None:
         raise DataError("--normalize applies to image and array data, not to text")
-    from clafuse.textdata import DEFAULT_MAX_LENGTH, load_text_calibration, pack_tokens
+    from clafuse.textdata import DEFAULT_MAX_LENGTH, load_text_calibration
 
+    limits = [m.family.token_limits(m.spec) for m in models]
     path = Path(source)
     if base is not None and not path.is_absolute():
         path = base / path
@@ -78,9 +95,7 @@ def model_calibration(models: Sequence[Any], source: str, samples: int, seed: in
     if batch.input_ids.shape[1] > positions:
         raise DataError(f"data {source}: sequences of {batch.input_ids.shape[1]} tokens exceed the models' "
                         f"{positions} positions")
-    if samples < len(batch):
-        batch = batch.subset(torch.randperm(len(batch), generator=torch.Generator().manual_seed(int(seed)))[:samples])
-    return pack_tokens(batch)
+    return batch
 
 
 def check_activations(acts: Sequence[torch.Tensor], names: Sequence[str], model: object, what: str) -> None:

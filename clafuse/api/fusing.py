@@ -121,8 +121,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     ``refit_head`` refits the fused head to the parents' equal-weight ensemble on the calibration
     data (closed-form ridge least squares, label-free). ``search`` chooses the weights, mappings
     (the alignment's best few), ``inserted`` policy, correction and head refit by what each
-    candidate does on held-out calibration samples (``scoring``: ``kl`` to the ensemble, or
-    ``accuracy`` with labels) within ``budget`` (candidates, or a time like ``30s``), calling
+    candidate does on held-out calibration samples (``scoring``: ``kl`` to the ensemble, ``accuracy``
+    with labels, or for encoders ``cosine`` to its mean embedding) within ``budget`` (candidates, or a time like ``30s``), calling
     ``on_candidate`` with each candidate's record; the report and metadata hold the table and the
     command that repeats the choice. Explicit ``weights`` and ``search`` are refused together.
     """
@@ -141,7 +141,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         raise ClafuseError(f"{'--budget' if budget is not None else '--scoring'} sets up a search: add --search")
     if searching:
         parse_budget(budget)
-        check_choice("--scoring", scoring or "kl", Scoring)
+        if scoring is not None:
+            check_choice("--scoring", scoring, Scoring)
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
     base = Path(map_path).parent
@@ -161,6 +162,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
             if bad:
                 raise ClafuseError(f"{m.path}: {bad[0]} has NaN or Inf values; pass --allow-nonfinite to fuse anyway")
     chosen = resolve_target(doc, target, balance)
+    if refit_head and models[chosen].family.token_limits(models[chosen].spec) is not None:
+        raise ClafuseError("--refit-head refits an image or array classifier's last layer; text encoders have none "
+                           "it can refit")
     container = None
     if keep_wrapper:
         if max_shard_size is not None:
@@ -223,7 +227,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         with progress.step(f"searching the fusion of {len(models)} models into {target_model.path.name}"):
             found = run_search(doc, models, chosen, sources,
                                resolved_source(source, None if data is not None else base), n, seed, settings,
-                               refit_head, SearchRequest(budget, scoring or "kl", on_candidate, norm))
+                               refit_head, SearchRequest(budget, scoring, on_candidate, norm))
         best = found.result.best
         alpha = [0.0] * len(models)
         for position, index in enumerate(order):
@@ -262,7 +266,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         extra = _repeat_options(data, dtype, max_shard_size, allow_nonfinite, signal, settings, normalize, keep_wrapper)
         command = repeat_command(found.result, str(map_path), str(out), model_letter(chosen), order,
                                  [s.mappings for _, s in sources], map_maps, extra)
-        searched = search_report(found, command, scoring or "kl")
+        searched = search_report(found, command)
         metadata["search"] = json.dumps({k: v for k, v in searched.items() if k != "table"})
     with progress.step(f"writing {out}"):
         if folder_config is not None:

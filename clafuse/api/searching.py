@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from clafuse.align.mapfile import Alignment, MapFile
-from clafuse.api.common import is_path, load_data, model_letter
+from clafuse.api.common import is_path, load_data, model_letter, text_calibration
 from clafuse.api.models import LoadedModel
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
@@ -31,7 +31,9 @@ from clafuse.search.mappings import mapping_alternatives
 from clafuse.search.refit import ensemble_teacher, refit_head
 from clafuse.search.run import SearchResult, fuse_command, mapping_text, search_fusion
 from clafuse.search.space import Candidate, SearchOptions, parse_budget
-from clafuse.search.split import holdout_size, split_dataset
+from clafuse.options import Scoring, check_choice
+from clafuse.search.split import SearchData, calibration_split, holdout_size, split_dataset
+from clafuse.textdata import pack_tokens
 
 
 def pair_of(doc: MapFile, index: int, chosen: int) -> Alignment:
@@ -97,7 +99,8 @@ class SearchRequest:
     """What ``fuse --search`` was asked for."""
 
     budget: str | int | None = None
-    scoring: str = "kl"
+    scoring: str | None = None
+    """``kl`` / ``accuracy`` for classifiers, ``cosine`` for encoders; None: the output's default."""
     on_candidate: Callable[[dict[str, Any]], None] | None = None
     normalize: Normalization | None = None
 
@@ -118,6 +121,33 @@ class Searched:
     mappings: list[list[list[int]]]
     mixing: list[list[float]]
     holdout: int
+    scoring: str
+
+
+def search_scoring(model: LoadedModel, scoring: str | None) -> str:
+    """The search's scoring for a target like ``model``: ``scoring`` when it fits the model's
+    output, else a ClafuseError; by default ``cosine`` for encoders, ``kl`` for classifiers."""
+    embeds = model.family.embeds(model.spec)
+    if scoring is None:
+        return "cosine" if embeds else "kl"
+    check_choice("--scoring", scoring, Scoring)
+    if embeds and scoring != "cosine":
+        raise ClafuseError(f"--scoring {scoring} compares class predictions, and {model.path} outputs sentence "
+                           "embeddings: use --scoring cosine (its default)")
+    if not embeds and scoring == "cosine":
+        raise ClafuseError(f"--scoring cosine compares embeddings, and {model.path} outputs class logits: use kl "
+                           "or accuracy")
+    return scoring
+
+
+def text_split(models: Sequence[LoadedModel], source: str, samples: int, seed: int, batch: int) -> SearchData:
+    """A text calibration source split as :func:`~clafuse.search.split.split_dataset` splits
+    arrays: the build part exactly the sentences ``fuse --samples samples`` draws with ``seed``
+    (each part packed to its own longest sentence), scored ``batch`` sentences at a time."""
+    sentences = text_calibration(models, source)
+    split = calibration_split(len(sentences), samples, holdout_size(len(sentences), samples), seed)
+    return SearchData(x_build=pack_tokens(sentences.subset(split.build)),
+                      x_holdout=pack_tokens(sentences.subset(split.holdout)), batch=batch)
 
 
 def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: list[tuple[int, Source]],
@@ -126,10 +156,16 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     """Search the fusion of ``sources`` (align index, source) into model ``chosen`` on
     ``data_source``'s calibration split: the build part is what ``fuse --samples samples`` draws
     with ``seed``, the held-out part the end of the same permutation."""
-    options = SearchOptions(budget=parse_budget(request.budget), scoring=request.scoring)
-    ds = load_data(data_source, None, request.normalize)
-    holdout = holdout_size(len(ds), samples)
-    data = split_dataset(ds, samples, holdout, seed)
+    target_model = models[chosen]
+    scoring = search_scoring(target_model, request.scoring)
+    text = target_model.family.token_limits(target_model.spec) is not None
+    options = SearchOptions(budget=parse_budget(request.budget), scoring=scoring,
+                            refit=(False,) if text else (False, True))
+    if text:
+        data = text_split(models, data_source, samples, seed, target_model.family.describe(target_model.spec).batch)
+    else:
+        ds = load_data(data_source, None, request.normalize)
+        data = split_dataset(ds, samples, holdout_size(len(ds), samples), seed)
     alternatives = []
     for index, source in sources:
         pair = pair_of(doc, index, chosen)
@@ -150,14 +186,14 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     outcome = builder.outcome(result.best)
     state = refitted_state(result.module, outcome.state_dict) if result.best.refit else outcome.state_dict
     chosen_maps = [alt.mappings[rank] for alt, rank in zip(alternatives, result.best.mappings)]
-    return Searched(result, state, chosen_maps, outcome.mixing, holdout)
+    return Searched(result, state, chosen_maps, outcome.mixing, len(data.x_holdout), scoring)
 
 
-def search_report(searched: Searched, command: str, scoring: str) -> dict[str, Any]:
+def search_report(searched: Searched, command: str) -> dict[str, Any]:
     """What ``--json`` and the metadata say about a search."""
     result = searched.result
     best = result.best
-    return {"scoring": scoring, "holdout_samples": searched.holdout,
+    return {"scoring": searched.scoring, "holdout_samples": searched.holdout,
             "chosen": {"weights": list(best.weights), "mappings": list(best.mappings), "inserted": best.inserted,
                        "correction": best.correction, "refit_head": best.refit, "samples": best.samples},
             "score": result.score, "references": result.references, "stopped": result.stopped,

@@ -182,6 +182,17 @@ class Family:
         sequence and the vocabulary size; None for the others."""
         return None
 
+    def calibration_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` (from :meth:`instantiate`) as it is called on calibration inputs, e.g. by a
+        fusion search scoring it: the module itself where inputs are tensors; text families unpack
+        token ids and masks."""
+        return module
+
+    def embeds(self, spec: BaseModel) -> bool:
+        """Whether the network outputs an embedding rather than class logits (a search then scores
+        it by cosine agreement with the parents' mean embedding)."""
+        return False
+
     def config(self, spec: BaseModel, base: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The ``config.json`` of a model folder holding a network of ``spec`` (``base``: the
         target's), or None where the family writes no folders."""

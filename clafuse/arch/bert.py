@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from clafuse.arch.base import Family, Group, LayerInfo
 from clafuse.arch.bert_model import (
     BertSpec,
+    PackedEncoder,
     activation,
     attend,
     bert_config,
@@ -223,6 +224,12 @@ class BertFamily(Family):
 
     def build(self, spec: BertSpec) -> torch.nn.Module:
         return build_bert(spec)
+
+    def calibration_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return PackedEncoder(module)
+
+    def embeds(self, spec: BertSpec) -> bool:
+        return spec.classifier is None
 
     def token_limits(self, spec: BertSpec) -> tuple[int, int]:
         return spec.max_positions, spec.vocab

@@ -25,7 +25,7 @@ from torch import nn
 
 from clafuse.arch.base import check_shapes
 from clafuse.errors import DataError, SpecError
-from clafuse.textdata import TokenBatch, masked_mean
+from clafuse.textdata import TokenBatch, masked_mean, unpack_tokens
 
 DEFAULT_HEAD_SIZE = 64
 Activation = Literal["gelu", "gelu_tanh", "relu"]
@@ -343,6 +343,23 @@ class BertNet(nn.Module):
         if self.spec.classifier is None:
             return hidden
         return self.classifier(self.pooled(hidden) if self.spec.classifier_on == "pooled" else hidden)
+
+
+class PackedEncoder(nn.Module):
+    """A :class:`BertNet` called on packed token ids and masks (n, 2, length), as calibration data
+    holds them: its logits with a classifier on the pooled token, else its outputs mean-pooled over
+    real tokens (sentence embeddings, or a token classifier's mean logits)."""
+
+    def __init__(self, net: BertNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = unpack_tokens(x)
+        out = self.net(tokens.input_ids, tokens.attention_mask)
+        if self.net.spec.classifier is not None and self.net.spec.classifier_on == "pooled":
+            return out
+        return masked_mean(out, tokens.attention_mask)
 
 
 def build_bert(spec: BertSpec) -> BertNet:

@@ -128,7 +128,7 @@ class PlanBuilder:
 
     def parents(self) -> list[nn.Module]:
         if self._parents is None:
-            self._parents = [m.family.instantiate(m.spec, m.state_dict)
+            self._parents = [m.family.calibration_module(m.family.instantiate(m.spec, m.state_dict))
                              for m in (self.target, *(s.member for s in self.sources))]
         return self._parents
 
@@ -139,7 +139,8 @@ class PlanBuilder:
         return self._teachers[samples]
 
     def __call__(self, c: Candidate) -> nn.Module:
-        module = self.target.family.instantiate(self.target.spec, self.outcome(c).state_dict)
+        family = self.target.family
+        module = family.calibration_module(family.instantiate(self.target.spec, self.outcome(c).state_dict))
         if c.refit:
             module = refit_head(module, self.x_build[:c.samples], self.teacher(c.samples), self.head)
         return module

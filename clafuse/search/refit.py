@@ -44,6 +44,7 @@ def record_inputs(module: nn.Module, layer: str, x: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
+@torch.no_grad()
 def outputs(module: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """``module``'s outputs on ``x`` in eval mode, in batches."""
     module.eval()

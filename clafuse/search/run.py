@@ -78,7 +78,7 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
         raise ClafuseError(f"a build of {largest} samples needs that many calibration samples, "
                            f"the build part has {len(data.x_build)}")
     ref_weights = options.reference_weights or (1.0,) * len(parents)
-    held = [outputs(p, data.x_holdout) for p in parents]
+    held = [outputs(p, data.x_holdout, data.batch) for p in parents]
     reference = make_reference(held, ref_weights, options.scoring, data.y_holdout)
     references = {f"parent {i}": score_outputs(z, reference) for i, z in enumerate(held)}
     if options.scoring != "cosine":
@@ -97,7 +97,7 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
             raise _Stop("time")
         t0 = time.perf_counter()
         module = build(c)
-        score = score_outputs(outputs(module, data.x_holdout), reference)
+        score = score_outputs(outputs(module, data.x_holdout, data.batch), reference)
         record = {"index": len(table), "stage": state["stage"], **asdict(c), **score,
                   "seconds": round(time.perf_counter() - t0, 3)}
         record["weights"], record["mappings"] = list(c.weights), list(c.mappings)

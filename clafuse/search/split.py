@@ -57,6 +57,8 @@ class SearchData:
     x_build: torch.Tensor
     x_holdout: torch.Tensor
     y_holdout: torch.Tensor | None = None
+    batch: int = 4096
+    """Samples per forward pass when candidates are scored (fewer for sequence models)."""
 
 
 def refuse_test_split(name: str) -> None:
