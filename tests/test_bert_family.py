@@ -210,3 +210,25 @@ def test_recording_runs_in_sequence_batches_and_keeps_token_rows_in_float16():
         torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out, out_one, atol=1e-5, rtol=1e-5)
     assert all(v.dtype == torch.float32 for v in pre.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("target_wide", [True, False])
+def test_encoders_of_different_widths_fuse_both_ways(target_wide):
+    """Hidden 24 (3 layers) with hidden 16 (2 layers): the shallower one's near-identity layer has
+    its own width, the pooler's units are matched like any others, the target's shapes are kept
+    and one-hot weights on the target give it back; different head counts are refused up front."""
+    wide, narrow = tiny_spec(3, hidden=24, intermediate=40), tiny_spec(2)
+    sd_w, sd_n = random_bert(wide, 0), random_bert(narrow, 1)
+    x = tokens()
+    if target_wide:
+        args = (wide, sd_w, narrow, sd_n, [0, 2], False)
+    else:
+        args = (narrow, sd_n, wide, sd_w, [0, 2], True)
+    spec_t, sd_t = args[0], args[1]
+    kept = fuse(*args, weights=(1.0, 0.0), x=x)
+    assert all(torch.equal(kept.state_dict[k], v) for k, v in sd_t.items())
+    mixed = fuse(*args, x=x)
+    assert {k: v.shape for k, v in mixed.state_dict.items()} == {k: v.shape for k, v in sd_t.items()}
+    states, mask = hidden(spec_t, mixed.state_dict, x)
+    assert torch.isfinite(states[-1][mask]).all()
+    assert FAMILY.incompatibility(narrow, tiny_spec(2, heads=2)) == "attention heads 4 vs 2"

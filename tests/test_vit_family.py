@@ -109,3 +109,22 @@ def test_identity_blocks_are_exact_and_unmatched_blocks_drop():
     with torch.no_grad():
         torch.testing.assert_close(instantiate_vit(shallow, out.state_dict)(x), instantiate_vit(shallow, kept)(x),
                                    atol=1e-5, rtol=0)
+
+
+def test_networks_of_different_widths_fuse_with_identities_of_the_shallower_width():
+    """A wider shallow ViT balanced to a narrower deep one: its inserted identities have its own
+    width (exact), and the fusion keeps the target's shapes; equal head counts are required."""
+    deep = spec(3)
+    wide = ViTSpec(depth=1, dim=24, heads=4, mlp_hidden=40, patch=4, in_chans=1, grid=2, classes=5)
+    sd_d, sd_w = random_vit(deep, 0), random_vit(wide, 1)
+    x = images()
+    balanced = insert_blocks(FAMILY.describe(wide), [[1]], FAMILY.describe(deep))
+    torch.testing.assert_close(run(balanced, sd_w, x), instantiate_vit(wide, sd_w)(x), atol=1e-6, rtol=0)
+    source = [Source(Member(FAMILY, wide, sd_w), [[1]], deeper=False)]
+    kept = fuse_members(Member(FAMILY, deep, sd_d), source, [1.0, 0.0], x, FusionSettings(**EXACT))
+    assert all(torch.equal(kept.state_dict[k], v) for k, v in sd_d.items())
+    mixed = fuse_members(Member(FAMILY, deep, sd_d), source, [0.5, 0.5], x, FusionSettings())
+    assert {k: v.shape for k, v in mixed.state_dict.items()} == {k: v.shape for k, v in sd_d.items()}
+    with torch.no_grad():
+        assert torch.isfinite(instantiate_vit(deep, mixed.state_dict)(x)).all()
+    assert "attention heads 4 vs 2" in FAMILY.incompatibility(deep, wide.model_copy(update={"heads": 2}))

@@ -104,7 +104,7 @@ def _layer(spec: BertSpec, name: str, keys: Mapping[str, str]) -> Block:
 
     def identity(template: Block, width: int, in_space: str) -> Block:
         made = f"{template.name}+identity"
-        block = _layer(spec, made, {local: f"{made}.{local}" for local in params})
+        block = _layer(spec.model_copy(update={"hidden": width}), made, {local: f"{made}.{local}" for local in params})
         values = {p.key: torch.ones(p.shape) if local.endswith("norm.weight") else torch.zeros(p.shape)
                   for local, p in block.params.items()}
         return block.with_(inserted=True, exact=_EXACT, values=values, attrs={**block.attrs, "fit": fit_identity})
@@ -222,6 +222,12 @@ class BertFamily(Family):
     def check(self, spec: BertSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
         check_bert(spec, state_dict)
 
+    def traits(self, spec: BertSpec) -> dict[str, object]:
+        """Heads never mix (softmax is per head), and embedding rows are token ids and positions:
+        the widths may differ, these may not."""
+        return {"attention heads": spec.heads, "vocabulary": spec.vocab, "positions": spec.max_positions,
+                "token types": spec.type_vocab, "activation": spec.activation}
+
     def build(self, spec: BertSpec) -> torch.nn.Module:
         return build_bert(spec)
 
@@ -255,7 +261,9 @@ class BertFamily(Family):
                     for leaf in ("weight", "bias")}
             blocks.append(_layer(spec, name, keys))
         if spec.pooler or spec.classifier is not None:
-            spaces["pooled"] = Space("pooled", d, fixed=True)
+            # The pooler's units are matched by its rows like any hidden units (the target's order
+            # is kept either way), so that poolers of different widths fuse too.
+            spaces["pooled"] = Space("pooled", d, ((f"{spec.prefix}pooler.dense.weight", f"{spec.prefix}pooler.dense.bias"),))
         if spec.pooler and not (spec.classifier is not None and spec.classifier_on == "pooled"):
             blocks.append(_pooler(spec))
         if spec.classifier is not None:

@@ -71,7 +71,7 @@ def _block(spec: ViTSpec, name: str, keys: Mapping[str, str]) -> Block:
 
     def identity(template: Block, width: int, in_space: str) -> Block:
         made = f"{template.name}+identity"
-        block = _block(spec, made, {local: f"{made}.{local}" for local in keys})
+        block = _block(spec.model_copy(update={"dim": width}), made, {local: f"{made}.{local}" for local in keys})
         values = {p.key: torch.ones(p.shape) if local.endswith("norm.weight") else torch.zeros(p.shape)
                   for local, p in block.params.items()}
         return block.with_(inserted=True, exact=_EXACT, values=values)
@@ -128,6 +128,12 @@ class ViTFamily(Family):
     def detect_config(self, state_dict: Mapping[str, torch.Tensor], config) -> ViTSpec | None:
         heads = (config or {}).get("num_heads") or (config or {}).get("num_attention_heads")
         return detect_vit(state_dict, heads=int(heads) if heads else None)
+
+    def traits(self, spec: ViTSpec) -> dict[str, object]:
+        """Heads never mix (softmax is per head), and patches, positions and classes must agree:
+        the widths may differ, these may not."""
+        return {"attention heads": spec.heads, "patch size": spec.patch, "input channels": spec.in_chans,
+                "patch grid": spec.grid, "classes": spec.classes}
 
     def check(self, spec: ViTSpec, state_dict: Mapping[str, torch.Tensor]) -> None:
         check_vit(spec, state_dict)
