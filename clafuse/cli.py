@@ -168,6 +168,9 @@ def fuse(
                                                     "models' ensemble (no labels, the default); accuracy = on the "
                                                     "held-out labels; cosine = agreement with the models' mean "
                                                     "sentence embedding (the default for text encoders)."),
+    reference: Optional[str] = typer.Option(None, help="With --search or --refit-head: compare with these models' "
+                                                      "ensemble instead of all models', e.g. B to fuse a teacher B "
+                                                      "into a student A."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Balance the depths and fuse all mapped networks into one with optimal transport. Checkpoints
@@ -182,7 +185,7 @@ def fuse(
                           inserted=inserted, correction=correction, bn_reset=bn_reset, dtype=dtype,
                           max_shard_size=max_shard_size, keep_wrapper=keep_wrapper, normalize=normalize,
                           mapping=mapping, refit_head=refit_head, search=search, budget=budget, scoring=scoring,
-                          on_candidate=search_progress if search and session.show else None)
+                          reference=reference, on_candidate=search_progress if search and session.show else None)
     emit(report, as_json, lambda d: render_fuse(d, map_file), session.threads)
 
 

@@ -236,3 +236,25 @@ def test_search_of_text_encoders_scores_sentence_embeddings_and_is_repeated(tmp_
     for extra, said in ((["--scoring", "kl"], "--scoring cosine"), (["--refit-head"], "--refit-head")):
         r = invoke("fuse", "--map", "map.json", "-o", "x", "--search", *extra, cwd=tmp_path)
         assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+
+
+def test_reference_makes_a_teacher_alone_the_yardstick(mlps: Path) -> None:
+    """Teacher into student: with --reference A the search scores candidates against A's outputs
+    alone (A itself then scores a KL of 0) and the head refit fits A's logits; the printed command
+    repeats it bit for bit. Without --search or --refit-head, or with an unknown letter, refused."""
+    doc = _search_and_repeat(mlps, "map.json", "--target", "B", "--reference", "A", "--budget", "10")
+    search = doc["search"]
+    assert doc["reference"] == ["A"] and search["references"]["parent 1"]["kl"] == pytest.approx(0, abs=1e-9)
+    assert search["references"]["parent 0"]["kl"] > 0 and "ensemble" in search["references"]
+    if search["chosen"]["refit_head"]:
+        assert "--reference A" in search["command"]
+    outs = {}
+    for extra in ((), ("--reference", "A")):
+        out = mlps / f"refit{len(extra)}.safetensors"
+        run = invoke("fuse", "--map", "map.json", "-o", out, "--target", "B", "--refit-head", *extra, cwd=mlps)
+        assert run.code == 0, run
+        outs[len(extra)] = load_checkpoint(out)
+    assert any(not torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
+    for extra, said in ((("--reference", "A"), "--reference sets"), (("--search", "--reference", "C"), "letters")):
+        r = invoke("fuse", "--map", "map.json", "-o", mlps / "x.safetensors", *extra, cwd=mlps)
+        assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r

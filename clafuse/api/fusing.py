@@ -16,8 +16,8 @@ from clafuse import progress
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
 from clafuse.api.common import DEFAULT_SAMPLES, log, model_calibration, model_index, model_letter
 from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys, refuse_nonfinite
-from clafuse.api.searching import (SearchRequest, pair_of, parse_mappings, refit_outcome, repeat_command,
-                                   resolved_source, run_search, search_report)
+from clafuse.api.searching import (SearchRequest, pair_of, parse_mappings, parse_reference, refit_outcome,
+                                   repeat_command, resolved_source, run_search, search_report)
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import ENGINES, Member, Source
@@ -102,7 +102,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
          dtype: str | None = None, max_shard_size: str | int | None = None, keep_wrapper: bool = False,
          normalize: str | None = None, mapping: Sequence[str] | None = None, refit_head: bool = False,
          search: bool = False, budget: str | int | None = None, scoring: Scoring | None = None,
-         on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
+         reference: str | Sequence[str] | None = None, on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
     """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
     The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
@@ -125,6 +125,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     with labels, or for encoders ``cosine`` to its mean embedding) within ``budget`` (candidates, or a time like ``30s``), calling
     ``on_candidate`` with each candidate's record; the report and metadata hold the table and the
     command that repeats the choice. Explicit ``weights`` and ``search`` are refused together.
+    ``reference`` (model letters, e.g. ``B``) makes the search and the head refit compare with those
+    models' ensemble instead of all models' (a teacher fused into a student).
     """
     started = time.perf_counter()
     check_output(out, dtype, max_shard_size)
@@ -145,6 +147,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
             check_choice("--scoring", scoring, Scoring)
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
+    ref = parse_reference(reference, len(doc.models))
+    if ref is not None and not (searching or refit_head):
+        raise ClafuseError("--reference sets what --search or --refit-head compares with: add one of them")
     base = Path(map_path).parent
     calibration_file = data if data is not None else (str(base / doc.data.source) if doc.data is not None else None)
     folder_out = is_folder_output(out)
@@ -227,7 +232,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         with progress.step(f"searching the fusion of {len(models)} models into {target_model.path.name}"):
             found = run_search(doc, models, chosen, sources,
                                resolved_source(source, None if data is not None else base), n, seed, settings,
-                               refit_head, SearchRequest(budget, scoring, on_candidate, norm))
+                               refit_head, SearchRequest(budget, scoring, ref, on_candidate, norm))
         best = found.result.best
         alpha = [0.0] * len(models)
         for position, index in enumerate(order):
@@ -243,7 +248,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         fused_state, mixing_rows, approximate = result.state_dict, result.mixing, result.approximate
         if refit_head:
             parents = [models[i].module() for i in order]
-            fused_state = refit_outcome(target_model, result, parents, x)
+            fused_state = refit_outcome(target_model, result, parents, x,
+                                        [ref[i] for i in order] if ref is not None else None)
     if without_data:
         log.warning("no calibration data: fused without correction or BatchNorm reset (pass --data to enable them)")
     for name, error in approximate.items():
@@ -259,11 +265,14 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "target": doc.models[chosen].path,
         "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
                                 "dtype": dtype, "refit_head": refit_head, **settings.__dict__,
+                                **({"reference": [model_letter(i) for i, w in enumerate(ref) if w]} if ref else {}),
                                 **({"mapping": {model_letter(i): s.mappings for i, s in sources}} if mapping else {})}),
     }
     searched = None
     if found is not None:
         extra = _repeat_options(data, dtype, max_shard_size, allow_nonfinite, signal, settings, normalize, keep_wrapper)
+        if ref is not None and best.refit:
+            extra += ["--reference", ",".join(model_letter(i) for i, w in enumerate(ref) if w)]
         command = repeat_command(found.result, str(map_path), str(out), model_letter(chosen), order,
                                  [s.mappings for _, s in sources], map_maps, extra)
         searched = search_report(found, command)
@@ -292,6 +301,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "mixing": [[round(float(v), 6) for v in row] for row in mixing_rows],
         "mixing_order": [model_letter(i) for i in order],
         "refit_head": refit_head,
+        "reference": [model_letter(i) for i, w in enumerate(ref) if w] if ref is not None else None,
         **({"search": searched} if searched is not None else {}),
         "approximate_identities": {name: round(error, 6) for name, error in approximate.items()},
         "seconds": round(time.perf_counter() - started, 3),

@@ -76,11 +76,12 @@ def parse_mappings(texts: Sequence[str] | None, doc: MapFile, chosen: int) -> di
 
 
 def refit_outcome(target: LoadedModel, outcome: FusionOutcome, parents: Sequence[nn.Module],
-                  x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The fused tensors with the head refit to the parents' ensemble on ``x`` (``--refit-head``),
-    in the fused tensors' dtypes: what a searched candidate with the refit gives."""
+                  x: torch.Tensor, reference: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """The fused tensors with the head refit to the parents' ensemble (weighed by ``reference``,
+    default equally) on ``x`` (``--refit-head``), in the fused tensors' dtypes: what a searched
+    candidate with the refit gives."""
     module = target.family.instantiate(target.spec, outcome.state_dict)
-    module = refit_head(module, x, ensemble_teacher(parents, x))
+    module = refit_head(module, x, ensemble_teacher(parents, x, reference))
     return refitted_state(module, outcome.state_dict)
 
 
@@ -101,6 +102,8 @@ class SearchRequest:
     budget: str | int | None = None
     scoring: str | None = None
     """``kl`` / ``accuracy`` for classifiers, ``cosine`` for encoders; None: the output's default."""
+    reference: Sequence[float] | None = None
+    """Per model in align order, its weight in the ensemble candidates are compared with (default: equal)."""
     on_candidate: Callable[[dict[str, Any]], None] | None = None
     normalize: Normalization | None = None
 
@@ -122,6 +125,19 @@ class Searched:
     mixing: list[list[float]]
     holdout: int
     scoring: str
+
+
+def parse_reference(text: str | Sequence[str] | None, count: int) -> list[float] | None:
+    """``--reference A,C``: per model in align order, 1 if named, else 0 (None without one)."""
+    if text is None:
+        return None
+    letters = [model_letter(i) for i in range(count)]
+    named = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    bad = [t for t in named if t not in letters]
+    if bad or not named:
+        raise ClafuseError(f"--reference names models by their letters ({', '.join(letters)}), e.g. B or A,B; "
+                           f"got {text!r}")
+    return [1.0 if letter in named else 0.0 for letter in letters]
 
 
 def search_scoring(model: LoadedModel, scoring: str | None) -> str:
@@ -159,8 +175,10 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     target_model = models[chosen]
     scoring = search_scoring(target_model, request.scoring)
     text = target_model.family.token_limits(target_model.spec) is not None
+    order = [chosen, *(i for i, _ in sources)]
+    reference = tuple(float(request.reference[i]) for i in order) if request.reference is not None else None
     options = SearchOptions(budget=parse_budget(request.budget), scoring=scoring,
-                            refit=(False,) if text else (False, True))
+                            refit=(False,) if text else (False, True), reference_weights=reference)
     if text:
         data = text_split(models, data_source, samples, seed, target_model.family.describe(target_model.spec).batch)
     else:
@@ -175,7 +193,7 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
         maps = mapping_alternatives(own, options.mappings, doc.settings.pin_first, doc.settings.pin_last, forced)
         alternatives.append(Alternatives(source.member, maps, source.deeper))
     target = member(models[chosen])
-    builder = PlanBuilder(target, alternatives, data.x_build, settings)
+    builder = PlanBuilder(target, alternatives, data.x_build, settings, reference=reference)
     count = len(models)
     inserted = settings.inserted or default_inserted(builder.net)
     start = Candidate(weights=tuple([1.0 / count] * count), mappings=(0,) * len(sources), inserted=inserted,

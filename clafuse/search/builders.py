@@ -64,11 +64,13 @@ def engine_weights(weights: Sequence[float]) -> list[float]:
 class PlanBuilder:
     """Fuses candidates into ``target``'s architecture from ``sources`` (in the order of the
     candidates' weights after the target's), on ``x_build[:samples]``. ``parents``: the models as
-    torch modules, target first, the teacher of the head refit (default: instantiated here)."""
+    torch modules, target first, the teacher of the head refit (default: instantiated here), weighed
+    by ``reference`` (default: equally)."""
 
     def __init__(self, target: Member, sources: Sequence[Alternatives], x_build: torch.Tensor,
                  settings: FusionSettings = FusionSettings(), parents: Sequence[nn.Module] | None = None,
-                 head: str | None = None) -> None:
+                 head: str | None = None, reference: Sequence[float] | None = None) -> None:
+        self.reference = list(reference) if reference is not None else None
         self.dtypes: dict[str, torch.dtype] = {}
         self.target = replace(target, state_dict=float_state(target.state_dict, self.dtypes))
         self.sources = [replace(s, member=replace(s.member, state_dict=float_state(s.member.state_dict)))
@@ -135,7 +137,7 @@ class PlanBuilder:
     def teacher(self, samples: int) -> torch.Tensor:
         """The parents' ensemble logits on the first ``samples`` build inputs (the refit's target)."""
         if samples not in self._teachers:
-            self._teachers[samples] = ensemble_teacher(self.parents(), self.x_build[:samples])
+            self._teachers[samples] = ensemble_teacher(self.parents(), self.x_build[:samples], self.reference)
         return self._teachers[samples]
 
     def __call__(self, c: Candidate) -> nn.Module:

@@ -51,10 +51,12 @@ def outputs(module: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch
     return torch.cat([module(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def ensemble_teacher(parents: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The head refit's target: the equal-weight ensemble of the parents' centred logits on ``x``
-    (the ensemble the search scores against, whatever the fusion's mixing weights)."""
-    return teacher_logits([outputs(p, x) for p in parents], [1.0] * len(parents))
+def ensemble_teacher(parents: Sequence[nn.Module], x: torch.Tensor,
+                     weights: Sequence[float] | None = None) -> torch.Tensor:
+    """The head refit's target: the ensemble of the parents' centred logits on ``x`` (the
+    ensemble the search scores against, whatever the fusion's mixing weights): equal weights, or
+    ``weights`` (e.g. one-hot on a teacher)."""
+    return teacher_logits([outputs(p, x) for p in parents], list(weights or [1.0] * len(parents)))
 
 
 def teacher_logits(parent_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
