@@ -141,7 +141,8 @@ def fuse(
     ground: str = typer.Option("correlation", help=f"Neuron cost from activations: {one_of(Ground)}."),
     inserted: Optional[str] = typer.Option(None, help=f"{one_of(Inserted)}: keep = layers only one net has are taken "
                                                      "from it; average = average real layers with inserted identities "
-                                                     "(default: keep for networks with BatchNorm, average otherwise)."),
+                                                     "(default: keep for networks with normalisations or residual blocks, "
+                                                     "average otherwise)."),
     correction: Optional[str] = typer.Option(None, help=f"{one_of(Correction)}: regress = refit layers to the parents' "
                                                         "mixed activations; repair = restore each neuron's mean and std "
                                                         "(default: regress; none for BERT-family encoders, where it "

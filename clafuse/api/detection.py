@@ -47,9 +47,11 @@ def _shapes(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor
 
 
 def _detect(shapes: Mapping[str, torch.Tensor], spec_file: tuple[Family, BaseModel] | None,
-            config: Mapping[str, Any] | None = None) -> tuple[Family, BaseModel] | SpecError | None:
-    """The family and spec that fit ``shapes`` (with a model folder's ``config.json``, if any);
-    else the first specific complaint, else None."""
+            config: Mapping[str, Any] | None = None,
+            recorded: tuple[Family, BaseModel] | None = None) -> tuple[Family, BaseModel] | SpecError | None:
+    """The family and spec that fit ``shapes``: the spec file's, else the ``recorded`` spec if it
+    fits, else detected (with a model folder's ``config.json``, if any); else the first specific
+    complaint, else None."""
     if spec_file is not None:
         family, spec = spec_file
         try:
@@ -57,6 +59,12 @@ def _detect(shapes: Mapping[str, torch.Tensor], spec_file: tuple[Family, BaseMod
         except SpecError as exc:
             return exc
         return family, spec
+    if recorded is not None:
+        try:
+            recorded[0].check(recorded[1], shapes)
+            return recorded
+        except SpecError:
+            pass
     complaint = None
     for family in FAMILIES.values():
         try:
@@ -71,9 +79,11 @@ def _detect(shapes: Mapping[str, torch.Tensor], spec_file: tuple[Family, BaseMod
 
 def resolve_keys(raw: Mapping[str, torch.Tensor], keys: KeyMap | None = None,
                  arch: str | os.PathLike | None = None, source: str = "checkpoint",
-                 config: Mapping[str, Any] | None = None) -> Resolved:
+                 config: Mapping[str, Any] | None = None,
+                 recorded: tuple[Family, BaseModel] | None = None) -> Resolved:
     """Apply ``keys`` to ``raw`` (names as read) and find the architecture (from the spec file
-    ``arch``, else detected), stripping a shared prefix automatically when that makes it fit."""
+    ``arch``, else the spec the checkpoint ``recorded`` when it fits, else detected), stripping a
+    shared prefix automatically when that makes it fit."""
     keys = keys or KeyMap()
     spec_file = load_spec(arch) if arch is not None else None
     plans = [keys.apply(raw, source)]
@@ -82,7 +92,7 @@ def resolve_keys(raw: Mapping[str, torch.Tensor], keys: KeyMap | None = None,
     first_complaint = None
     for plan in plans:
         state = plan.view(raw)
-        found = _detect(_shapes(state), spec_file, config)
+        found = _detect(_shapes(state), spec_file, config, recorded)
         if isinstance(found, tuple):
             return Resolved(state, plan, *found)
         first_complaint = first_complaint or found

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 import clafuse
-from clafuse.api.models import check_fits, load_model, refuse_nonfinite
+from clafuse.api.models import check_fits, load_model, refuse_nonfinite, spec_metadata
 from clafuse import progress as progress_steps
 from clafuse.api.common import load_data
 from clafuse.data import has_val_split
@@ -179,7 +179,8 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                         refuse_nonfinite(state, "the finetuned weights (training diverged: try a lower --lr)")
                     metadata = {"clafuse_version": clafuse.__version__, "finetuned_from": model.sha256,
                                 "best_epoch": str(result.best_epoch),
-                                "history": json.dumps(untimed_history(result.history))}
+                                "history": json.dumps(untimed_history(result.history)),
+                                **spec_metadata(model.spec)}
                     if teacher_model is not None:
                         metadata["distilled_from"] = teacher_model.sha256
                     if container is not None:

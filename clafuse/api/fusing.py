@@ -15,7 +15,7 @@ import clafuse
 from clafuse import progress
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
 from clafuse.api.common import DEFAULT_SAMPLES, log, model_calibration, model_index, model_letter
-from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys, refuse_nonfinite
+from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys, refuse_nonfinite, spec_metadata
 from clafuse.api.searching import (SearchRequest, pair_of, parse_mappings, parse_reference, refit_outcome,
                                    repeat_command, resolved_source, run_search, search_report)
 from clafuse.data.normalize import Normalization
@@ -263,6 +263,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "map_sha256": map_digest(map_path),
         "inputs": json.dumps([{"path": e.path, "sha256": e.sha256} for e in doc.models]),
         "target": doc.models[chosen].path,
+        **spec_metadata(target_model.spec),
         "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
                                 "dtype": dtype, "refit_head": refit_head, **settings.__dict__,
                                 **({"reference": [model_letter(i) for i, w in enumerate(ref) if w]} if ref else {}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -14,9 +15,10 @@ from pydantic import BaseModel
 from clafuse.align.mapfile import ModelEntry
 from clafuse.api.detection import resolve_keys
 from clafuse.arch.base import Family, Group
-from clafuse.errors import ClafuseError, DataError
+from clafuse.arch.registry import parse_spec
+from clafuse.errors import ClafuseError, DataError, SpecError
 from clafuse.io.atomic import sha256_file
-from clafuse.io.checkpoint import load_checkpoint, open_checkpoint
+from clafuse.io.checkpoint import load_checkpoint, open_checkpoint, read_metadata
 from clafuse.io.keys import KeyMap, KeyPlan
 from clafuse.io.hf_folder import HFFolder, is_hf_folder, read_hf_folder
 from clafuse.io.lazy import LazyStateDict
@@ -83,15 +85,39 @@ def skeleton(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tenso
     return state_dict.skeleton() if isinstance(state_dict, LazyStateDict) else state_dict
 
 
+SPEC_METADATA = "spec"
+"""The safetensors metadata entry where ``fuse`` and ``finetune`` record their output's spec."""
+
+
+def spec_metadata(spec: BaseModel) -> dict[str, str]:
+    """Metadata recording ``spec`` in a written checkpoint, so that it is read back without a spec
+    file: some of a spec shows in no shape (a ViT's or BERT's head count)."""
+    return {SPEC_METADATA: spec.model_dump_json()}
+
+
+def recorded_spec(path: str | os.PathLike) -> tuple[Family, BaseModel] | None:
+    """The family and spec a checkpoint's metadata records (see :func:`spec_metadata`), or None
+    when it records none or one that does not parse."""
+    text = read_metadata(path).get(SPEC_METADATA)
+    if not text:
+        return None
+    try:
+        return parse_spec(json.loads(text), f"{path} metadata")
+    except (ValueError, SpecError):
+        return None
+
+
 def load_model(path: str | os.PathLike, arch: str | os.PathLike | None = None,
                allow_nonfinite: bool = True, lazy: bool = False, keys: KeyMap | None = None) -> LoadedModel:
     """Read a checkpoint (a file, or a Hugging Face model folder whose ``config.json`` helps tell
     its architecture), apply the key handling ``keys`` and find its architecture (from ``arch`` if
     given, else detected; a prefix all names share is stripped when the rest then fits, see
     :func:`~clafuse.api.detection.resolve_keys`). With ``lazy``, a safetensors checkpoint is only
-    opened: tensors are read when used."""
+    opened: tensors are read when used. Without ``arch``, a spec the file's metadata records is used
+    when it fits (the outputs of ``fuse`` and ``finetune`` record theirs)."""
     raw, folder = read_weights(path, lazy)
-    resolved = resolve_keys(raw, keys, arch, str(path), folder.config if folder is not None else None)
+    recorded = recorded_spec(path) if arch is None and folder is None else None
+    resolved = resolve_keys(raw, keys, arch, str(path), folder.config if folder is not None else None, recorded)
     state_dict, family, spec = resolved.state_dict, resolved.family, resolved.spec
     if not allow_nonfinite:
         bad = nonfinite_keys(state_dict)
@@ -171,7 +197,6 @@ def check_fits(model: LoadedModel, x: torch.Tensor, what: str) -> None:
 def map_model(entry: ModelEntry, base: Path, lazy: bool = True) -> LoadedModel:
     """A model named in a map: its checkpoint read with the key handling and the spec the map
     recorded, refused when it is missing, changed since align (sha256) or no longer fits."""
-    from clafuse.arch.registry import parse_spec
     from clafuse.errors import MapError
 
     path = base / entry.path
