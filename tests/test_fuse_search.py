@@ -230,8 +230,8 @@ def test_search_of_text_encoders_scores_sentence_embeddings_and_is_repeated(tmp_
     assert again.code == 0, again
     first, second = read_hf_folder(tmp_path / "out").state_dict, read_hf_folder(tmp_path / "again").state_dict
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    shown = invoke("fuse", "--map", "map.json", "-o", "shown", "--target", "shallow", "--search", "--budget", "3",
-                   "--samples", "40", cwd=tmp_path)
+    shown = invoke("fuse", "--map", tmp_path / "map.json", "-o", tmp_path / "shown", "--target", "shallow", "--search",
+                   "--budget", "3", "--samples", "40", cwd=tmp_path.parent)  # the map's bare "s.txt" is beside it
     assert shown.code == 0 and "cosine" in shown.stdout and "clafuse fuse --map" in shown.stdout, shown
     for extra, said in ((["--scoring", "kl"], "--scoring cosine"), (["--refit-head"], "--refit-head")):
         r = invoke("fuse", "--map", "map.json", "-o", "x", "--search", *extra, cwd=tmp_path)

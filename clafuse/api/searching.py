@@ -109,7 +109,9 @@ class SearchRequest:
 
 
 def resolved_source(source: str, base: Path | None) -> str:
-    if base is not None and is_path(source) and not Path(source).is_absolute():
+    """The map's calibration source as a path from here: a file named relative to the map's folder
+    ``base`` (a bare file name too, e.g. ``sentences.txt``); built-in names stay as they are."""
+    if base is not None and not Path(source).is_absolute() and (is_path(source) or (base / source).exists()):
         return str(base / source)
     return source
 
