@@ -7,8 +7,11 @@ of ``minilm_fusion.py``), ``clafuse fuse --target shallow --mapping`` (default c
 measured on the validation texts (cosine to the teacher's sentence embeddings); per weight, the
 mapping with the best validation cosine is measured once on the test texts (cosine, Spearman of
 pairwise similarities, retrieval of each text's second half), beside L3 alone and the selections.
-No training. Texts, teacher embeddings and the map come from ``minilm_fusion.py``'s work folder
-(run it first, or ``--quick`` there).
+No training. Then two searched fusions (``fuse --search``, candidates scored by cosine agreement
+on held-out validation texts, never test): the pair into the 3-layer layout (reference: both
+models' mean embedding), and the teacher into an untrained 3-layer student (``--reference`` the
+teacher). Texts and teacher embeddings come from ``minilm_fusion.py``'s work folder (run it first,
+or ``--quick`` there).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text/minilm_weights.py
 
@@ -28,7 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.text.minilm_fusion import (FULL, OUT, RESULTS, SELECTIONS, Texts, measure,  # noqa: E402
-                                           teacher_embeddings, val_cosine)
+                                           teacher_embeddings, untrained_student, val_cosine)
+from clafuse.io.hf_folder import write_hf_folder  # noqa: E402
+from clafuse.arch.bert_model import bert_config  # noqa: E402
 from benchmarks.text.models import MINILM_L3_FOLDER, minilm_l6_folder  # noqa: E402
 from clafuse import api  # noqa: E402
 from clafuse.textdata import load_tokenizer  # noqa: E402
@@ -40,6 +45,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--budget", default="14", help="search budget (candidates or time)")
+    parser.add_argument("--search-samples", type=int, default=120,
+                        help="validation texts the searched fusions are built from; the rest score them")
     args = parser.parse_args()
     torch.set_num_threads(1)
     l6_folder = minilm_l6_folder()
@@ -72,6 +80,26 @@ def main() -> int:
                                           "val_cosine_by_mapping": {k: v for k, (v, _) in by_mapping.items()},
                                           "test": measure(load_text_model(by_mapping[best][1]).net(), texts, emb)}
         print(w, rows[f"fused, L6 weight {w:g}"], flush=True)
+    untrained = OUT / "untrained-3-layer"
+    if not untrained.exists():
+        spec3, state = untrained_student(teacher, 0)
+        write_hf_folder(untrained, state, bert_config(spec3, teacher.config), source=teacher.folder)
+    student_map = OUT / "student-map.json"
+    api.align([untrained, l6_folder], student_map, data=str(calibration), samples=len(texts.val_text))
+    searches = {"fused L6+L3, searched (reference: both models)": (map_file, "shallow", None),
+                "teacher into an untrained 3-layer student, searched (--reference the teacher)":
+                    (student_map, "A", "B")}
+    for name, (map_path, target, reference) in searches.items():
+        out = OUT / f"searched-{target}"
+        t0 = time.perf_counter()
+        report = api.fuse(map_path, out, target=target, search=True, budget=args.budget,
+                          samples=args.search_samples, reference=reference)
+        found = report["search"]
+        rows[name] = {"mapping": report["mapping"][0], "weights": report["weights"], "command": found["command"],
+                      "candidates": len(found["table"]), "search_s": round(time.perf_counter() - t0, 1),
+                      "val_cosine": val_cosine(load_text_model(out).net(), texts, emb),
+                      "test": measure(load_text_model(out).net(), texts, emb)}
+        print(name, rows[name], flush=True)
     doc = {"benchmark": "minilm_weights", "seconds": round(time.perf_counter() - start, 1),
            "val_texts": len(texts.val_text), "test_texts": len(texts.test_text), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -81,10 +109,16 @@ def main() -> int:
              "the 6-layer model, the layer mapping with the best validation cosine (of the three selections) is "
              f"chosen, then measured once on {len(texts.test_text)} test texts; default correction (none for BERT).",
              "", "| model | mapping | val cosine | cosine | Spearman | R@1 | MRR |", "|---|---|---|---|---|---|---|"]
+    searched = {k: v for k, v in rows.items() if "command" in v}
     for name, row in rows.items():
         t = row["test"]
         lines.append(f"| {name} | {row.get('mapping', '-')} | {row['val_cosine']:.3f} | {t['cosine']:.3f} | "
                      f"{t['spearman']:.3f} | {t['recall@1']:.3f} | {t['mrr']:.3f} |")
+    lines += ["", "Searched rows (val cosine here is on all validation texts, of which the search built from "
+              f"{args.search_samples} and scored on the rest):", ""]
+    for name, row in searched.items():
+        lines.append(f"- {name}: weights {row['weights']}, mapping {row['mapping']}, {row['candidates']} candidates "
+                     f"in {row['search_s']:.0f} s; repeat: `{row['command']}`")
     (RESULTS / "minilm_weights.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
