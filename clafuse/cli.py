@@ -169,6 +169,9 @@ def fuse(
                                                     "models' ensemble (no labels, the default); accuracy = on the "
                                                     "held-out labels; cosine = agreement with the models' mean "
                                                     "sentence embedding (the default for text encoders)."),
+    score_data: Optional[str] = typer.Option(None, help="With --search: score candidates on this data (e.g. "
+                                                       "fashion-mnist:val, labels for --scoring accuracy) instead of "
+                                                       "held-out calibration samples; never a test split."),
     reference: Optional[str] = typer.Option(None, help="With --search or --refit-head: compare with these models' "
                                                       "ensemble instead of all models', e.g. B to fuse a teacher B "
                                                       "into a student A."),
@@ -186,7 +189,8 @@ def fuse(
                           inserted=inserted, correction=correction, bn_reset=bn_reset, dtype=dtype,
                           max_shard_size=max_shard_size, keep_wrapper=keep_wrapper, normalize=normalize,
                           mapping=mapping, refit_head=refit_head, search=search, budget=budget, scoring=scoring,
-                          reference=reference, on_candidate=search_progress if search and session.show else None)
+                          reference=reference, score_data=score_data,
+                          on_candidate=search_progress if search and session.show else None)
     emit(report, as_json, lambda d: render_fuse(d, map_file), session.threads)
 
 

@@ -139,7 +139,8 @@ def render_search(search: dict[str, Any], order: list[str], console: Console) ->
     scores = ("cosine",) if search["scoring"] == "cosine" else ("KL", "agree", *(("acc",) if labelled else ()))
     table = Table("#", f"w {','.join(order)}", "map", "ins", "corr", "refit", "n", *scores, box=box.SIMPLE_HEAD, pad_edge=False,
                   title=f"search: {len(search['table'])} candidates, {search['stopped']}, scored by "
-                        f"{search['scoring']} on {search['holdout_samples']} held-out samples",
+                        f"{search['scoring']} on {search['holdout_samples']} "
+                        + (f"samples of {search['score_data']}" if search.get("score_data") else "held-out samples"),
                   caption="* = chosen; w: weights; map: rank of each model's mapping among the alignment's best; "
                           "ins: inserted; corr: correction")
     chosen = search["chosen"]

@@ -258,3 +258,19 @@ def test_reference_makes_a_teacher_alone_the_yardstick(mlps: Path) -> None:
     for extra, said in ((("--reference", "A"), "--reference sets"), (("--search", "--reference", "C"), "letters")):
         r = invoke("fuse", "--map", "map.json", "-o", mlps / "x.safetensors", *extra, cwd=mlps)
         assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+
+
+def test_score_data_keeps_validation_out_of_the_build(mlps: Path) -> None:
+    """--score-data: candidates are built from the calibration samples plain fuse uses and scored
+    on all of another labelled source; the printed command (which needs no --score-data)
+    repeats the output bit for bit. A test split, or --score-data without --search, is refused."""
+    gen = np.random.default_rng(7)
+    np.savez(mlps / "val.npz", x=gen.standard_normal((150, 12)).astype(np.float32), y=gen.integers(0, 4, 150))
+    doc = _search_and_repeat(mlps, "map.json", "--scoring", "accuracy", "--score-data", "val.npz", "--budget", "6")
+    search = doc["search"]
+    assert search["holdout_samples"] == 150 and search["score_data"] == "val.npz"
+    assert "--score-data" not in shlex.split(search["command"]) and all("accuracy" in r for r in search["table"])
+    for extra, said in ((("--search", "--score-data", "mnist:test"), "test split"),
+                        (("--score-data", "val.npz"), "add --search")):
+        r = invoke("fuse", "--map", "map.json", "-o", mlps / "x.safetensors", *extra, cwd=mlps)
+        assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r

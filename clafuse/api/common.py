@@ -49,7 +49,7 @@ def calibration(source: str, samples: int, seed: int, base: Path | None = None,
                 normalize: Normalization | str | None = None) -> torch.Tensor:
     """``samples`` calibration inputs from ``source``'s train split, standardised by ``normalize``;
     a relative file path is taken relative to ``base`` (the map's folder) when given."""
-    if base is not None and is_path(source) and not Path(source).is_absolute():
+    if base is not None and not Path(source).is_absolute() and (is_path(source) or (base / source).exists()):
         source = str(base / source)
     return calibration_inputs(load_data(source, None, normalize), samples, seed)
 

@@ -102,7 +102,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
          dtype: str | None = None, max_shard_size: str | int | None = None, keep_wrapper: bool = False,
          normalize: str | None = None, mapping: Sequence[str] | None = None, refit_head: bool = False,
          search: bool = False, budget: str | int | None = None, scoring: Scoring | None = None,
-         reference: str | Sequence[str] | None = None, on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
+         reference: str | Sequence[str] | None = None, score_data: str | None = None, on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
     """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
     The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
@@ -125,7 +125,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     with labels, or for encoders ``cosine`` to its mean embedding) within ``budget`` (candidates, or a time like ``30s``), calling
     ``on_candidate`` with each candidate's record; the report and metadata hold the table and the
     command that repeats the choice. Explicit ``weights`` and ``search`` are refused together.
-    ``reference`` (model letters, e.g. ``B``) makes the search and the head refit compare with those
+    ``score_data`` (a labelled validation split, say) is what the search scores on instead of
+    held-out calibration samples. ``reference`` (model letters, e.g. ``B``) makes the search and the head refit compare with those
     models' ensemble instead of all models' (a teacher fused into a student).
     """
     started = time.perf_counter()
@@ -139,8 +140,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     _fusion_settings(signal or "activations", options)  # refuse bad options before any work
     norm = Normalization.parse(normalize)
     searching = search_requested(search, weights)
-    if not searching and (budget is not None or scoring is not None):
-        raise ClafuseError(f"{'--budget' if budget is not None else '--scoring'} sets up a search: add --search")
+    for flag, value in (("--budget", budget), ("--scoring", scoring), ("--score-data", score_data)):
+        if not searching and value is not None:
+            raise ClafuseError(f"{flag} sets up a search: add --search")
     if searching:
         parse_budget(budget)
         if scoring is not None:
@@ -153,7 +155,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     base = Path(map_path).parent
     calibration_file = data if data is not None else (str(base / doc.data.source) if doc.data is not None else None)
     folder_out = is_folder_output(out)
-    plan_outputs([map_path, *(base / entry.path for entry in doc.models), calibration_file],
+    plan_outputs([map_path, *(base / entry.path for entry in doc.models), calibration_file, score_data],
                  [checkpoint_output("-o", out, folder=folder_out)])
     if folder_out:
         refuse_non_model(Path(out))
@@ -232,7 +234,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         with progress.step(f"searching the fusion of {len(models)} models into {target_model.path.name}"):
             found = run_search(doc, models, chosen, sources,
                                resolved_source(source, None if data is not None else base), n, seed, settings,
-                               refit_head, SearchRequest(budget, scoring, ref, on_candidate, norm))
+                               refit_head, SearchRequest(budget, scoring, ref, score_data, on_candidate, norm))
         best = found.result.best
         alpha = [0.0] * len(models)
         for position, index in enumerate(order):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from clafuse.align.mapfile import Alignment, MapFile
-from clafuse.api.common import is_path, load_data, model_letter, text_calibration
+from clafuse.api.common import is_path, load_data, model_calibration, model_letter, text_calibration
 from clafuse.api.models import LoadedModel
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
@@ -32,7 +32,7 @@ from clafuse.search.refit import ensemble_teacher, refit_head
 from clafuse.search.run import SearchResult, fuse_command, mapping_text, search_fusion
 from clafuse.search.space import Candidate, SearchOptions, parse_budget
 from clafuse.options import Scoring, check_choice
-from clafuse.search.split import SearchData, calibration_split, holdout_size, split_dataset
+from clafuse.search.split import SearchData, calibration_split, holdout_size, refuse_test_split, split_dataset
 from clafuse.textdata import pack_tokens
 
 
@@ -104,6 +104,9 @@ class SearchRequest:
     """``kl`` / ``accuracy`` for classifiers, ``cosine`` for encoders; None: the output's default."""
     reference: Sequence[float] | None = None
     """Per model in align order, its weight in the ensemble candidates are compared with (default: equal)."""
+    score_data: str | None = None
+    """A separate source to score on (e.g. a labelled validation split); default: held-out
+    samples of the calibration source."""
     on_candidate: Callable[[dict[str, Any]], None] | None = None
     normalize: Normalization | None = None
 
@@ -127,6 +130,7 @@ class Searched:
     mixing: list[list[float]]
     holdout: int
     scoring: str
+    score_data: str | None = None
 
 
 def parse_reference(text: str | Sequence[str] | None, count: int) -> list[float] | None:
@@ -168,6 +172,20 @@ def text_split(models: Sequence[LoadedModel], source: str, samples: int, seed: i
                       x_holdout=pack_tokens(sentences.subset(split.holdout)), batch=batch)
 
 
+def separate_scoring(models: Sequence[LoadedModel], source: str, samples: int, seed: int, score_source: str,
+                     normalize: Normalization | None, batch: int) -> SearchData:
+    """Build from exactly the calibration samples ``fuse --samples samples`` draws, score on all of
+    ``score_source`` (labels and all, never a test split)."""
+    refuse_test_split(score_source)
+    if models[0].family.token_limits(models[0].spec) is not None:
+        x_build = model_calibration(models, source, samples, seed)
+        x_score = pack_tokens(text_calibration(models, score_source))
+        return SearchData(x_build=x_build, x_holdout=x_score, batch=batch)
+    x_build = model_calibration(models, source, samples, seed, normalize=normalize)
+    scored = load_data(score_source, None, normalize)
+    return SearchData(x_build=x_build, x_holdout=scored.x, y_holdout=scored.y)
+
+
 def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: list[tuple[int, Source]],
                data_source: str, samples: int, seed: int, settings: FusionSettings, refit: bool,
                request: SearchRequest) -> Searched:
@@ -181,8 +199,11 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     reference = tuple(float(request.reference[i]) for i in order) if request.reference is not None else None
     options = SearchOptions(budget=parse_budget(request.budget), scoring=scoring,
                             refit=(False,) if text else (False, True), reference_weights=reference)
-    if text:
-        data = text_split(models, data_source, samples, seed, target_model.family.describe(target_model.spec).batch)
+    batch = target_model.family.describe(target_model.spec).batch
+    if request.score_data is not None:
+        data = separate_scoring(models, data_source, samples, seed, request.score_data, request.normalize, batch)
+    elif text:
+        data = text_split(models, data_source, samples, seed, batch)
     else:
         ds = load_data(data_source, None, request.normalize)
         data = split_dataset(ds, samples, holdout_size(len(ds), samples), seed)
@@ -206,14 +227,14 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     outcome = builder.outcome(result.best)
     state = refitted_state(result.module, outcome.state_dict) if result.best.refit else outcome.state_dict
     chosen_maps = [alt.mappings[rank] for alt, rank in zip(alternatives, result.best.mappings)]
-    return Searched(result, state, chosen_maps, outcome.mixing, len(data.x_holdout), scoring)
+    return Searched(result, state, chosen_maps, outcome.mixing, len(data.x_holdout), scoring, request.score_data)
 
 
 def search_report(searched: Searched, command: str) -> dict[str, Any]:
     """What ``--json`` and the metadata say about a search."""
     result = searched.result
     best = result.best
-    return {"scoring": searched.scoring, "holdout_samples": searched.holdout,
+    return {"scoring": searched.scoring, "holdout_samples": searched.holdout, "score_data": searched.score_data,
             "chosen": {"weights": list(best.weights), "mappings": list(best.mappings), "inserted": best.inserted,
                        "correction": best.correction, "refit_head": best.refit, "samples": best.samples},
             "score": result.score, "references": result.references, "stopped": result.stopped,
