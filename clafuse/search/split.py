@@ -57,7 +57,7 @@ class SearchData:
     x_build: torch.Tensor
     x_holdout: torch.Tensor
     y_holdout: torch.Tensor | None = None
-    batch: int = 4096
+    batch: int = 256
     """Samples per forward pass when candidates are scored (fewer for sequence models)."""
 
 
