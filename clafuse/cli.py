@@ -268,9 +268,12 @@ def finetune(
     label_smoothing: float = typer.Option(0.0, help="Label smoothing of the cross-entropy, in [0, 1)."),
     augment: str = typer.Option("none", help=f"Image augmentation: {one_of(Augmentation)} (random crop after "
                                              "zero padding of 2 pixels, 4 for inputs of 28 pixels or more)."),
-    teacher: Optional[Path] = typer.Option(None, help="Teacher checkpoint to distil from (same classes; for text "
-                                                    "encoders, the sentence encoder whose embeddings to match)."),
-    teacher_arch: Optional[Path] = typer.Option(None, help="Architecture spec file of the teacher."),
+    teacher: Optional[List[Path]] = typer.Option(None, help="Teacher checkpoint to distil from (same classes; for text "
+                                                          "encoders, the sentence encoder whose embeddings to match); "
+                                                          "repeat it to distil the teachers' ensemble (e.g. a fused "
+                                                          "model's parents)."),
+    teacher_arch: Optional[List[Path]] = typer.Option(None, help="Architecture spec file of the teacher (one per "
+                                                                "--teacher)."),
     kd_alpha: float = typer.Option(0.5, help="Weight of the distillation term (with --teacher), in [0, 1]."),
     kd_temperature: float = typer.Option(4.0, help="Softmax temperature of distillation (with --teacher), positive."),
     metrics_out: Optional[Path] = typer.Option(None, help="Write one JSON line of metrics per epoch to this file "
@@ -307,15 +310,16 @@ def finetune(
     from clafuse.distributed import ReportedByPeer, env_rank
     from clafuse.report import render_finetune
 
+    teacher, teacher_arch = list(teacher or []), list(teacher_arch or [])
     if is_encoder_input(ckpt):
-        if teacher is None:
-            raise typer.BadParameter("a text encoder is finetuned by distillation: give --teacher",
-                                     param_hint="--teacher")
-        refuse_classifier_options(arch=arch, teacher_arch=teacher_arch, augment=augment, nesterov=nesterov,
+        if len(teacher) != 1:
+            raise typer.BadParameter("a text encoder is finetuned by distillation from one teacher: give --teacher "
+                                     "once", param_hint="--teacher")
+        refuse_classifier_options(arch=arch, teacher_arch=teacher_arch or None, augment=augment, nesterov=nesterov,
                                   label_smoothing=label_smoothing, kd_alpha=kd_alpha, kd_temperature=kd_temperature,
                                   resume=resume)
         with Session(threads, as_json, show_progress) as session:
-            report = finetune_encoder(ckpt, out, data=data, teacher=teacher, val=val, loss=loss, epochs=epochs,
+            report = finetune_encoder(ckpt, out, data=data, teacher=teacher[0], val=val, loss=loss, epochs=epochs,
                                       lr=1e-4 if lr is None else lr,
                                       batch_size=32 if batch_size is None else batch_size, schedule=schedule,
                                       weight_decay=weight_decay, seed=seed, optimizer=optimizer or "adamw",
@@ -332,7 +336,7 @@ def finetune(
     main_rank = env_rank() == 0
     if not main_rank:
         logging.getLogger("clafuse").setLevel(logging.ERROR)
-    if teacher_arch is not None and teacher is None:
+    if teacher_arch and not teacher:
         if not main_rank:  # every rank got the same options: rank 0 reports
             raise typer.Exit(2)
         raise typer.BadParameter("needs --teacher", param_hint="--teacher-arch")
@@ -345,7 +349,8 @@ def finetune(
                                          batch_size=batch_size, schedule=schedule, weight_decay=weight_decay, seed=seed,
                                          arch=arch, progress=not as_json and sys.stderr.isatty(), optimizer=optimizer,
                                          nesterov=nesterov, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
-                                         augment=augment, teacher=teacher, teacher_arch=teacher_arch, kd_alpha=kd_alpha,
+                                         augment=augment, teacher=teacher, teacher_arch=teacher_arch or None,
+                                         kd_alpha=kd_alpha,
                                          kd_temperature=kd_temperature, metrics_out=metrics_out, plot=plot, resume=resume,
                                          precision=precision, keys=keys, keep_wrapper=keep_wrapper, normalize=normalize,
                                          allow_nonfinite=allow_nonfinite)

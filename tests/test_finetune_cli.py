@@ -138,3 +138,32 @@ def test_cli_rejects_bad_finetune_options(tmp_path: Path, ckpts: tuple[Path, Pat
     assert result.exit_code == 2
     assert message in result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert not out.exists()
+
+
+def test_distil_from_an_ensemble_of_teachers(tmp_path: Path, ckpts: tuple[Path, Path]) -> None:
+    """--teacher repeated: the student follows the teachers' mean softmax prediction (the Ensemble
+    module's output is its log), recorded as both teachers; one teacher alone trains differently."""
+    from clafuse.io.checkpoint import read_metadata
+    from clafuse.training.objectives import Ensemble
+
+    student, teacher = ckpts
+    other = save_mlp(tmp_path / "other.safetensors", 3, 24)
+    a, b = api.load_model(teacher).module(), api.load_model(other).module()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        mean = (torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2
+        torch.testing.assert_close(torch.softmax(Ensemble([a, b])(x), 1), mean)
+    from tests.cli_runner import invoke
+
+    out = tmp_path / "ens.safetensors"
+    run = invoke("finetune", student, "-o", out, "--data", "digits", "--epochs", "1", "--batch-size", "128",
+                 "--teacher", teacher, "--teacher", other, "--json")
+    assert run.code == 0, run
+    shas = read_metadata(out)["distilled_from"].split(",")
+    assert shas == [api.load_model(teacher).sha256, api.load_model(other).sha256]
+    single = api.finetune_checkpoint(student, tmp_path / "one.safetensors", epochs=1, teacher=teacher,
+                                     **{**FAST, "lr": 0.01})
+    assert json.loads(run.stdout)["history"][0]["train_loss"] != single["history"][0]["train_loss"]
+    bad = invoke("finetune", student, "-o", tmp_path / "x.safetensors", "--data", "digits", "--teacher", teacher,
+                 "--teacher", other, "--teacher-arch", "spec.json")
+    assert bad.code != 0 and "one per teacher" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad

@@ -7,12 +7,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 import clafuse
-from clafuse.api.models import check_fits, load_model, refuse_nonfinite, spec_metadata
+from clafuse.api.models import LoadedModel, check_fits, load_model, refuse_nonfinite, spec_metadata
 from clafuse import progress as progress_steps
 from clafuse.api.common import load_data
 from clafuse.data import has_val_split
@@ -24,6 +24,7 @@ from clafuse.io.keys import KeyMap
 from clafuse.io.outputs import Output, checkpoint_output, plan_outputs
 from clafuse.io.wrapper import check_keep_wrapper, in_input_form, save_in_input_form
 from clafuse.options import Augmentation, Optimizer, Precision, Schedule
+from clafuse.training.objectives import Ensemble
 
 
 def train_state_path(out: str | os.PathLike) -> Path:
@@ -43,13 +44,35 @@ def untimed_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
 
 
+def _listed(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def _teacher(student: LoadedModel, path: Any, arch: Any, keys: KeyMap | None, x: torch.Tensor, student_path: str,
+             data: str) -> LoadedModel:
+    """A teacher checkpoint, checked to read ``x`` and to predict the student's classes."""
+    teacher = load_model(path, arch, keys=keys)
+    check_fits(teacher, x, f"teacher {path} on data {data}")
+    with torch.no_grad():
+        probe = x[:2]
+        student_classes = student.family.forward(student.spec, student.state_dict, probe).shape[-1]
+        teacher_classes = teacher.family.forward(teacher.spec, teacher.state_dict, probe).shape[-1]
+    if student_classes != teacher_classes:
+        raise DataError(f"teacher {path} has {teacher_classes} classes but the student {student_path} has "
+                        f"{student_classes}")
+    return teacher
+
+
 def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data: str, val: str | None = None,
                         epochs: int = 1, lr: float = 0.01, momentum: float = 0.9, batch_size: int = 64,
                         schedule: Schedule = "cosine", weight_decay: float = 0.0, seed: int = 0,
                         arch: str | os.PathLike | None = None, progress: bool = False,
                         optimizer: Optimizer = "sgd", nesterov: bool = False, warmup_steps: int = 0,
                         label_smoothing: float = 0.0, augment: Augmentation = "none",
-                        teacher: str | os.PathLike | None = None, teacher_arch: str | os.PathLike | None = None,
+                        teacher: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                        teacher_arch: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                         kd_alpha: float = 0.5, kd_temperature: float = 4.0,
                         metrics_out: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
                         resume: bool = False, precision: Precision = "fp32", keys: KeyMap | None = None,
@@ -58,7 +81,9 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
     """Finetune a checkpoint and write the epoch with the best validation accuracy (never selected on
     test data) to ``out``, in the input's key names and dtypes.
 
-    With ``teacher`` the student is distilled from that checkpoint (same classes, same inputs).
+    With ``teacher`` the student is distilled from that checkpoint (same classes, same inputs), or
+    from the ensemble of several (their mean softmax prediction; ``teacher_arch`` then one spec
+    file per teacher).
     The training state is saved to :func:`train_state_path` after every epoch and removed once
     ``out`` is written; ``resume`` continues an interrupted run from it (same settings required).
     ``metrics_out`` gets one JSON line per epoch as training goes; ``plot`` a PNG of the curves.
@@ -81,6 +106,10 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
     from clafuse import distributed as ddp
     from clafuse.training import FinetuneConfig, check_precision, finetune, load_train_state, save_train_state
 
+    teachers = _listed(teacher)
+    teacher_archs = _listed(teacher_arch)
+    if teacher_archs and len(teacher_archs) != len(teachers):
+        raise ClafuseError(f"{len(teacher_archs)} --teacher-arch for {len(teachers)} --teacher: give one per teacher")
     with ddp.same_on_every_rank():
         launch = ddp.launch_from_env()
         device = ddp.default_device(launch)
@@ -97,7 +126,7 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
         resume_from = None
         with ddp.agree():
             if main:
-                plan_outputs([path, data, val, arch, teacher, teacher_arch],
+                plan_outputs([path, data, val, arch, *teachers, *teacher_archs],
                              [checkpoint_output("-o", out), Output("--metrics-out", Path(metrics_out))
                               if metrics_out is not None else None,
                               Output("--plot", Path(plot)) if plot is not None else None,
@@ -114,22 +143,15 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                 if ds.y is None:
                     raise DataError(f"data {name}: finetuning needs labels (array 'y')")
                 check_fits(model, ds.x, f"data {name}")
-            teacher_model = teacher_module = None
-            if teacher is not None:
-                teacher_model = load_model(teacher, teacher_arch, keys=keys)
-                check_fits(teacher_model, train.x, f"teacher {teacher} on data {data}")
-                with torch.no_grad():
-                    probe = train.x[:2]
-                    student_classes = model.family.forward(model.spec, model.state_dict, probe).shape[-1]
-                    teacher_classes = teacher_model.family.forward(teacher_model.spec, teacher_model.state_dict,
-                                                                   probe).shape[-1]
-                if student_classes != teacher_classes:
-                    raise DataError(f"teacher {teacher} has {teacher_classes} classes but the student {path} has "
-                                    f"{student_classes}")
-                teacher_module = teacher_model.module().to(device)
+            teacher_models = [_teacher(model, t, a, keys, train.x, f"{path}", data)
+                              for t, a in zip(teachers, teacher_archs or [None] * len(teachers))]
+            teacher_module = None
+            if teacher_models:
+                modules = [t.module().to(device) for t in teacher_models]
+                teacher_module = modules[0] if len(modules) == 1 else Ensemble(modules)
+            teacher_sha = ",".join(t.sha256 for t in teacher_models) or None
             if main:
-                identity = {"input_sha256": model.sha256,
-                            "teacher_sha256": teacher_model.sha256 if teacher_model is not None else None}
+                identity = {"input_sha256": model.sha256, "teacher_sha256": teacher_sha}
                 if resume:
                     resume_from = load_train_state(state_file)
                     if resume_from.get("identity") != identity:
@@ -181,8 +203,8 @@ def finetune_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, data
                                 "best_epoch": str(result.best_epoch),
                                 "history": json.dumps(untimed_history(result.history)),
                                 **spec_metadata(model.spec)}
-                    if teacher_model is not None:
-                        metadata["distilled_from"] = teacher_model.sha256
+                    if teacher_sha is not None:
+                        metadata["distilled_from"] = teacher_sha
                     if container is not None:
                         plan = model.plan or KeyMap().apply(model.state_dict)
                         save_in_input_form(out, container, in_input_form(container, plan, state), metadata,

@@ -21,6 +21,20 @@ from clafuse.training.config import FinetuneConfig
 from clafuse.training.evaluation import checked_forward, checked_labels, device_of, evaluate, evaluate_sharded
 
 
+class Ensemble(nn.Module):
+    """Several classifiers as one teacher: the log of their mean softmax prediction (what
+    ``clafuse eval`` ensembles), so that distillation follows the ensemble of, e.g., a fused
+    model's parents."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x).float(), dim=-1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-30))
+
+
 class Objective:
     """Training data, loss and validation metric of one finetuning run.
 
