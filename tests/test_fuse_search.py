@@ -270,7 +270,9 @@ def test_score_data_keeps_validation_out_of_the_build(mlps: Path) -> None:
     search = doc["search"]
     assert search["holdout_samples"] == 150 and search["score_data"] == "val.npz"
     assert "--score-data" not in shlex.split(search["command"]) and all("accuracy" in r for r in search["table"])
+    np.savez(mlps / "wide.npz", x=gen.standard_normal((20, 30)).astype(np.float32), y=gen.integers(0, 4, 20))
     for extra, said in ((("--search", "--score-data", "mnist:test"), "test split"),
-                        (("--score-data", "val.npz"), "add --search")):
+                        (("--score-data", "val.npz"), "add --search"),
+                        (("--search", "--score-data", "wide.npz"), "--score-data wide.npz")):
         r = invoke("fuse", "--map", "map.json", "-o", mlps / "x.safetensors", *extra, cwd=mlps)
         assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r

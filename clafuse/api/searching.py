@@ -19,7 +19,7 @@ from torch import nn
 
 from clafuse.align.mapfile import Alignment, MapFile
 from clafuse.api.common import is_path, load_data, model_calibration, model_letter, text_calibration
-from clafuse.api.models import LoadedModel
+from clafuse.api.models import LoadedModel, check_fits
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
 from clafuse.fusion.balance import check_mapping
@@ -183,6 +183,8 @@ def separate_scoring(models: Sequence[LoadedModel], source: str, samples: int, s
         return SearchData(x_build=x_build, x_holdout=x_score, batch=batch)
     x_build = model_calibration(models, source, samples, seed, normalize=normalize)
     scored = load_data(score_source, None, normalize)
+    for model in models:
+        check_fits(model, scored.x, f"--score-data {score_source}")
     return SearchData(x_build=x_build, x_holdout=scored.x, y_holdout=scored.y)
 
 
