@@ -24,9 +24,14 @@ def _glibc() -> ctypes.CDLL | None:
     return _libc or None
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20) -> None:
+def tune_allocator(mmap_threshold: int = 32 << 20) -> None:
     """Serve allocations of ``mmap_threshold`` bytes or more from their own memory maps, which
-    go back to the system as soon as they are freed (the command line calls this at start)."""
+    go back to the system as soon as they are freed (the command line calls this at start).
+
+    32 MB, not less: every such allocation is paged in afresh by the kernel, and with 1 MB a
+    Fashion-MNIST ResNet fuse --search spent 64 of its 105 s in the kernel (61 s at 32 MB, 38 s
+    at 64 MB but 1.2 GB peak instead of 0.8); peaks stay within the memory goals
+    (fuse_memory.md, resnet_timing.md)."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
