@@ -5,7 +5,8 @@
 #   make demo      install, then run benchmarks/demo.py (trains two MLPs, fuses them)
 #   make bench     install, then run the quick benchmarks: start-up, MNIST/ResNet timing, fuse memory, DDP (a few minutes)
 #   make bench-text  install, then fetch fortunes text, convert MiniLM-L3 from ONNX (checked), time MiniLM-L6
-#                    and align/fuse of the MiniLM pair, benchmark 3-layer students (about 30 minutes)
+#                    and align/fuse of the MiniLM pair, benchmark 3-layer students, one-shot by weight and
+#                    searched (about 40 minutes)
 #   make clean     remove outputs and caches (keeps .venv); make distclean also removes .venv
 #
 # The install step is recorded in a stamp file inside the venv, so repeated runs are instant;
@@ -89,6 +90,7 @@ bench-text: $(STAMP)
 	$(VPY) benchmarks/text/convert_minilm_l3.py --sentences benchmarks/_work/fortunes/val.txt
 	$(VPY) benchmarks/text/minilm_timing.py --transformers --fusion
 	OMP_NUM_THREADS=1 $(VPY) benchmarks/text/minilm_fusion.py
+	OMP_NUM_THREADS=1 $(VPY) benchmarks/text/minilm_weights.py
 
 clean:
 	rm -rf demo-out build .pytest_cache .hypothesis *.egg-info
