@@ -23,15 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fashion_cnn import subset, timed  # noqa: E402  (the same training subset and CLI timing)
+
 from clafuse.arch.vit_model import ViTSpec, build_vit, detect_vit
-from clafuse.data import Dataset, load_source
+from clafuse.data import load_source
 from clafuse.io.checkpoint import load_checkpoint, save_checkpoint
 from clafuse.training import FinetuneConfig, evaluate, evaluate_ensemble, finetune
 
@@ -61,23 +64,6 @@ def load_vit(path: Path) -> torch.nn.Module:
     model = build_vit(detect_vit(state, heads=HEADS))
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
-    if n >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
-    return Dataset(ds.x[idx], ds.y[idx], f"{ds.name}[{n}]")
-
-
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Run the CLI under /usr/bin/time: wall seconds, peak RSS in MB, stdout."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", sys.executable, "-m", "clafuse", *cmd],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"clafuse {' '.join(cmd)} failed:\n{proc.stderr}")
-    wall, rss = proc.stderr.strip().splitlines()[-1].split()
-    return float(wall), float(rss) / 1024, proc.stdout
 
 
 def main() -> None:

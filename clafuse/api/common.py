@@ -49,9 +49,15 @@ def calibration(source: str, samples: int, seed: int, base: Path | None = None,
                 normalize: Normalization | str | None = None) -> torch.Tensor:
     """``samples`` calibration inputs from ``source``'s train split, standardised by ``normalize``;
     a relative file path is taken relative to ``base`` (the map's folder) when given."""
+    return calibration_inputs(load_data(resolved_source(source, base), None, normalize), samples, seed)
+
+
+def resolved_source(source: str, base: Path | None) -> str:
+    """A map's data source as a path from here: a file named relative to the map's folder ``base``
+    (a bare file name too, e.g. ``sentences.txt``); built-in names stay as they are."""
     if base is not None and not Path(source).is_absolute() and (is_path(source) or (base / source).exists()):
-        source = str(base / source)
-    return calibration_inputs(load_data(source, None, normalize), samples, seed)
+        return str(base / source)
+    return source
 
 
 def model_calibration(models: Sequence[Any], source: str, samples: int, seed: int,

@@ -14,10 +14,10 @@ import torch
 import clafuse
 from clafuse import progress
 from clafuse.align.mapfile import MapFile, ModelEntry, check_data_digest, map_digest, read_map
-from clafuse.api.common import DEFAULT_SAMPLES, log, model_calibration, model_index, model_letter
+from clafuse.api.common import DEFAULT_SAMPLES, log, model_calibration, model_index, model_letter, resolved_source
 from clafuse.api.models import LoadedModel, check_fits, map_model, nonfinite_keys, refuse_nonfinite, spec_metadata
 from clafuse.api.searching import (SearchRequest, pair_of, parse_mappings, parse_reference, refit_outcome,
-                                   repeat_command, resolved_source, run_search, search_report)
+                                   repeat_command, run_search, search_report)
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
 from clafuse.fusion.engines import ENGINES, Member, Source
@@ -102,7 +102,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
          dtype: str | None = None, max_shard_size: str | int | None = None, keep_wrapper: bool = False,
          normalize: str | None = None, mapping: Sequence[str] | None = None, refit_head: bool = False,
          search: bool = False, budget: str | int | None = None, scoring: Scoring | None = None,
-         reference: str | Sequence[str] | None = None, score_data: str | None = None, on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
+         reference: str | Sequence[str] | None = None, score_data: str | None = None,
+         on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
     """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
     The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
@@ -122,12 +123,13 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     data (closed-form ridge least squares, label-free). ``search`` chooses the weights, mappings
     (the alignment's best few), ``inserted`` policy, correction and head refit by what each
     candidate does on held-out calibration samples (``scoring``: ``kl`` to the ensemble, ``accuracy``
-    with labels, or for encoders ``cosine`` to its mean embedding) within ``budget`` (candidates, or a time like ``30s``), calling
-    ``on_candidate`` with each candidate's record; the report and metadata hold the table and the
-    command that repeats the choice. Explicit ``weights`` and ``search`` are refused together.
-    ``score_data`` (a labelled validation split, say) is what the search scores on instead of
-    held-out calibration samples. ``reference`` (model letters, e.g. ``B``) makes the search and the head refit compare with those
-    models' ensemble instead of all models' (a teacher fused into a student).
+    with labels, or for encoders ``cosine`` to its mean embedding) within ``budget`` (candidates,
+    or a time like ``30s``), calling ``on_candidate`` with each candidate's record; the report and
+    metadata hold the table and the command that repeats the choice. Explicit ``weights`` and
+    ``search`` are refused together. ``score_data`` (a labelled validation split, say) is what the
+    search scores on instead of held-out calibration samples. ``reference`` (model letters, e.g.
+    ``B``) makes the search and the head refit compare with those models' ensemble instead of all
+    models' (a teacher fused into a student).
     """
     started = time.perf_counter()
     check_output(out, dtype, max_shard_size)
@@ -150,6 +152,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     doc = read_map(map_path)
     alpha = parse_weights(weights, len(doc.models))
     ref = parse_reference(reference, len(doc.models))
+    ref_letters = [model_letter(i) for i, w in enumerate(ref) if w] if ref is not None else None
     if ref is not None and not (searching or refit_head):
         raise ClafuseError("--reference sets what --search or --refit-head compares with: add one of them")
     base = Path(map_path).parent
@@ -220,7 +223,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     if settings.correction is None:
         settings = replace(settings, correction=target_model.family.describe(target_model.spec).correction)
     folder_config = None
-    if is_folder_output(out):
+    if folder_out:
         base_config = target_model.folder.config if target_model.folder is not None else None
         folder_config = target_model.family.config(target_model.spec, base_config)
         if target_model.folder is None or folder_config is None:
@@ -268,14 +271,14 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         **spec_metadata(target_model.spec),
         "settings": json.dumps({"balance": balance if len(models) == 2 else methods, "weights": alpha,
                                 "dtype": dtype, "refit_head": refit_head, **settings.__dict__,
-                                **({"reference": [model_letter(i) for i, w in enumerate(ref) if w]} if ref else {}),
+                                **({"reference": ref_letters} if ref_letters else {}),
                                 **({"mapping": {model_letter(i): s.mappings for i, s in sources}} if mapping else {})}),
     }
     searched = None
     if found is not None:
         extra = _repeat_options(data, dtype, max_shard_size, allow_nonfinite, signal, settings, normalize, keep_wrapper)
-        if ref is not None and best.refit:
-            extra += ["--reference", ",".join(model_letter(i) for i, w in enumerate(ref) if w)]
+        if ref_letters and best.refit:
+            extra += ["--reference", ",".join(ref_letters)]
         command = repeat_command(found.result, str(map_path), str(out), model_letter(chosen), order,
                                  [s.mappings for _, s in sources], map_maps, extra)
         searched = search_report(found, command)
@@ -304,7 +307,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "mixing": [[round(float(v), 6) for v in row] for row in mixing_rows],
         "mixing_order": [model_letter(i) for i in order],
         "refit_head": refit_head,
-        "reference": [model_letter(i) for i, w in enumerate(ref) if w] if ref is not None else None,
+        "reference": ref_letters,
         **({"search": searched} if searched is not None else {}),
         "approximate_identities": {name: round(error, 6) for name, error in approximate.items()},
         "seconds": round(time.perf_counter() - started, 3),

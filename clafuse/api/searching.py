@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from clafuse.align.mapfile import Alignment, MapFile
-from clafuse.api.common import is_path, load_data, model_calibration, model_letter, text_calibration
+from clafuse.api.common import load_data, model_calibration, model_letter, text_calibration
 from clafuse.api.models import LoadedModel, check_fits
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
@@ -109,14 +108,6 @@ class SearchRequest:
     samples of the calibration source."""
     on_candidate: Callable[[dict[str, Any]], None] | None = None
     normalize: Normalization | None = None
-
-
-def resolved_source(source: str, base: Path | None) -> str:
-    """The map's calibration source as a path from here: a file named relative to the map's folder
-    ``base`` (a bare file name too, e.g. ``sentences.txt``); built-in names stay as they are."""
-    if base is not None and not Path(source).is_absolute() and (is_path(source) or (base / source).exists()):
-        return str(base / source)
-    return source
 
 
 @dataclass

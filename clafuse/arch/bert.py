@@ -263,7 +263,8 @@ class BertFamily(Family):
         if spec.pooler or spec.classifier is not None:
             # The pooler's units are matched by its rows like any hidden units (the target's order
             # is kept either way), so that poolers of different widths fuse too.
-            spaces["pooled"] = Space("pooled", d, ((f"{spec.prefix}pooler.dense.weight", f"{spec.prefix}pooler.dense.bias"),))
+            pooler = f"{spec.prefix}pooler.dense"
+            spaces["pooled"] = Space("pooled", d, ((f"{pooler}.weight", f"{pooler}.bias"),))
         if spec.pooler and not (spec.classifier is not None and spec.classifier_on == "pooled"):
             blocks.append(_pooler(spec))
         if spec.classifier is not None:
@@ -275,15 +276,9 @@ class BertFamily(Family):
 
     def forward(self, spec: BertSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits with a classifier, else mean-pooled sentence embeddings, on packed tokens ``x``."""
-        net = instantiate_bert(spec, state_dict)
-        outs = []
+        net = PackedEncoder(instantiate_bert(spec, state_dict))
         with torch.no_grad():
-            for start in range(0, len(x), BATCH):
-                b = unpack_tokens(x[start:start + BATCH])
-                out = net(b.input_ids, b.attention_mask)
-                outs.append(out if spec.classifier is not None and spec.classifier_on == "pooled"
-                            else masked_mean(out, b.attention_mask))
-        return torch.cat(outs)
+            return torch.cat([net(x[start:start + BATCH]) for start in range(0, len(x), BATCH)])
 
     def layer_outputs(self, spec: BertSpec, state_dict: Mapping[str, torch.Tensor],
                       x: torch.Tensor) -> list[torch.Tensor]:
