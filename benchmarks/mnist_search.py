@@ -137,12 +137,7 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
 
 
 def mean(pairs, *path) -> tuple[float, float, float]:
-    values = []
-    for p in pairs:
-        v = p
-        for key in path:
-            v = v[key]
-        values.append(v)
+    values = _values(pairs, *path)
     return statistics.fmean(values), min(values), max(values)
 
 

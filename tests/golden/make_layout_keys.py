@@ -26,8 +26,9 @@ functions take sizes, so tests build small variants of the same layouts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from make_resnet_keys import write_keys
 
 OUT = Path(__file__).with_name("layout_keys.json")
 Keys = list[tuple[str, list[int]]]
@@ -109,13 +110,7 @@ def main() -> None:
     doc = {"timm_resnet18d": timm_resnet_d("basic", [2, 2, 2, 2]),
            "timm_resnet50d": timm_resnet_d("bottleneck", [3, 4, 6, 3]),
            "timm_vgg11_bn": timm_vgg_bn(), "nested_vgg11_bn": nested_vgg_bn(), "mlp_bn": mlp_bn()}
-    lines = ["{"]
-    for n, (name, keys) in enumerate(doc.items()):
-        lines.append(f'  "{name}": [')
-        lines += [f"    {json.dumps([k, s])}{',' if i < len(keys) - 1 else ''}" for i, (k, s) in enumerate(keys)]
-        lines.append("  ]" + ("," if n < len(doc) - 1 else ""))
-    lines.append("}")
-    OUT.write_text("\n".join(lines) + "\n")
+    write_keys(doc, OUT)
 
 
 if __name__ == "__main__":

@@ -54,15 +54,19 @@ def torchvision_resnet_keys(block: str, layers: list[int], num_classes: int = 10
     return keys
 
 
-def main() -> None:
-    doc = {name: torchvision_resnet_keys(block, layers) for name, (block, layers) in MODELS.items()}
+def write_keys(doc: dict, out: Path) -> None:
+    """``doc`` (name -> [(key, shape), ...]) as JSON with one key per line, so diffs stay readable."""
     lines = ["{"]
     for n, (name, keys) in enumerate(doc.items()):
         lines.append(f'  "{name}": [')
         lines += [f"    {json.dumps([k, s])}{',' if i < len(keys) - 1 else ''}" for i, (k, s) in enumerate(keys)]
         lines.append("  ]" + ("," if n < len(doc) - 1 else ""))
     lines.append("}")
-    OUT.write_text("\n".join(lines) + "\n")
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    write_keys({name: torchvision_resnet_keys(block, layers) for name, (block, layers) in MODELS.items()}, OUT)
 
 
 if __name__ == "__main__":
