@@ -133,6 +133,31 @@ def test_deeper_source_drops_its_unmatched_layers():
     torch.testing.assert_close(got[-1][mask], want[-1][mask][:, order], atol=1e-5, rtol=0)
 
 
+def test_compression_repairs_towards_what_the_deeper_model_really_computes():
+    """Teacher into a shallower student (weights 0, 1; the default correction, ``repair``): the
+    kept layers are recorded in the whole teacher, so the student's last LayerNorm output gets
+    the per-unit mean and std the teacher's last layer has after all its layers, on the
+    calibration tokens, and ends nearer the teacher's output than plain layer dropping."""
+    spec_d, spec_s = tiny_spec(4), tiny_spec(2, pooler=False)
+    deep, shallow = random_bert(spec_d, 0), random_bert(spec_s, 1)
+    x = tokens(n=60)
+    want, mask = hidden(spec_d, deep, x)
+    dropped = fuse(spec_s, shallow, spec_d, deep, [0, 3], True, weights=(0.0, 1.0), x=x, correction="none")
+    repaired = fuse(spec_s, shallow, spec_d, deep, [0, 3], True, weights=(0.0, 1.0), x=x, correction=None)
+    got = {name: hidden(spec_s, out.state_dict, x)[0][-1][mask].double() for name, out in
+           (("dropped", dropped), ("repaired", repaired))}
+    # the student answers in its own stream order: the teacher's embedding columns, permuted
+    key = "embeddings.word_embeddings.weight"
+    order = torch.cdist(dropped.state_dict[key].T, deep[key].T).argmin(1)
+    assert sorted(order.tolist()) == list(range(spec_d.hidden))
+    teacher = want[-1][mask].double()[:, order]
+    torch.testing.assert_close(got["repaired"].mean(0), teacher.mean(0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["repaired"].std(0), teacher.std(0), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got["dropped"].std(0), teacher.std(0), atol=1e-2)
+    error = {name: float((g - teacher).norm() / teacher.norm()) for name, g in got.items()}
+    assert error["repaired"] < error["dropped"]
+
+
 def test_different_head_counts_are_refused():
     spec_a, spec_b = tiny_spec(2), tiny_spec(2, heads=2)
     with pytest.raises(ClafuseError, match="heads"):
@@ -153,7 +178,7 @@ def test_cli_on_model_folders(tmp_path):
     assert r.code == 0, r
     doc = json.loads(r.stdout)
     assert list(doc["approximate_identities"]) and "near-identity" in r.stderr
-    assert doc["correction"] == "none"  # the BERT description's default: refitting measured worse there
+    assert doc["correction"] == "repair"  # the BERT description's default: refitting measured worse there
     folder = read_hf_folder(tmp_path / "fused")
     assert folder.config["num_hidden_layers"] == 3 and folder.tokenizer_json is not None
     r = invoke("fuse", "--map", tmp_path / "map.yaml", "--target", "shallow", "-o", tmp_path / "small", "--json")

@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from clafuse.arch.network import run
-from clafuse.fusion.engines import Member, Source, fuse_members
+from clafuse.fusion.corrections import record
+from clafuse.fusion.engine import record_model
+from clafuse.fusion.engines import Member, Source, balanced_model, fuse_members
 from clafuse.fusion.otfusion import FusionSettings
 from resmlp_family import ResMLPFamily, ResMLPSpec
 
@@ -144,6 +146,29 @@ def test_dropped_blocks_give_the_deeper_network_without_them() -> None:
     assert fused.keys() == shallow.keys()
     torch.testing.assert_close(reference(SHALLOW, fused, X), reference(DEEP, deep, X, skip={1, 3}),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_merged_source_is_recorded_in_the_whole_network() -> None:
+    """Dropping blocks of the deeper source leaves its recordings as the whole network computes
+    them: each kept block's site records are the deep network's own at that block (the correction
+    targets what the parent really computes there), not the shortened network's."""
+    deep = random_state(DEEP, 9)
+    net = FAMILY.describe(DEEP)
+    model = balanced_model(FAMILY.describe(SHALLOW), Source(Member(FAMILY, DEEP, deep), [[0, 2]], True), X)
+    assert model.context is not None and len(model.net.blocks) < len(net.blocks)
+    record_model(model, X, spaces=True, sites=True)
+    _, whole, _ = record(net, deep, X, sites=True)
+    _, shortened, _ = record(model.net, model.state, X, sites=True)
+    index = {b.name: i for i, b in enumerate(net.blocks)}
+    assert model.pre.keys() == shortened.keys()
+    differ = 0
+    for (b, site), value in model.pre.items():
+        original = whole[(index[model.net.blocks[b].name], site)]
+        for got, want in zip(value if isinstance(value, tuple) else (value,),
+                             original if isinstance(original, tuple) else (original,)):
+            torch.testing.assert_close(got, want)
+        differ += not torch.allclose(*(v[0] if isinstance(v, tuple) else v for v in (value, shortened[(b, site)])))
+    assert differ  # blocks after a dropped one see other inputs in the shortened network
 
 
 @pytest.mark.parametrize("correction", ["regress", "repair"])

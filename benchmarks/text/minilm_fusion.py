@@ -61,7 +61,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT = WORK / "minilm_fusion"
 FORTUNES = WORK / "fortunes"
 SELECTIONS = ([0, 2, 5], [1, 3, 5], [0, 3, 5])
-CORRECTIONS = ("regress", "none")
+CORRECTIONS = ("repair", "regress", "none")
 QUICK = dict(steps=20, batch_size=16, epochs=2, seeds=[0], val=100, test=200)
 FULL = dict(steps=40, batch_size=16, epochs=2, seeds=[0, 1, 2], val=200, test=400)
 
@@ -144,7 +144,8 @@ def layer_mapping(map_file: Path) -> list[int]:
 def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
                    teacher_emb: dict[str, torch.Tensor]) -> dict[str, tuple[Any, dict] | str]:
     """The two fused 3-layer students as (spec, state, details), or the reason they are not
-    available; fuse's correction is chosen among :data:`CORRECTIONS` by validation cosine."""
+    available; fuse's correction (among :data:`CORRECTIONS`) and the deep model's layers (align's
+    CKA mapping or one of :data:`SELECTIONS`) are chosen by validation cosine."""
     from clafuse import api
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -163,19 +164,22 @@ def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
         try:
             map_file = OUT / f"fusion-{i}.json"
             api.align(paths, map_file, data=str(calibration), samples=len(texts.val_text))
+            deep = "B" if target == "A" else "A"
             candidates = {}
-            for correction in CORRECTIONS:
-                out = OUT / f"fused-{i}-{correction}"
-                api.fuse(map_file, out, target=target, weights=weights, correction=correction)
-                model = load_text_model(out)
-                if model is None or model.spec.layers != 3:
-                    raise ClafuseError("fuse did not give a 3-layer BERT")
-                candidates[correction] = (val_cosine(model.net(), texts, teacher_emb), model)
+            for layers in dict.fromkeys([tuple(layer_mapping(map_file)), *map(tuple, SELECTIONS)]):
+                for correction in CORRECTIONS:
+                    out = OUT / f"fused-{i}-{correction}-{''.join(map(str, layers))}"
+                    api.fuse(map_file, out, target=target, weights=weights, correction=correction,
+                             mapping=[f"{deep}={','.join(map(str, layers))}"])
+                    model = load_text_model(out)
+                    if model is None or model.spec.layers != 3:
+                        raise ClafuseError("fuse did not give a 3-layer BERT")
+                    candidates[(layers, correction)] = (val_cosine(model.net(), texts, teacher_emb), model)
             best = max(candidates, key=lambda c: candidates[c][0])
             model = candidates[best][1]
             found[name] = (model.spec, model.state_dict, {
-                "mapping": layer_mapping(map_file), "correction": best,
-                "val_cosine_by_correction": {c: v for c, (v, _) in candidates.items()}})
+                "mapping": list(best[0]), "align_mapping": layer_mapping(map_file), "correction": best[1],
+                "val_cosine_by_choice": {f"{list(m)} {c}": v for (m, c), (v, _) in candidates.items()}})
         except (ClafuseError, NotImplementedError) as exc:
             found[name] = f"not yet available: {' '.join(str(exc).split())[:200]}"
     return found
@@ -304,7 +308,7 @@ def markdown(doc: dict[str, Any]) -> str:
         b, after = r["before"], r.get("after", [])
         cos = "-" if b.get("cosine") is None else f"{b['cosine']:.3f}"
         val = "-" if r.get("val_cosine") is None else f"{r['val_cosine']:.3f}"
-        name = r["row"] + (f", align matched layers {r['mapping']}" if "mapping" in r else "") \
+        name = r["row"] + (f", layers {r['mapping']}" if "mapping" in r else "") \
             + (f", correction {r['correction']}" if "correction" in r else "")
         lines.append(
             f"| {name} | {r['layers']} | {val} | {cos} | {b['spearman']:.3f} | "
@@ -312,8 +316,9 @@ def markdown(doc: dict[str, Any]) -> str:
             + " | ".join(_mean([a[k] for a in after]) for k in ("cosine", "spearman", "recall@1", "mrr")) + " |")
     lines += ["", f"Best layer selection on validation text (before distillation): {doc['best_selection_on_val']}.", "",
               "Fused rows: `clafuse align` with its defaults (CKA layer costs, first and last layers pinned) on the "
-              "validation texts as calibration sentences, then `clafuse fuse` (correction `regress` or `none`, "
-              "chosen by validation cosine): the pair into the "
+              "validation texts as calibration sentences, then `clafuse fuse` with the deep model's layers (align's "
+              "mapping or one of the layer selections above, `--mapping`) and the correction (`repair`, `regress` or "
+              "`none`) chosen by validation cosine: the pair into the "
               "shallow model's layout (`--target shallow --weights 1,1`), the teacher into the untrained student's "
               "(`--target A --weights 0,1`). The untrained student has the teacher's embeddings and pooler and freshly "
               "initialised layers, so that its residual stream is in the teacher's unit order (with a fully random "

@@ -214,8 +214,9 @@ class Network:
     detached: list[Block] = field(default_factory=list)
     """Blocks balancing removed; their tensors can still describe the units of a space."""
     correction: str = "regress"
-    """The correction fusion applies unless told otherwise: ``regress`` by default; ``none`` where
-    refitting was measured to hurt (post-LN transformers, whose LayerNorms undo a refit's scale)."""
+    """The correction fusion applies unless told otherwise: ``regress`` by default; ``repair`` where
+    refitting was measured to hurt (post-LN transformers: restoring each LayerNorm output's unit
+    statistics helps, refitting the FFN input does not)."""
     batch: int = 256
     """Samples per forward pass when the network is recorded on calibration data: a transformer's
     attention grows with the square of its length, so its description asks for fewer."""

@@ -7,7 +7,7 @@ each normalisation or site sees the corrected earlier ones.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Collection, Mapping
 
 import torch
 
@@ -22,8 +22,10 @@ class _Recorder(Tap):
     regression refits from), as per-unit counts, sums and sums of squares elsewhere (all REPAIR
     needs)."""
 
-    def __init__(self, net: Network, spaces: bool, sites: bool, max_positions: int | None) -> None:
+    def __init__(self, net: Network, spaces: bool, sites: bool, max_positions: int | None,
+                 space_names: Collection[str] | None = None) -> None:
         self.index = {b.name: i for i, b in enumerate(net.blocks)}
+        self.space_names = space_names
         self.batch: dict[str, torch.Tensor] = {}
         self.pre: dict[tuple[int, str], list[torch.Tensor]] = {}
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
@@ -41,7 +43,7 @@ class _Recorder(Tap):
         return z
 
     def space(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        if self.want_spaces:
+        if self.want_spaces and (self.space_names is None or name in self.space_names):
             if h.dim() == 2 and len(h) != self.samples:  # rows per position (tokens): kept as maps are
                 h = h.to(torch.float16)
             self.batch[name] = reduce_map(h, self.max_positions)
@@ -50,14 +52,14 @@ class _Recorder(Tap):
 
 @torch.no_grad()
 def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spaces: bool = True,
-           sites: bool = False, max_positions: int | None = 64
+           sites: bool = False, max_positions: int | None = 64, space_names: Collection[str] | None = None
            ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], SiteRecord], torch.Tensor]:
-    """Per space, the activations of the last block writing it (maps thinned to ``max_positions``
-    positions, and rows per token, in float16); per correction site (block index, name), its
-    pre-activations (plain linear sites) or their per-unit (mean, std) (the others); and the
-    output; on ``x`` in batches of ``net.batch`` samples."""
+    """Per space (of ``space_names``, default all), the activations of the last block writing it
+    (maps thinned to ``max_positions`` positions, and rows per token, in float16); per correction
+    site (block index, name), its pre-activations (plain linear sites) or their per-unit
+    (mean, std) (the others); and the output; on ``x`` in batches of ``net.batch`` samples."""
     tensors = {b.name: {local: net.param_value(b, local, state).float() for local in b.params} for b in net.blocks}
-    tap = _Recorder(net, spaces, sites, max_positions)
+    tap = _Recorder(net, spaces, sites, max_positions, space_names)
     acts: dict[str, list[torch.Tensor]] = {}
     outs = []
     for start in range(0, len(x), net.batch):

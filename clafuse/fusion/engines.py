@@ -86,7 +86,9 @@ def balanced_model(target: Network, source: Source, x: torch.Tensor | None) -> M
     m = source.member
     net = m.family.describe(m.spec)
     state = float_state(m.state_dict) if x is not None else m.state_dict
+    context = None
     if source.deeper:
+        context = net
         gates = None
         if x is not None and needs_folding(net, source.mappings):
             gates = gates_of(net, record(net, state, x, spaces=False, sites=True)[1])
@@ -100,7 +102,7 @@ def balanced_model(target: Network, source: Source, x: torch.Tensor | None) -> M
                                    "shallower layout (--target shallow)")
             net = fit_inserted(net, state, x)
     net = pair_optional(net, target)
-    return Model(net, state, consumable=x is not None)
+    return Model(net, state, consumable=x is not None, context=context)
 
 
 def fuse_members(target: Member, sources: list[Source], weights: list[float], x: torch.Tensor | None,

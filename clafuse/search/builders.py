@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from clafuse.arch.network import Param
-from clafuse.fusion.corrections import record
-from clafuse.fusion.engine import Model, Pairing, fuse_models, mixing_rows
+from clafuse.fusion.engine import Model, Pairing, fuse_models, mixing_rows, record_model
 from clafuse.fusion.engines import FusionOutcome, Member, Source, balanced_model, float_state
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.options import mixing_weights
@@ -85,9 +84,7 @@ class PlanBuilder:
         self._fused: "OrderedDict[Candidate, FusionOutcome]" = OrderedDict()
 
     def _record(self, model: Model, samples: int) -> Model:
-        model.acts, model.pre, _ = record(model.net, model.state, self.x_build[:samples], spaces=self.use_acts,
-                                          sites=True)
-        return model
+        return record_model(model, self.x_build[:samples], self.use_acts, True)
 
     def anchor(self, samples: int) -> Model:
         """The target recorded on the first ``samples`` build inputs."""
