@@ -171,6 +171,22 @@ def test_a_merged_source_is_recorded_in_the_whole_network() -> None:
     assert differ  # blocks after a dropped one see other inputs in the shortened network
 
 
+def test_plain_linear_sites_are_recorded_in_full_only_for_a_regression() -> None:
+    """``repair`` needs each unit's mean and std, not every pre-activation: without ``full_sites``
+    a plain linear site keeps its moments, the same as the full record's."""
+    sd = random_state(DEEP, 10)
+    net = FAMILY.describe(DEEP)
+    _, full, _ = record(net, sd, X, spaces=False, sites=True)
+    _, moments, _ = record(net, sd, X, spaces=False, sites=True, full_sites=False)
+    assert full.keys() == moments.keys()
+    plain = [k for k, v in full.items() if not isinstance(v, tuple)]
+    assert plain and all(isinstance(v, tuple) for v in moments.values())
+    for key in plain:
+        mean, std = moments[key]
+        torch.testing.assert_close(mean, full[key].double().mean(0))
+        torch.testing.assert_close(std, full[key].double().std(0, unbiased=False))
+
+
 @pytest.mark.parametrize("correction", ["regress", "repair"])
 def test_corrections_apply_to_a_new_family(correction: str) -> None:
     """The corrections come with the description: a fused pair is refit towards its parents."""

@@ -23,9 +23,9 @@ class _Recorder(Tap):
     needs)."""
 
     def __init__(self, net: Network, spaces: bool, sites: bool, max_positions: int | None,
-                 space_names: Collection[str] | None = None) -> None:
+                 space_names: Collection[str] | None = None, full_sites: bool = True) -> None:
         self.index = {b.name: i for i, b in enumerate(net.blocks)}
-        self.space_names = space_names
+        self.space_names, self.full_sites = space_names, full_sites
         self.batch: dict[str, torch.Tensor] = {}
         self.pre: dict[tuple[int, str], list[torch.Tensor]] = {}
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
@@ -35,7 +35,7 @@ class _Recorder(Tap):
     def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         if self.want_sites:
             key = (self.index[self.block.name], name)
-            if inputs is not None and self.block.sites[name].norm is None:
+            if self.full_sites and inputs is not None and self.block.sites[name].norm is None:
                 self.pre.setdefault(key, []).append(z)
             else:
                 part = _moments(z)
@@ -52,14 +52,15 @@ class _Recorder(Tap):
 
 @torch.no_grad()
 def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spaces: bool = True,
-           sites: bool = False, max_positions: int | None = 64, space_names: Collection[str] | None = None
-           ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], SiteRecord], torch.Tensor]:
+           sites: bool = False, max_positions: int | None = 64, space_names: Collection[str] | None = None,
+           full_sites: bool = True) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], SiteRecord], torch.Tensor]:
     """Per space (of ``space_names``, default all), the activations of the last block writing it
     (maps thinned to ``max_positions`` positions, and rows per token, in float16); per correction
-    site (block index, name), its pre-activations (plain linear sites) or their per-unit
-    (mean, std) (the others); and the output; on ``x`` in batches of ``net.batch`` samples."""
+    site (block index, name), its pre-activations (plain linear sites, with ``full_sites``: what
+    a regression refits to) or their per-unit (mean, std) (the others); and the output; on ``x``
+    in batches of ``net.batch`` samples."""
     tensors = {b.name: {local: net.param_value(b, local, state).float() for local in b.params} for b in net.blocks}
-    tap = _Recorder(net, spaces, sites, max_positions, space_names)
+    tap = _Recorder(net, spaces, sites, max_positions, space_names, full_sites)
     acts: dict[str, list[torch.Tensor]] = {}
     outs = []
     for start in range(0, len(x), net.batch):

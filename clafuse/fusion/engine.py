@@ -385,8 +385,9 @@ def plans_by_space(pairing: Pairing) -> dict[str, np.ndarray]:
     return {name: pairing.plan(name) for name in pairing.names if not pairing.t_spaces[name].fixed}
 
 
-def record_model(model: Model, x: torch.Tensor, spaces: bool, sites: bool) -> Model:
-    """``model`` with its space activations and site pre-activations recorded on ``x``.
+def record_model(model: Model, x: torch.Tensor, spaces: bool, sites: bool, full_sites: bool = True) -> Model:
+    """``model`` with its space activations and site pre-activations recorded on ``x`` (plain
+    linear sites in full only with ``full_sites``, which a regression needs; else their moments).
 
     A merged source is recorded as the whole network it was (``model.context``): each kept
     block's records are what that block computes after the blocks that were dropped, so that the
@@ -396,7 +397,7 @@ def record_model(model: Model, x: torch.Tensor, spaces: bool, sites: bool) -> Mo
     held-out text; MNIST MLP merges unchanged."""
     net = model.context or model.net
     names = set(model.net.all_spaces())
-    acts, pre, _ = record(net, model.state, x, spaces=spaces, sites=sites, space_names=names)
+    acts, pre, _ = record(net, model.state, x, spaces=spaces, sites=sites, space_names=names, full_sites=full_sites)
     if model.context is not None:
         index = {b.name: i for i, b in enumerate(model.net.blocks)}
         pre = {(index[net.blocks[b].name], site): value for (b, site), value in pre.items()
@@ -428,7 +429,7 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
     need_sites = x is not None and correction != "none"
     if x is not None and (use_acts or need_sites) and pairings is None:
         for model in (anchor, *models):
-            record_model(model, x, use_acts, need_sites)
+            record_model(model, x, use_acts, need_sites, full_sites=correction == "regress")
     keep = (settings.inserted or default_inserted(net)) == "keep"
     mixed = transport_and_mix(anchor, models, list(weights), keep, settings.solver, settings.reg, settings.ground,
                               use_acts, pairings)
