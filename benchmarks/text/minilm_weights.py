@@ -107,7 +107,7 @@ def main() -> int:
     lines = ["# MiniLM-L6 + MiniLM-L3 fused one-shot into the 3-layer layout, by weight", "",
              f"Written by `benchmarks/text/minilm_weights.py` in {doc['seconds']:.0f} s. No training. Per weight of "
              "the 6-layer model, the layer mapping with the best validation cosine (of the three selections) is "
-             f"chosen, then measured once on {len(texts.test_text)} test texts; default correction (none for BERT).",
+             f"chosen, then measured once on {len(texts.test_text)} test texts; default correction (repair for BERT).",
              "", "| model | mapping | val cosine | cosine | Spearman | R@1 | MRR |", "|---|---|---|---|---|---|---|"]
     searched = {k: v for k, v in rows.items() if "command" in v}
     for name, row in rows.items():
