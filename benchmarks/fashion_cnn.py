@@ -90,6 +90,22 @@ SEARCHES = {
 }
 
 
+# "+ 1 epoch": one more epoch at a finetuning rate (peak lr 0.01, cosine) for every row; the
+# parents' own peak rate (0.05) lowered every model on validation, the parents included.
+ONE_EPOCH = FinetuneConfig(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, seed=1)
+
+
+def cached_models(pair: str) -> dict[str, Path]:
+    """The parents and the label-free searched fusion (default budget) a run of this script left
+    for ``pair``, by row name; for the follow-up benchmarks that finetune them."""
+    paths = {"parent A": WORK / f"{pair}-A.safetensors", "parent B": WORK / f"{pair}-B.safetensors",
+             "fused, search (label-free), budget 8": WORK / f"{pair}-search-0.safetensors"}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"run benchmarks/fashion_cnn.py first: missing {', '.join(missing)}")
+    return paths
+
+
 def subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     if n >= len(ds):
         return ds
@@ -157,9 +173,6 @@ def main() -> None:
     keep[torch.cat([used.build, used.holdout])] = False
     unseen = Dataset(val.x[keep], val.y[keep], "fashion-mnist:val unseen")
     config = FinetuneConfig(epochs=args.epochs, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128, seed=0)
-    # "+ 1 epoch": one more epoch at a finetuning rate (peak lr 0.01, cosine) for every row; the
-    # parents' own peak rate (0.05) lowered every model on validation, the parents included.
-    one_epoch = FinetuneConfig(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, seed=1)
     previous = RESULTS / "fashion_cnn.json"
     report: dict = json.loads(previous.read_text()) if previous.exists() else {"pairs": {}}
     report.update({"subset": args.subset, "epochs": args.epochs, "samples": args.samples})
@@ -234,7 +247,7 @@ def main() -> None:
         for label, path in finetuned:
             model = api.load_model(path).module()
             t0 = time.perf_counter()
-            result = finetune(model, train, val, one_epoch)
+            result = finetune(model, train, val, ONE_EPOCH)
             model.load_state_dict(result.best_state)
             rows[label] = {"val": evaluate(model, val)["accuracy"], "test": evaluate(model, test)["accuracy"]}
             print(f"{pair} {label}: val {rows[label]['val']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)

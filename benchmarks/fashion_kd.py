@@ -20,16 +20,17 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_cnn import RESULTS, WORK, subset  # noqa: E402
+from fashion_cnn import ONE_EPOCH, RESULTS, cached_models, subset  # noqa: E402
 
 from clafuse import api  # noqa: E402
 from clafuse.data import load_source  # noqa: E402
 from clafuse.threads import use_threads  # noqa: E402
-from clafuse.training import FinetuneConfig, evaluate, evaluate_ensemble, finetune  # noqa: E402
+from clafuse.training import evaluate, evaluate_ensemble, finetune  # noqa: E402
 from clafuse.training.objectives import Ensemble  # noqa: E402
 
 
@@ -42,15 +43,10 @@ def main() -> None:
     train = subset(load_source("fashion-mnist"), args.subset)
     val, test = load_source("fashion-mnist:val"), load_source("fashion-mnist:test")
     # fashion_cnn.py's "+ 1 epoch" recipe, with the parents' ensemble as the teacher.
-    kd_epoch = FinetuneConfig(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, seed=1,
-                              kd_alpha=0.5, kd_temperature=4.0)
+    kd_epoch = replace(ONE_EPOCH, kd_alpha=0.5, kd_temperature=4.0)
     report: dict = {"subset": args.subset, "pairs": {}}
     for pair in args.pairs:
-        paths = {"parent A": WORK / f"{pair}-A.safetensors", "parent B": WORK / f"{pair}-B.safetensors",
-                 "fused, search (label-free), budget 8": WORK / f"{pair}-search-0.safetensors"}
-        missing = [str(p) for p in paths.values() if not p.exists()]
-        if missing:
-            raise SystemExit(f"run benchmarks/fashion_cnn.py first: missing {', '.join(missing)}")
+        paths = cached_models(pair)
         parents = [api.load_model(paths[n]).module() for n in ("parent A", "parent B")]
         rows = {"ensemble A+B": {"val": evaluate_ensemble(parents, val)["accuracy"],
                                  "test": evaluate_ensemble(parents, test)["accuracy"]}}
