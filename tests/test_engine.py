@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from clafuse.arch.network import run
-from clafuse.fusion.corrections import record
+from clafuse.fusion.corrections import correct, record
 from clafuse.fusion.engine import record_model
 from clafuse.fusion.engines import Member, Source, balanced_model, fuse_members
 from clafuse.fusion.otfusion import FusionSettings
@@ -185,6 +186,23 @@ def test_plain_linear_sites_are_recorded_in_full_only_for_a_regression() -> None
         mean, std = moments[key]
         torch.testing.assert_close(mean, full[key].double().mean(0))
         torch.testing.assert_close(std, full[key].double().std(0, unbiased=False))
+
+
+@pytest.mark.parametrize("method", ["regress", "repair"])
+def test_corrections_do_not_depend_on_the_batch_size(method: str) -> None:
+    """The corrections run block by block over calibration batches, each step solved from every
+    batch's statistics: the corrected tensors are those of one pass over all samples at once."""
+    net = FAMILY.describe(DEEP)
+    state, other = random_state(DEEP, 11), random_state(DEEP, 12)
+    _, targets, _ = record(net, other, X, sites=True, full_sites=method == "regress")
+    whole = correct(replace(net, batch=len(X)), state, X, targets, method)
+    batched = correct(replace(net, batch=7), state, X, targets, method)
+    changed = [k for k in state if not torch.equal(whole[k], state[k])]
+    assert any(k.endswith("fc1.weight") for k in changed), changed
+    for key in state:
+        torch.testing.assert_close(batched[key], whole[key], rtol=1e-5, atol=1e-6)
+    if method == "regress":  # the head (a fixed space) is refit onto the other network's logits
+        assert torch.dist(run(net, whole, X), run(net, other, X)) < torch.dist(run(net, state, X), run(net, other, X))
 
 
 @pytest.mark.parametrize("correction", ["regress", "repair"])

@@ -206,8 +206,9 @@ def test_plan_builder_equals_a_plain_fusion_bit_for_bit(pair, data, deep_is_targ
         assert ours.keys() == direct.state_dict.keys()
         for key in ours:
             assert torch.equal(ours[key], direct.state_dict[key]), (c, key)
-    # One recording of the target per size and one balanced, recorded source per mapping and size.
-    assert sorted(builder._anchors) == [200, 300] and len(builder._pairs) == 3
+    # One recording of the target per size (and per kind: sites in full for a regression, else
+    # their moments) and one balanced, recorded source per mapping, size and kind.
+    assert sorted(builder._anchors) == [(200, False), (300, False), (300, True)] and len(builder._pairs) == 3
     # Another mapping really gives another network.
     built = builder.outcome(candidates[0]).state_dict
     other = builder.outcome(candidates[0].with_(mappings=(1,))).state_dict

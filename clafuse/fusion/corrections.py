@@ -1,8 +1,8 @@
 """Recording a described network on calibration inputs, and the corrections after mixing: BatchNorm
 statistics recomputed, REPAIR and ridge regression — each written once, on the description.
 
-The corrections run the fused network once over all calibration inputs, block by block, so that
-each normalisation or site sees the corrected earlier ones.
+The corrections run the fused network block by block over batches of calibration inputs, step
+after step, so that each normalisation or site sees the corrected earlier ones.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Collection, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from clafuse.arch.network import Network, Tap, run
 from clafuse.fusion.neurons import reduce_map
@@ -87,35 +88,6 @@ def _tensors_of(net: Network, state: dict[str, torch.Tensor]):
     return tensors
 
 
-class _Reset(Tap):
-    """Recomputes each BatchNorm's running statistics from what it receives, before applying it."""
-
-    state: dict[str, torch.Tensor]
-
-    def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
-        n, total, squares = _moments(z)
-        mean = total / n
-        var = ((squares - n * mean.pow(2)) / (n - 1).clamp_min(1)).clamp_min(0)
-        mean, var = mean.float(), var.float()
-        for leaf, value in (("running_mean", mean), ("running_var", var)):
-            key = self.block.params[f"{local}.{leaf}"].key
-            if key in self.state:
-                self.state[key] = value
-        self.tensors = {**self.tensors, f"{local}.running_mean": mean, f"{local}.running_var": var}
-        return super().norm(local, z, eps)
-
-
-@torch.no_grad()
-def reset_norms(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``state`` with every BatchNorm's running mean and variance recomputed from what it receives
-    on ``x``, each seeing the reset earlier ones."""
-    state = dict(state)
-    tap = _Reset()
-    tap.state = state
-    run(net, state, x, tap, tensors=_tensors_of(net, state))
-    return state
-
-
 def _moments(z: torch.Tensor) -> torch.Tensor:
     """(3, units): per unit (axis 1) the count, sum and sum of squares of ``z``, in float64.
 
@@ -141,54 +113,88 @@ def _pre_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return f.mean(0), f.std(0, unbiased=False)
 
 
-def ridge_fit(inputs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The Linear weights (and bias, if there is one) whose output on ``inputs`` is closest to
-    ``target`` by ridge least squares, shrunk towards the current ones."""
-    h = inputs.flatten(1).double()
-    start = weight.double()
-    if bias is not None:
-        h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
-        start = torch.cat([start, bias.double()[:, None]], 1)
-    gram = h.T @ h
-    lam = ridge * torch.trace(gram) / gram.shape[0]
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    solved = torch.linalg.solve(gram + lam * eye, h.T @ target.double() + lam * start.T).T
-    if bias is not None:
-        return solved[:, :-1].float().contiguous(), solved[:, -1].float().contiguous()
-    return solved.float().contiguous(), None
+class _Stop(Exception):
+    """Ends a block's forward at the correction step whose statistics are being gathered."""
 
 
-class _Correct(_Reset):
-    def __init__(self, net: Network, state: dict[str, torch.Tensor], targets: Mapping[tuple[int, str], torch.Tensor],
+class _Corrector(Tap):
+    """Corrects one block at a time over the calibration batches. The block's steps (correction
+    sites with a target and, with ``reset``, BatchNorms) run in forward order: solved ones are
+    already in the block's tensors; the first unsolved one adds the batch's statistics (moments,
+    or the Gram matrices of a regression) and stops the forward; once every batch has added its
+    part, the step is solved into the block's tensors (and ``state``), and the block runs again up
+    to the next step."""
+
+    def __init__(self, net: Network, state: dict[str, torch.Tensor], targets: Mapping[tuple[int, str], object],
                  method: str, ridge: float, reset: bool) -> None:
-        self.net, self.state, self.targets, self.method, self.ridge = net, state, targets, method, ridge
-        self.reset = reset
+        self.net, self.state, self.targets, self.method, self.ridge, self.reset = net, state, targets, method, ridge, reset
         self.index = {b.name: i for i, b in enumerate(net.blocks)}
+        self.spaces = net.all_spaces()
+        self.solved: set[tuple[int, str]] = set()
+        self.overrides: dict[str, torch.Tensor] = {}
+        self.pending: tuple[tuple[int, str], str, object] | None = None
+        self.stats: list[torch.Tensor] | None = None
+        self.rows = 0
 
-    def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
-        return super().norm(local, z, eps) if self.reset else Tap.norm(self, local, z, eps)
+    def _gather(self, key: tuple[int, str], kind: str, info: object, parts: list[torch.Tensor]) -> None:
+        if self.pending is None:
+            self.pending = (key, kind, info)
+        self.stats = parts if self.stats is None else [a + b for a, b in zip(self.stats, parts)]
+        raise _Stop
 
     def _set(self, local: str, value: torch.Tensor) -> None:
-        key = self.block.params[local].key
+        self.overrides[local] = value
+        key = self.block.params[local].key if local in self.block.params else None
         if key in self.state:
             self.state[key] = value
 
+    def norm(self, local: str, z: torch.Tensor, eps: float) -> torch.Tensor:
+        key = (self.index[self.block.name], f"norm:{local}")
+        if self.reset and key not in self.solved:
+            self._gather(key, "norm", local, [_moments(z)])
+        return super().norm(local, z, eps)
+
     def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        target = self.targets.get((self.index[self.block.name], name))
-        if target is None:
+        key = (self.index[self.block.name], name)
+        target = self.targets.get(key)
+        if target is None or key in self.solved:
             return z
-        site, t = self.block.sites[name], self.tensors
+        site = self.block.sites[name]
         if self.method == "regress" and inputs is not None and site.norm is None and not isinstance(target, tuple):
-            weight, bias = ridge_fit(inputs, target, t[site.weight], t.get(site.bias) if site.bias else None,
-                                     self.ridge)
+            h = _with_ones(inputs.flatten(1).double(), site.bias is not None)
+            rows = target[self.rows:self.rows + len(h)].double()
+            self.rows += len(h)
+            self._gather(key, "regress", site, [h.T @ h, h.T @ rows])
+        if self.spaces[site.space].fixed:
+            return z
+        self._gather(key, "repair", site, [_moments(z)])
+        return z
+
+    def solve(self) -> None:
+        """Solves the step whose statistics every batch has added."""
+        (key, kind, info), stats = self.pending, self.stats
+        self.pending, self.stats, self.rows = None, None, 0
+        self.solved.add(key)
+        t = self.tensors
+        if kind == "norm":
+            n, total, squares = stats[0]
+            mean = total / n
+            var = ((squares - n * mean.pow(2)) / (n - 1).clamp_min(1)).clamp_min(0)
+            self._set(f"{info}.running_mean", mean.float())
+            self._set(f"{info}.running_var", var.float())
+            return
+        site = info
+        if kind == "regress":
+            weight, bias = _ridge_solve(stats[0], stats[1], t[site.weight], t.get(site.bias) if site.bias else None,
+                                        self.ridge)
             self._set(site.weight, weight)
             if bias is not None:
                 self._set(site.bias, bias)
-            return torch.nn.functional.linear(inputs, weight, bias)
-        if self.net.all_spaces()[site.space].fixed:
-            return z
-        mean, std = _pre_stats(z)
+            return
+        n, total, squares = stats[0]
+        mean = total / n
+        std = (squares / n - mean.pow(2)).clamp_min(0).sqrt()
+        target = self.targets[key]
         t_mean, t_std = target if isinstance(target, tuple) else _pre_stats(target)
         scale = torch.where(std > 1e-8, t_std / std.clamp_min(1e-8), torch.ones_like(std))
         shift = t_mean - scale * mean
@@ -200,23 +206,68 @@ class _Correct(_Reset):
             self._set(site.weight, (t[site.weight].double() * scale.view(shape)).float())
             if site.bias is not None:
                 self._set(site.bias, (t[site.bias].double() * scale + shift).float())
-            else:
-                shift = torch.zeros_like(shift)
-        view = (1, -1) + (1,) * (z.dim() - 2)
-        return torch.addcmul(shift.to(z.dtype).view(view), z, scale.to(z.dtype).view(view))
+
+
+def _with_ones(h: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1) if bias else h
+
+
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 ridge: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Linear weights (and bias, if there is one) minimising ||h W^T - target||^2 plus a ridge
+    penalty towards the current ones, from ``gram`` = h^T h and ``cross`` = h^T target (h with a
+    column of ones for the bias), in float64."""
+    start = weight.double()
+    if bias is not None:
+        start = torch.cat([start, bias.double()[:, None]], 1)
+    lam = ridge * torch.trace(gram) / gram.shape[0]
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    solved = torch.linalg.solve(gram + lam * eye, cross + lam * start.T).T
+    if bias is not None:
+        return solved[:, :-1].float().contiguous(), solved[:, -1].float().contiguous()
+    return solved.float().contiguous(), None
 
 
 @torch.no_grad()
 def correct(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor,
-            targets: Mapping[tuple[int, str], torch.Tensor], method: str, ridge: float = 1e-3,
+            targets: Mapping[tuple[int, str], object], method: str, ridge: float = 1e-3,
             reset: bool = False) -> dict[str, torch.Tensor]:
     """``state`` corrected site by site towards ``targets`` (per site: the mixed pre-activations of
-    the parents), each site seeing the corrected earlier ones. ``regress`` refits plain linear
-    sites by ridge least squares and repairs the others; ``repair`` restores each unit's mean and
-    std (the shift needs a bias or a norm to live in). Sites in fixed spaces (the classes) are only
-    regressed. With ``reset``, each BatchNorm's running statistics are first recomputed from what
-    it receives in the same pass (as :func:`reset_norms` would, after the earlier corrections), so
-    the fused network runs once instead of twice."""
+    the parents, in full or as per-unit (mean, std)), each site seeing the corrected earlier ones.
+    ``regress`` refits plain linear sites by ridge least squares and repairs the others; ``repair``
+    restores each unit's mean and std (the shift needs a bias or a norm to live in). Sites in fixed
+    spaces (the classes) are only regressed. With ``reset``, each BatchNorm's running statistics
+    are first recomputed from what it receives (after the earlier corrections).
+
+    The network runs block by block over batches of ``net.batch`` samples (see
+    :class:`_Corrector`): memory holds the block inputs of all samples and one batch's
+    intermediate tensors, and the result does not depend on the batch size."""
     state = dict(state)
-    run(net, state, x, _Correct(net, state, targets, method, ridge, reset), tensors=_tensors_of(net, state))
+    tap = _Corrector(net, state, targets, method, ridge, reset)
+    batches = [x[start:start + net.batch] for start in range(0, len(x), net.batch)]
+    hs = [net.pre(xb.float() if xb.is_floating_point() else xb) for xb in batches]
+    tensors = _tensors_of(net, state)
+    tap.current = None
+    for block in net.blocks:
+        tap.block, tap.overrides = block, {}
+        while True:
+            tap.tensors = {**tensors(block), **tap.overrides}
+            outs = []
+            for h, xb in zip(hs, batches):
+                tap.x = xb
+                try:
+                    outs.append(block.forward(tap.tensors, h, tap))
+                except _Stop:
+                    pass
+            if tap.pending is None:
+                break
+            tap.solve()
+        hs = outs
+        tap.current = block.output or tap.current
     return state
+
+
+def reset_norms(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``state`` with every BatchNorm's running mean and variance recomputed from what it receives
+    on ``x``, each seeing the reset earlier ones."""
+    return correct(net, state, x, {}, "none", reset=True)

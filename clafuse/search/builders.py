@@ -78,32 +78,34 @@ class PlanBuilder:
         self.net = target.family.describe(target.spec)
         self.use_acts = settings.signal == "activations"
         self._parents = list(parents) if parents is not None else None
-        self._anchors: dict[int, Model] = {}
-        self._pairs: dict[tuple[int, int, int], tuple[Model, KeptPairing]] = {}
+        self._anchors: dict[tuple[int, bool], Model] = {}
+        self._pairs: dict[tuple[int, int, int, bool], tuple[Model, KeptPairing]] = {}
         self._teachers: dict[int, torch.Tensor] = {}
         self._fused: "OrderedDict[Candidate, FusionOutcome]" = OrderedDict()
 
-    def _record(self, model: Model, samples: int) -> Model:
-        return record_model(model, self.x_build[:samples], self.use_acts, True)
+    def _record(self, model: Model, samples: int, full: bool) -> Model:
+        return record_model(model, self.x_build[:samples], self.use_acts, True, full_sites=full)
 
-    def anchor(self, samples: int) -> Model:
-        """The target recorded on the first ``samples`` build inputs."""
-        if samples not in self._anchors:
-            self._anchors[samples] = self._record(Model(self.net, self.target.state_dict), samples)
-        return self._anchors[samples]
+    def anchor(self, samples: int, full: bool = True) -> Model:
+        """The target recorded on the first ``samples`` build inputs (plain linear sites in full
+        with ``full``, as a regression needs, else as moments, as ``fuse`` records them for the
+        other corrections, so that a candidate is the same fusion bit for bit)."""
+        if (samples, full) not in self._anchors:
+            self._anchors[(samples, full)] = self._record(Model(self.net, self.target.state_dict), samples, full)
+        return self._anchors[(samples, full)]
 
-    def pair(self, index: int, rank: int, samples: int) -> tuple[Model, KeptPairing]:
-        """Source ``index`` balanced with its ``rank``-th mapping, recorded, and its pairing with
-        the target (plans solved when first needed, then kept)."""
-        key = (index, rank, samples)
+    def pair(self, index: int, rank: int, samples: int, full: bool = True) -> tuple[Model, KeptPairing]:
+        """Source ``index`` balanced with its ``rank``-th mapping, recorded (see :meth:`anchor`),
+        and its pairing with the target (plans solved when first needed, then kept)."""
+        key = (index, rank, samples, full)
         if key not in self._pairs:
             alt = self.sources[index]
             model = balanced_model(self.net, Source(alt.member, alt.mappings[rank], alt.deeper),
                                    self.x_build[:samples])
             model.consumable = False
-            self._record(model, samples)
+            self._record(model, samples, full)
             s = self.settings
-            self._pairs[key] = model, KeptPairing(self.anchor(samples), model, s.solver, s.reg, s.ground,
+            self._pairs[key] = model, KeptPairing(self.anchor(samples, full), model, s.solver, s.reg, s.ground,
                                                   self.use_acts)
         return self._pairs[key]
 
@@ -113,9 +115,10 @@ class PlanBuilder:
         if key in self._fused:
             self._fused.move_to_end(key)
             return self._fused[key]
-        pairs = [self.pair(i, rank, c.samples) for i, rank in enumerate(c.mappings)]
+        full = (c.correction or self.net.correction) == "regress"
+        pairs = [self.pair(i, rank, c.samples, full) for i, rank in enumerate(c.mappings)]
         settings = replace(self.settings, inserted=c.inserted, correction=c.correction)
-        mixed = fuse_models(self.anchor(c.samples), [m for m, _ in pairs], engine_weights(c.weights),
+        mixed = fuse_models(self.anchor(c.samples, full), [m for m, _ in pairs], engine_weights(c.weights),
                             self.x_build[:c.samples], settings, pairings=[p for _, p in pairs])
         state = {k: (mixed.state[k] if k in mixed.state else v).to(self.dtypes[k])
                  for k, v in self.target.state_dict.items()}
