@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from clafuse.arch.network import run
-from clafuse.fusion.corrections import correct, record
-from clafuse.fusion.engine import record_model
+from clafuse.fusion.corrections import correct, record, record_model
 from clafuse.fusion.engines import Member, Source, balanced_model, fuse_members
 from clafuse.fusion.otfusion import FusionSettings
 from resmlp_family import ResMLPFamily, ResMLPSpec

@@ -7,13 +7,16 @@ after step, so that each normalisation or site sees the corrected earlier ones.
 
 from __future__ import annotations
 
-from typing import Collection, Mapping
+from typing import TYPE_CHECKING, Collection, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from clafuse.arch.network import Network, Tap, run
 from clafuse.fusion.neurons import reduce_map
+
+if TYPE_CHECKING:
+    from clafuse.fusion.engine import Model
 
 SiteRecord = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
 
@@ -75,6 +78,27 @@ def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spa
         mean = total / n
         pre[key] = (mean, (squares / n - mean.pow(2)).clamp_min(0).sqrt())
     return {k: torch.cat(v) for k, v in acts.items()}, pre, torch.cat(outs)
+
+
+def record_model(model: "Model", x: torch.Tensor, spaces: bool, sites: bool, full_sites: bool = True) -> "Model":
+    """``model`` with its space activations and site pre-activations recorded on ``x`` (plain
+    linear sites in full only with ``full_sites``, which a regression needs; else their moments).
+
+    A merged source is recorded as the whole network it was (``model.context``): each kept
+    block's records are what that block computes after the blocks that were dropped, so that the
+    correction pulls the fused network towards what the deeper parent really computes there, not
+    towards the shortened parent's drifted values. Measured on all-MiniLM-L6-v2 compressed into
+    3 layers (layers 0, 3, 5 kept, LayerNorm outputs repaired): teacher cosine 0.654 -> 0.723 on
+    held-out text; MNIST MLP merges unchanged."""
+    net = model.context or model.net
+    names = set(model.net.all_spaces())
+    acts, pre, _ = record(net, model.state, x, spaces=spaces, sites=sites, space_names=names, full_sites=full_sites)
+    if model.context is not None:
+        index = {b.name: i for i, b in enumerate(model.net.blocks)}
+        pre = {(index[net.blocks[b].name], site): value for (b, site), value in pre.items()
+               if net.blocks[b].name in index and site in model.net.blocks[index[net.blocks[b].name]].sites}
+    model.acts, model.pre = acts, pre
+    return model
 
 
 def _tensors_of(net: Network, state: dict[str, torch.Tensor]):

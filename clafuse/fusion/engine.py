@@ -19,7 +19,7 @@ import torch
 
 from clafuse.arch.network import Block, Network, Param, Space
 from clafuse.errors import ClafuseError
-from clafuse.fusion.corrections import correct, record, reset_norms
+from clafuse.fusion.corrections import correct, record_model, reset_norms
 from clafuse.fusion.neurons import activation_ground_cost, move_axis, row_distances, with_tie_break
 from clafuse.fusion.transport import sparse_plan, transport_plan
 from clafuse.memory import release_memory
@@ -383,27 +383,6 @@ def site_targets(target: Model, sources: list[Model], mixed: Mixed) -> dict[tupl
 def plans_by_space(pairing: Pairing) -> dict[str, np.ndarray]:
     """The plans a source was moved with, by target space name."""
     return {name: pairing.plan(name) for name in pairing.names if not pairing.t_spaces[name].fixed}
-
-
-def record_model(model: Model, x: torch.Tensor, spaces: bool, sites: bool, full_sites: bool = True) -> Model:
-    """``model`` with its space activations and site pre-activations recorded on ``x`` (plain
-    linear sites in full only with ``full_sites``, which a regression needs; else their moments).
-
-    A merged source is recorded as the whole network it was (``model.context``): each kept
-    block's records are what that block computes after the blocks that were dropped, so that the
-    correction pulls the fused network towards what the deeper parent really computes there, not
-    towards the shortened parent's drifted values. Measured on all-MiniLM-L6-v2 compressed into
-    3 layers (layers 0, 3, 5 kept, LayerNorm outputs repaired): teacher cosine 0.654 -> 0.723 on
-    held-out text; MNIST MLP merges unchanged."""
-    net = model.context or model.net
-    names = set(model.net.all_spaces())
-    acts, pre, _ = record(net, model.state, x, spaces=spaces, sites=sites, space_names=names, full_sites=full_sites)
-    if model.context is not None:
-        index = {b.name: i for i, b in enumerate(model.net.blocks)}
-        pre = {(index[net.blocks[b].name], site): value for (b, site), value in pre.items()
-               if net.blocks[b].name in index and site in model.net.blocks[index[net.blocks[b].name]].sites}
-    model.acts, model.pre = acts, pre
-    return model
 
 
 def default_inserted(net: Network) -> str:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from clafuse.arch.network import Param
-from clafuse.fusion.engine import Model, Pairing, fuse_models, mixing_rows, record_model
+from clafuse.fusion.corrections import record_model
+from clafuse.fusion.engine import Model, Pairing, fuse_models, mixing_rows
 from clafuse.fusion.engines import FusionOutcome, Member, Source, balanced_model, float_state
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.options import mixing_weights
