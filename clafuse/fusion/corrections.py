@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Collection, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from clafuse.arch.network import Network, Tap, run
 from clafuse.fusion.neurons import reduce_map
