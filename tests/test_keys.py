@@ -5,7 +5,6 @@ the map and applied by fuse; outputs written back in the input's own form (``--k
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np

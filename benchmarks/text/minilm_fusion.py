@@ -50,7 +50,7 @@ from benchmarks.text.models import MINILM_L3_FOLDER, ROOT, WORK, minilm_l6_folde
 from clafuse.arch.bert_model import bert_config, instantiate_bert  # noqa: E402
 from clafuse.errors import ClafuseError  # noqa: E402
 from clafuse.io.hf_folder import write_hf_folder  # noqa: E402
-from clafuse.textdata import TokenBatch, load_tokenizer, read_sentences, tokenize  # noqa: E402
+from clafuse.textdata import load_tokenizer, read_sentences, tokenize  # noqa: E402
 from clafuse.textmetrics import encoder_metrics, split_halves  # noqa: E402
 from clafuse.textmodels import TextModel, load_text_model, random_bert, select_layers  # noqa: E402
 from clafuse.training import FinetuneConfig  # noqa: E402
