@@ -26,9 +26,10 @@ class _Recorder(Tap):
     needs)."""
 
     def __init__(self, net: Network, spaces: bool, sites: bool, max_positions: int | None,
-                 space_names: Collection[str] | None = None, full_sites: bool = True) -> None:
+                 space_names: Collection[str] | None = None, full_sites: bool = True,
+                 site_blocks: Collection[str] | None = None) -> None:
         self.index = {b.name: i for i, b in enumerate(net.blocks)}
-        self.space_names, self.full_sites = space_names, full_sites
+        self.space_names, self.full_sites, self.site_blocks = space_names, full_sites, site_blocks
         self.batch: dict[str, torch.Tensor] = {}
         self.pre: dict[tuple[int, str], list[torch.Tensor]] = {}
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
@@ -36,7 +37,7 @@ class _Recorder(Tap):
         self.samples = 0
 
     def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        if self.want_sites:
+        if self.want_sites and (self.site_blocks is None or self.block.name in self.site_blocks):
             key = (self.index[self.block.name], name)
             if self.full_sites and inputs is not None and self.block.sites[name].norm is None:
                 self.pre.setdefault(key, []).append(z)
@@ -56,14 +57,16 @@ class _Recorder(Tap):
 @torch.no_grad()
 def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spaces: bool = True,
            sites: bool = False, max_positions: int | None = 64, space_names: Collection[str] | None = None,
-           full_sites: bool = True) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], SiteRecord], torch.Tensor]:
+           full_sites: bool = True, site_blocks: Collection[str] | None = None
+           ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], SiteRecord], torch.Tensor]:
     """Per space (of ``space_names``, default all), the activations of the last block writing it
     (maps thinned to ``max_positions`` positions, and rows per token, in float16); per correction
-    site (block index, name), its pre-activations (plain linear sites, with ``full_sites``: what
+    site (block index, name; of the blocks named in ``site_blocks``, default all), its
+    pre-activations (plain linear sites, with ``full_sites``: what
     a regression refits to) or their per-unit (mean, std) (the others); and the output; on ``x``
     in batches of ``net.batch`` samples."""
     tensors = {b.name: {local: net.param_value(b, local, state).float() for local in b.params} for b in net.blocks}
-    tap = _Recorder(net, spaces, sites, max_positions, space_names, full_sites)
+    tap = _Recorder(net, spaces, sites, max_positions, space_names, full_sites, site_blocks)
     acts: dict[str, list[torch.Tensor]] = {}
     outs = []
     for start in range(0, len(x), net.batch):
@@ -86,12 +89,13 @@ def record_model(model: "Model", x: torch.Tensor, spaces: bool, sites: bool, ful
     A merged source is recorded as the whole network it was (``model.context``): each kept
     block's records are what that block computes after the blocks that were dropped, so that the
     correction pulls the fused network towards what the deeper parent really computes there, not
-    towards the shortened parent's drifted values. Measured on all-MiniLM-L6-v2 compressed into
-    3 layers (layers 0, 3, 5 kept, LayerNorm outputs repaired): teacher cosine 0.654 -> 0.723 on
-    held-out text; MNIST MLP merges unchanged."""
+    towards the shortened parent's drifted values (only the kept blocks' sites and spaces are
+    kept). Measured on all-MiniLM-L6-v2 compressed into 3 layers (layers 0, 3, 5 kept, LayerNorm
+    outputs repaired): teacher cosine 0.654 -> 0.723 on held-out text; a Fashion-MNIST ResNet
+    pair merged into the shallower one 66.5 -> 74.4% val; MNIST MLP merges within 0.15 points."""
     net = model.context or model.net
-    names = set(model.net.all_spaces())
-    acts, pre, _ = record(net, model.state, x, spaces=spaces, sites=sites, space_names=names, full_sites=full_sites)
+    acts, pre, _ = record(net, model.state, x, spaces=spaces, sites=sites, space_names=set(model.net.all_spaces()),
+                          full_sites=full_sites, site_blocks={b.name for b in model.net.blocks})
     if model.context is not None:
         index = {b.name: i for i, b in enumerate(model.net.blocks)}
         pre = {(index[net.blocks[b].name], site): value for (b, site), value in pre.items()
