@@ -99,7 +99,7 @@ def record_model(model: "Model", x: torch.Tensor, spaces: bool, sites: bool, ful
     if model.context is not None:
         index = {b.name: i for i, b in enumerate(model.net.blocks)}
         pre = {(index[net.blocks[b].name], site): value for (b, site), value in pre.items()
-               if net.blocks[b].name in index and site in model.net.blocks[index[net.blocks[b].name]].sites}
+               if site in model.net.blocks[index[net.blocks[b].name]].sites}
     model.acts, model.pre = acts, pre
     return model
 
@@ -154,7 +154,7 @@ class _Corrector(Tap):
 
     def __init__(self, net: Network, state: dict[str, torch.Tensor], targets: Mapping[tuple[int, str], object],
                  method: str, ridge: float, reset: bool) -> None:
-        self.net, self.state, self.targets, self.method, self.ridge, self.reset = net, state, targets, method, ridge, reset
+        self.state, self.targets, self.method, self.ridge, self.reset = state, targets, method, ridge, reset
         self.index = {b.name: i for i, b in enumerate(net.blocks)}
         self.spaces = net.all_spaces()
         self.solved: set[tuple[int, str]] = set()

@@ -392,6 +392,14 @@ def default_inserted(net: Network) -> str:
     return "keep" if net.has_norms() or any(b.drop for b in net.blocks) else "average"
 
 
+def full_site_records(net: Network, settings: "FusionSettings") -> bool:
+    """Whether fusing into ``net`` with ``settings`` records plain linear sites in full (the
+    regression refits to every pre-activation) rather than as per-unit moments (all the other
+    corrections need); a search records its candidates the same way, so that each is the same
+    fusion bit for bit."""
+    return (settings.correction or net.correction) == "regress"
+
+
 def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: torch.Tensor | None,
                 settings: "FusionSettings", pairings: list[Pairing] | None = None) -> Mixed:
     """Fuse balanced ``models`` into ``anchor``: record (with calibration inputs ``x``), transport
@@ -408,7 +416,7 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
     need_sites = x is not None and correction != "none"
     if x is not None and (use_acts or need_sites) and pairings is None:
         for model in (anchor, *models):
-            record_model(model, x, use_acts, need_sites, full_sites=correction == "regress")
+            record_model(model, x, use_acts, need_sites, full_sites=full_site_records(net, settings))
     keep = (settings.inserted or default_inserted(net)) == "keep"
     mixed = transport_and_mix(anchor, models, list(weights), keep, settings.solver, settings.reg, settings.ground,
                               use_acts, pairings)

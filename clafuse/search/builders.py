@@ -20,7 +20,7 @@ from torch import nn
 
 from clafuse.arch.network import Param
 from clafuse.fusion.corrections import record_model
-from clafuse.fusion.engine import Model, Pairing, fuse_models, mixing_rows
+from clafuse.fusion.engine import Model, Pairing, full_site_records, fuse_models, mixing_rows
 from clafuse.fusion.engines import FusionOutcome, Member, Source, balanced_model, float_state
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.options import mixing_weights
@@ -116,9 +116,9 @@ class PlanBuilder:
         if key in self._fused:
             self._fused.move_to_end(key)
             return self._fused[key]
-        full = (c.correction or self.net.correction) == "regress"
-        pairs = [self.pair(i, rank, c.samples, full) for i, rank in enumerate(c.mappings)]
         settings = replace(self.settings, inserted=c.inserted, correction=c.correction)
+        full = full_site_records(self.net, settings)
+        pairs = [self.pair(i, rank, c.samples, full) for i, rank in enumerate(c.mappings)]
         mixed = fuse_models(self.anchor(c.samples, full), [m for m, _ in pairs], engine_weights(c.weights),
                             self.x_build[:c.samples], settings, pairings=[p for _, p in pairs])
         state = {k: (mixed.state[k] if k in mixed.state else v).to(self.dtypes[k])
