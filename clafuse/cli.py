@@ -159,7 +159,8 @@ def fuse(
                                                           "model (from the shallower model of its pair into the "
                                                           "deeper one; groups separated by /). Repeatable."),
     refit_head: bool = typer.Option(False, "--refit-head", help="Refit the fused head to the models' ensemble on the "
-                                                              "calibration data (closed-form least squares, no labels)."),
+                                                              "calibration data (the last Linear alone, fitted to its soft "
+                                                              "predictions; no labels)."),
     search: bool = typer.Option(False, "--search", help="Choose weights, mapping, inserted, correction and head refit "
                                                        "by what each candidate does on held-out calibration samples; "
                                                        "prints the command that repeats the choice."),

@@ -16,7 +16,7 @@ from clafuse.errors import ClafuseError, DataError
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.search.builders import Alternatives, PlanBuilder, engine_weights
-from clafuse.search.refit import ensemble_teacher, last_linear, record_inputs, refit_head, refit_linear, teacher_logits
+from clafuse.search.refit import ensemble_teacher, last_linear, record_inputs, refit_head, refit_linear
 from clafuse.search.run import fuse_command, mapping_text, search_fusion, search_requested
 from clafuse.search.scoring import (
     cosine_agreement,
@@ -144,20 +144,29 @@ def test_accuracy_scoring_uses_labels_and_breaks_ties_by_kl() -> None:
 # --- refit -----------------------------------------------------------------------------------
 
 
-def test_refit_linear_recovers_an_exact_linear_target() -> None:
+def test_refit_linear_recovers_an_exact_softmax_target() -> None:
+    """Soft targets that a Linear head produces exactly are fitted back to that head (up to the
+    per-sample shift softmax ignores: rows of the weights centred, the bias centred)."""
     net = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 4))
     x = torch.randn(200, 6, generator=torch.Generator().manual_seed(0))
     assert last_linear(net) == "2"
     h = record_inputs(net, "2", x)
     assert torch.allclose(h, torch.relu(net[0](x)).detach())
     w, b = torch.randn(4, 9), torch.randn(4)
-    fitted = refit_linear(net, "2", h, h @ w.T + b, ridge=0.0)
-    assert torch.allclose(fitted[2].weight, w, atol=1e-4) and torch.allclose(fitted[2].bias, b, atol=1e-4)
+    target = torch.softmax(h @ w.T + b, -1)
+    fitted = refit_linear(net, "2", h, target, ridge=0.0)
+    centred = lambda t: t - t.mean(0, keepdim=True)  # noqa: E731
+    assert torch.allclose(centred(fitted[2].weight), centred(w), atol=1e-3)
+    assert torch.allclose(centred(fitted[2].bias), centred(b), atol=1e-3)
+    assert torch.allclose(torch.softmax(fitted(x), -1), target, atol=1e-5)
     assert not torch.allclose(net[2].weight, w, atol=1e-2), "the input module must not change"
+    # The ridge pulls towards the current head: a huge one leaves it where it was.
+    kept = refit_linear(net, "2", h, target, ridge=1e9)
+    assert torch.allclose(kept[2].weight, net[2].weight, atol=1e-5)
     with pytest.raises(ClafuseError, match="not a Linear"):
-        refit_linear(net, "1", h, h @ w.T, 0.0)
+        refit_linear(net, "1", h, target, 0.0)
     with pytest.raises(ClafuseError, match="do not fit"):
-        refit_linear(net, "2", h[:, :5], h @ w.T, 0.0)
+        refit_linear(net, "2", h[:, :5], target, 0.0)
 
 
 def test_refit_reduces_kl_to_the_ensemble_on_held_out_data(pair, data) -> None:
@@ -166,7 +175,7 @@ def test_refit_reduces_kl_to_the_ensemble_on_held_out_data(pair, data) -> None:
     maps = mapping_alternatives(deep, shallow, data.x_build, 1)
     builder = PlanBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
     with torch.no_grad():
-        teacher = teacher_logits([p(data.x_build) for p in parents], [1, 1])
+        teacher = ensemble_probs([p(data.x_build) for p in parents], [1, 1])
         ref = make_reference([p(data.x_holdout) for p in parents], [1, 1])
     kl = {}
     for correction, weights in (("none", (0.5, 0.5)), ("regress", (0.8, 0.2))):

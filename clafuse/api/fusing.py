@@ -120,7 +120,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
 
     ``mapping`` (``LETTER=i,j/k,l`` per model) replaces the map's layer mapping of that model;
     ``refit_head`` refits the fused head to the parents' equal-weight ensemble on the calibration
-    data (closed-form ridge least squares, label-free). ``search`` chooses the weights, mappings
+    data (the last Linear alone, fitted to the ensemble's soft predictions; label-free). ``search`` chooses the weights, mappings
     (the alignment's best few), ``inserted`` policy, correction and head refit by what each
     candidate does on held-out calibration samples (``scoring``: ``kl`` to the ensemble, ``accuracy``
     with labels, or for encoders ``cosine`` to its mean embedding) within ``budget`` (candidates,

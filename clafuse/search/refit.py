@@ -1,10 +1,17 @@
-"""Closed-form correction of a fused network's linear head towards the parents' ensemble.
+"""Fit of a fused network's linear head to the parents' ensemble predictions.
 
-This is not training: no gradient step is taken. The head's inputs are recorded once on the
-calibration build part with a forward hook, and the head is replaced by the ridge least-squares
-solution whose outputs are closest to the ensemble's logits there, shrunk towards the current
-head. Label-free: the ensemble is the teacher. It works on any torch module whose output comes
-from an ``nn.Linear`` (named, or found as the last one), whatever the family.
+The head's inputs are recorded once on the calibration build part with a forward hook; the head
+alone is then replaced by the multinomial logistic regression onto the ensemble's soft
+predictions there (cross-entropy to the weighted average of the parents' softmax outputs, a
+ridge term pulling towards the current head), solved to convergence by L-BFGS. The problem is
+convex and the rest of the network is untouched: no gradient flows through the body, so this is
+a fit of one layer, not training of the network. Label-free: the ensemble is the teacher. It
+works on any torch module whose output comes from an ``nn.Linear`` (named, or found as the last
+one), whatever the family.
+
+The soft-target fit replaced a least-squares fit to centred logits: on the MNIST MLP pairs the
+least-squares head lowered parent B's test accuracy by 0.25 points on average (97.46 -> 97.21%),
+the soft-target head raised it (97.53%), as it fits what the search scores (KL to the ensemble).
 """
 
 from __future__ import annotations
@@ -16,10 +23,18 @@ import torch
 from torch import nn
 
 from clafuse.errors import ClafuseError
+from clafuse.search.scoring import ensemble_probs
 
 BATCH = 256
 """Samples per forward pass when outputs are scored or a head's inputs recorded: a Fashion-MNIST
 ResNet ran 2,000 images in 1.9 s in batches of 256 and in 5.0 s in one batch (one thread)."""
+
+RIDGE = 1e-2
+"""The head fit's pull towards the current head, relative to the mean squared input feature. On
+the MNIST MLP pairs (2,000 and 10,000 samples) 1e-4, 1e-3 and 1e-2 gave the same accuracies within
+0.1 point; 1e-2 converges in ~50 L-BFGS iterations instead of 200-500."""
+
+MAX_ITERATIONS = 500
 
 
 def last_linear(module: nn.Module) -> str:
@@ -56,26 +71,40 @@ def outputs(module: nn.Module, x: torch.Tensor, batch_size: int = BATCH) -> torc
 
 def ensemble_teacher(parents: Sequence[nn.Module], x: torch.Tensor,
                      weights: Sequence[float] | None = None) -> torch.Tensor:
-    """The head refit's target: the ensemble of the parents' centred logits on ``x`` (the
-    ensemble the search scores against, whatever the fusion's mixing weights): equal weights, or
-    ``weights`` (e.g. one-hot on a teacher)."""
-    return teacher_logits([outputs(p, x) for p in parents], list(weights or [1.0] * len(parents)))
+    """The head refit's target: the parents' ensemble prediction on ``x`` (the ensemble the search
+    scores against, whatever the fusion's mixing weights): equal weights, or ``weights`` (e.g.
+    one-hot on a teacher)."""
+    return ensemble_probs([outputs(p, x) for p in parents], list(weights or [1.0] * len(parents)))
 
 
-def teacher_logits(parent_logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """The ensemble's logits for a least-squares fit: the weighted average of the parents' logits,
-    each centred per sample (softmax ignores a per-sample shift, least squares would not)."""
-    total = float(sum(weights))
-    return sum((w / total) * (z.double() - z.double().mean(-1, keepdim=True)) for w, z in zip(weights, parent_logits))
+@torch.enable_grad()
+def _soft_target_fit(h: torch.Tensor, target: torch.Tensor, start: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin over W of mean cross-entropy(target, softmax(h W^T)) + lam/2 ||W - start||^2, in
+    float64, with lam = ``ridge`` times the mean squared input feature (so the pull does not depend
+    on the features' scale)."""
+    lam = ridge * float((h * h).mean())
+    weight = start.clone().requires_grad_(True)
+    solver = torch.optim.LBFGS([weight], lr=1.0, max_iter=MAX_ITERATIONS, history_size=20,
+                               tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        solver.zero_grad()
+        value = -(target * torch.log_softmax(h @ weight.T, -1)).sum(-1).mean() \
+            + 0.5 * lam * ((weight - start) ** 2).sum()
+        value.backward()
+        return value
+
+    solver.step(loss)
+    return weight.detach()
 
 
 @torch.no_grad()
 def refit_linear(module: nn.Module, layer: str, inputs: torch.Tensor, target: torch.Tensor,
-                 ridge: float = 1e-3) -> nn.Module:
-    """A copy of ``module`` whose Linear ``layer`` is the ridge least-squares fit of ``target``
-    (N, out) from ``inputs`` (N, in; e.g. from :func:`record_inputs`), the bias included when the
-    layer has one. The ridge term, ``ridge`` times the mean diagonal of the Gram matrix, pulls
-    towards the current weights, so few samples or collinear features keep them.
+                 ridge: float = RIDGE) -> nn.Module:
+    """A copy of ``module`` whose Linear ``layer`` is the soft-target logistic regression of
+    ``target`` (N, out; probabilities, rows summing to 1) from ``inputs`` (N, in; e.g. from
+    :func:`record_inputs`), the bias included when the layer has one. The ridge term pulls towards
+    the current weights, so few samples or collinear features keep them.
     """
     head = module.get_submodule(layer)
     if not isinstance(head, nn.Linear):
@@ -88,10 +117,7 @@ def refit_linear(module: nn.Module, layer: str, inputs: torch.Tensor, target: to
     if head.bias is not None:
         h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
         start = torch.cat([start, head.bias.double()[:, None]], 1)
-    gram = h.T @ h
-    lam = ridge * torch.trace(gram) / gram.shape[0]
-    solved = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype),
-                                h.T @ target.double() + lam * start.T).T
+    solved = _soft_target_fit(h, target.double(), start, ridge)
     out = copy.deepcopy(module)
     new = out.get_submodule(layer)
     if head.bias is not None:
@@ -102,8 +128,8 @@ def refit_linear(module: nn.Module, layer: str, inputs: torch.Tensor, target: to
 
 
 def refit_head(module: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | None = None,
-               ridge: float = 1e-3) -> nn.Module:
+               ridge: float = RIDGE) -> nn.Module:
     """:func:`refit_linear` of ``module``'s head (``layer``, by default :func:`last_linear`) so
-    that its outputs on ``x`` match ``target``; the inputs are recorded by a forward hook."""
+    that its predictions on ``x`` match ``target``; the inputs are recorded by a forward hook."""
     layer = layer or last_linear(module)
     return refit_linear(module, layer, record_inputs(module, layer, x), target, ridge)
