@@ -154,6 +154,11 @@ def render_search(search: dict[str, Any], order: list[str], console: Console) ->
         if name.startswith("parent "):
             name = f"model {order[int(name.split()[1])]}"
         console.print(f"{name}: {_score_words(score)}", markup=False)
+    alone = [order[i] for i, w in enumerate(chosen["weights"]) if w > 0]
+    if len(alone) == 1:
+        console.print(f"all weight on model {alone[0]}: no mix scored better than that model alone, so the output is "
+                      f"model {alone[0]} with the correction" + (" and the head refit" if chosen["refit_head"] else "")
+                      + ", not a fusion of the models", markup=False)
     console.print(f"search took {search['seconds']:.2f} s; to repeat this fusion without search:", markup=False)
     console.print(search["command"], markup=False, soft_wrap=True)
 

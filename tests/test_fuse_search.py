@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from clafuse import api
 from clafuse.align.mapfile import read_map
+from clafuse.report import render_search
 from clafuse.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from tests.cli_runner import invoke
 from tests.helpers import mlp
@@ -276,3 +278,23 @@ def test_score_data_keeps_validation_out_of_the_build(mlps: Path) -> None:
                         (("--search", "--score-data", "wide.npz"), "--score-data wide.npz")):
         r = invoke("fuse", "--map", "map.json", "-o", mlps / "x.safetensors", *extra, cwd=mlps)
         assert r.code != 0 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+
+
+@pytest.mark.parametrize("weights,expected", [([0.0, 1.0], "all weight on model B"), ([0.3, 0.7], None)])
+def test_terminal_report_says_when_the_search_chose_one_model_alone(weights: list[float], expected: str | None) -> None:
+    """A search whose best candidate puts all weight on one model returns that model (corrected),
+    not a fusion; the report says so instead of letting the table imply a mix."""
+    row = {"index": 0, "stage": "start", "weights": weights, "mappings": [0], "inserted": "keep",
+           "correction": "regress", "refit": True, "samples": 100, "kl": 0.01, "agreement": 0.99,
+           "objective": -0.01, "seconds": 0.1}
+    search = {"scoring": "kl", "holdout_samples": 50, "score_data": None, "stopped": "converged",
+              "chosen": {"weights": weights, "mappings": [0], "inserted": "keep", "correction": "regress",
+                         "refit_head": True, "samples": 100},
+              "table": [row], "references": {}, "seconds": 0.5, "command": "clafuse fuse --map m.json -o x"}
+    console = Console(record=True, width=200)
+    render_search(search, ["A", "B"], console)
+    text = console.export_text()
+    if expected is None:
+        assert "all weight on" not in text
+    else:
+        assert expected in text and "with the correction and the head refit, not a fusion" in text

@@ -39,7 +39,7 @@ class FusionSettings:
     ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
     own activations, it reproduces the weighted average of the parents' aligned pre-activations
     (layers with BatchNorm fall back to ``repair``); ``repair`` only restores each neuron's mean
-    and std; None lets the architecture's description choose (``regress``, but ``none`` for
+    and std; None lets the architecture's description choose (``regress``, but ``repair`` for
     post-LN transformers, where it measured better). ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
     calibration inputs (the averaged parents' statistics do not describe the fused network).
     ``reg`` (Sinkhorn, relative to the largest cost) must exceed ``MIN_REG``; ``ridge`` is positive.
