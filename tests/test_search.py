@@ -169,6 +169,22 @@ def test_refit_linear_recovers_an_exact_softmax_target() -> None:
         refit_linear(net, "2", h[:, :5], target, 0.0)
 
 
+def test_refit_to_a_models_own_predictions_keeps_its_head() -> None:
+    """The soft-target fit's optimum, when the target is what the head already predicts, is that
+    head (the cross-entropy is minimal there and the ridge term is zero): the solver must find it."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))
+    x = torch.randn(300, 5)
+    with torch.no_grad():
+        own = torch.softmax(net(x), -1)
+    for ridge in (0.0, 1e-2):
+        kept = refit_head(net, x, own, ridge=ridge)
+        assert torch.allclose(torch.softmax(kept(x), -1), own, atol=1e-5)
+        if ridge > 0:
+            assert torch.allclose(kept[2].weight, net[2].weight, atol=1e-4)
+            assert torch.allclose(kept[2].bias, net[2].bias, atol=1e-4)
+
+
 def test_refit_reduces_kl_to_the_ensemble_on_held_out_data(pair, data) -> None:
     deep, shallow = pair
     parents = [module(deep), module(shallow)]
