@@ -19,7 +19,9 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
+import numpy as np
 import torch
+from scipy.optimize import minimize
 from torch import nn
 
 from clafuse.errors import ClafuseError
@@ -77,25 +79,25 @@ def ensemble_teacher(parents: Sequence[nn.Module], x: torch.Tensor,
     return ensemble_probs([outputs(p, x) for p in parents], list(weights or [1.0] * len(parents)))
 
 
-@torch.enable_grad()
 def _soft_target_fit(h: torch.Tensor, target: torch.Tensor, start: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin over W of mean cross-entropy(target, softmax(h W^T)) + lam/2 ||W - start||^2, in
     float64, with lam = ``ridge`` times the mean squared input feature (so the pull does not depend
-    on the features' scale)."""
+    on the features' scale). Solved by SciPy's L-BFGS-B with the exact gradient (torch's LBFGS
+    would import torch._dynamo on first use: one more second of start-up per command)."""
     lam = ridge * float((h * h).mean())
-    weight = start.clone().requires_grad_(True)
-    solver = torch.optim.LBFGS([weight], lr=1.0, max_iter=MAX_ITERATIONS, history_size=20,
-                               tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    shape, count = start.shape, len(h)
 
-    def loss() -> torch.Tensor:
-        solver.zero_grad()
-        value = -(target * torch.log_softmax(h @ weight.T, -1)).sum(-1).mean() \
-            + 0.5 * lam * ((weight - start) ** 2).sum()
-        value.backward()
-        return value
+    def loss_and_grad(flat: np.ndarray) -> tuple[float, np.ndarray]:
+        weight = torch.from_numpy(flat).view(shape)
+        log_q = torch.log_softmax(h @ weight.T, -1)
+        diff = weight - start
+        value = -(target * log_q).sum() / count + 0.5 * lam * float((diff * diff).sum())
+        grad = (log_q.exp() - target).T @ h / count + lam * diff
+        return float(value), grad.reshape(-1).numpy()
 
-    solver.step(loss)
-    return weight.detach()
+    solved = minimize(loss_and_grad, start.reshape(-1).numpy().copy(), jac=True, method="L-BFGS-B",
+                      options={"maxiter": MAX_ITERATIONS, "gtol": 1e-10, "ftol": 1e-14, "maxcor": 20})
+    return torch.from_numpy(solved.x).view(shape).clone()
 
 
 @torch.no_grad()
