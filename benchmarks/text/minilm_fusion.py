@@ -26,7 +26,8 @@ computed once and cached in ``benchmarks/_work/minilm_fusion/``.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/text/minilm_fusion.py [--quick] [--seeds 0 1 2]
 
 Writes ``benchmarks/results/minilm_fusion.json`` and ``.md`` (``--quick`` runs write
-``minilm_fusion-quick.*``).
+``minilm_fusion-quick.*``, ``--out STEM`` writes ``STEM.*``: e.g. ``--steps 200 --seeds 0 --out
+minilm_fusion-200``, the budget five times longer).
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--no-fusion", action="store_true", help="skip the fused rows")
     parser.add_argument("--only", help="run only the student rows whose name contains this text")
+    parser.add_argument("--out", help="results file stem (default minilm_fusion, or minilm_fusion-quick)")
     args = parser.parse_args()
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -253,7 +255,7 @@ def main() -> int:
            "best_selection_on_val": best, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
            "cpu": platform.processor() or platform.machine()}
-    stem = "minilm_fusion-quick" if args.quick else "minilm_fusion"
+    stem = args.out or ("minilm_fusion-quick" if args.quick else "minilm_fusion")
     previous = RESULTS / f"{stem}.json"
     if args.only and previous.is_file():
         old = json.loads(previous.read_text(encoding="utf-8"))
