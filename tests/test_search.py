@@ -167,6 +167,8 @@ def test_refit_linear_recovers_an_exact_softmax_target() -> None:
         refit_linear(net, "1", h, target, 0.0)
     with pytest.raises(ClafuseError, match="do not fit"):
         refit_linear(net, "2", h[:, :5], target, 0.0)
+    with pytest.raises(ClafuseError, match="class probabilities"):
+        refit_linear(net, "2", h, torch.log(target), 0.0)
 
 
 def test_refit_to_a_models_own_predictions_keeps_its_head() -> None:

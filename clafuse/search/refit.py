@@ -114,12 +114,17 @@ def refit_linear(module: nn.Module, layer: str, inputs: torch.Tensor, target: to
     if inputs.shape[1] != head.in_features or target.shape[1] != head.out_features or len(inputs) != len(target):
         raise ClafuseError(f"refit of {layer}: inputs {tuple(inputs.shape)} and target {tuple(target.shape)} do not "
                            f"fit a Linear({head.in_features}, {head.out_features})")
+    target = target.double()
+    if bool((target < 0).any()) or not torch.allclose(target.sum(-1), torch.ones(len(target), dtype=target.dtype),
+                                                        atol=1e-6):
+        raise ClafuseError(f"refit of {layer}: the target must be class probabilities (non-negative rows summing "
+                           "to 1), e.g. from ensemble_teacher")
     h = inputs.double()
     start = head.weight.double()
     if head.bias is not None:
         h = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
         start = torch.cat([start, head.bias.double()[:, None]], 1)
-    solved = _soft_target_fit(h, target.double(), start, ridge)
+    solved = _soft_target_fit(h, target, start, ridge)
     out = copy.deepcopy(module)
     new = out.get_submodule(layer)
     if head.bias is not None:
