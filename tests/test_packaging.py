@@ -26,6 +26,16 @@ def test_cli_import_does_not_load_torch_or_pot():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"torch": False, "ot": False}
 
 
+def test_fuse_api_import_does_not_load_scipy_optimizers():
+    """``fuse`` imports the search and head-refit modules on every run; SciPy's optimizers (the
+    head fit's solver) must load only when a head is refit, as a fusion of equal widths never
+    needs them (transport.py loads only SciPy's assignment solver)."""
+    code = "import clafuse.api.fusing, sys; print('scipy.optimize' in sys.modules)"
+    proc = _run(["-c", code])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_module_help_lists_commands():
     proc = _run(["-m", "clafuse", "--help"])
     assert proc.returncode == 0, proc.stderr

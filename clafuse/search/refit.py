@@ -11,7 +11,7 @@ one), whatever the family.
 
 The soft-target fit replaced a least-squares fit to centred logits: on the MNIST MLP pairs the
 least-squares head lowered parent B's test accuracy by 0.25 points on average (97.46 -> 97.21%),
-the soft-target head raised it (97.53%), as it fits what the search scores (KL to the ensemble).
+the soft-target head raised it (97.50%), as it fits what the search scores (KL to the ensemble).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
 
 from clafuse.errors import ClafuseError
@@ -83,7 +82,11 @@ def _soft_target_fit(h: torch.Tensor, target: torch.Tensor, start: torch.Tensor,
     """argmin over W of mean cross-entropy(target, softmax(h W^T)) + lam/2 ||W - start||^2, in
     float64, with lam = ``ridge`` times the mean squared input feature (so the pull does not depend
     on the features' scale). Solved by SciPy's L-BFGS-B with the exact gradient (torch's LBFGS
-    would import torch._dynamo on first use: one more second of start-up per command)."""
+    would import torch._dynamo on first use: one more second of start-up per command). SciPy's
+    optimizers are imported here, not with the module: ``fuse`` imports this module on every run,
+    and a fusion of equal widths otherwise never loads them (transport.py keeps them off that path)."""
+    from scipy.optimize import minimize
+
     lam = ridge * float((h * h).mean())
     shape, count = start.shape, len(h)
 
