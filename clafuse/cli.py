@@ -145,8 +145,7 @@ def fuse(
                                                      "average otherwise)."),
     correction: Optional[str] = typer.Option(None, help=f"{one_of(Correction)}: regress = refit layers to the parents' "
                                                         "mixed activations; repair = restore each neuron's mean and std "
-                                                        "(default: regress; repair for BERT-family encoders, where "
-                                                        "it measured better)."),
+                                                        "(default: regress)."),
     bn_reset: bool = typer.Option(True, "--bn-reset/--no-bn-reset",
                                   help="Recompute BatchNorm running statistics of the fused network on the calibration data."),
     allow_nonfinite: bool = typer.Option(False, help="Fuse checkpoints holding NaN/Inf values, and write a fused "

@@ -52,10 +52,11 @@ def _mask(tap: Tap, h: torch.Tensor) -> torch.Tensor:
     return tap.x[:, 1, :h.shape[1]].bool()
 
 
-def _token_site(tap: Tap, name: str, z: torch.Tensor, inputs: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+def _token_site(tap: Tap, name: str, z: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """Site ``name`` seen on real tokens only; a corrected result is put back in place."""
     real = z[mask]
-    got = tap.site(name, real, inputs[mask] if inputs is not None else None)
+    got = tap.site(name, real, inputs[mask], residual[mask] if residual is not None else None)
     if got is real:
         return z
     out = z.clone()
@@ -96,13 +97,13 @@ def _layer(spec: BertSpec, name: str, keys: Mapping[str, str]) -> Block:
         tap.space(vo, torch.cat([v[mask], ctx[mask]]))
         a = _token_site(tap, "attn_norm", F.layer_norm(h + F.linear(ctx, t["attn_out.weight"], t["attn_out.bias"]),
                                                       (d,), t["attn_norm.weight"], t["attn_norm.bias"], spec.eps),
-                        None, mask)
+                        ctx, mask, h)
         z = _token_site(tap, "ffn", F.linear(a, t["ffn_in.weight"], t["ffn_in.bias"]), a, mask)
         u = activation(spec.activation, z)
         tap.space(ffn, u[mask])
         return _token_site(tap, "ffn_norm", F.layer_norm(a + F.linear(u, t["ffn_out.weight"], t["ffn_out.bias"]),
                                                          (d,), t["ffn_norm.weight"], t["ffn_norm.bias"], spec.eps),
-                           None, mask)
+                           u, mask, a)
 
     def identity(template: Block, width: int, in_space: str) -> Block:
         made = f"{template.name}+identity"
@@ -111,9 +112,9 @@ def _layer(spec: BertSpec, name: str, keys: Mapping[str, str]) -> Block:
                   for local, p in block.params.items()}
         return block.with_(inserted=True, exact=_EXACT, values=values, attrs={**block.attrs, "fit": fit_identity})
 
-    sites = {"attn_norm": Site("stream", "attn_out.weight", "attn_out.bias", norm="attn_norm"),
+    sites = {"attn_norm": Site("stream", "attn_out.weight", "attn_out.bias", norm="attn_norm", eps=spec.eps),
              "ffn": Site(ffn, "ffn_in.weight", "ffn_in.bias"),
-             "ffn_norm": Site("stream", "ffn_out.weight", "ffn_out.bias", norm="ffn_norm")}
+             "ffn_norm": Site("stream", "ffn_out.weight", "ffn_out.bias", norm="ffn_norm", eps=spec.eps)}
     return Block(name, params, forward, spaces, sites, group=0,
                  output="stream", identity=identity, drop=True, attrs={"eps": spec.eps})
 
@@ -277,7 +278,7 @@ class BertFamily(Family):
             blocks.append(_classifier(spec))
         else:
             blocks.append(Block("sentence", {}, _sentence, slot="sentence"))
-        return Network(spaces, blocks, batch=SEQUENCE_BATCH, correction="repair")
+        return Network(spaces, blocks, batch=SEQUENCE_BATCH, ridge=1.0)
 
     def forward(self, spec: BertSpec, state_dict: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits with a classifier, else mean-pooled sentence embeddings, on packed tokens ``x``."""

@@ -106,12 +106,15 @@ class Param:
 class Site:
     """A pre-activation the corrections act on: the output of ``weight`` (with ``bias``) and of
     the normalisation ``norm`` (a local prefix of its four tensors) when there is one, in
-    ``space``. A plain linear site (no norm, 2-D weight) can be refit by regression."""
+    ``space``. A plain linear site (no norm, 2-D weight) can be refit by regression; so can a
+    post-LN writer, whose norm is a LayerNorm (epsilon ``eps``) over a residual plus its linear
+    map, when the block's forward passes that residual to :meth:`Tap.site`."""
 
     space: str
     weight: str
     bias: str | None = None
     norm: str | None = None
+    eps: float = 1e-5
 
     @property
     def primary(self) -> str:
@@ -138,9 +141,11 @@ class Tap:
         return F.batch_norm(z, t[f"{local}.running_mean"], t[f"{local}.running_var"], t[f"{local}.weight"],
                             t[f"{local}.bias"], training=False, eps=eps)
 
-    def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """``z``: site ``name``'s pre-activation; ``inputs``: what its linear map read, for a
-        plain linear site."""
+    def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``z``: site ``name``'s pre-activation (its norm's output, where it has one);
+        ``inputs``: what its linear map read, for a site that can be refit; ``residual``: for a
+        post-LN writer, what its linear map's output is added to before the LayerNorm."""
         return z
 
     def space(self, name: str, h: torch.Tensor) -> torch.Tensor:
@@ -215,8 +220,12 @@ class Network:
     """Blocks balancing removed; their tensors can still describe the units of a space."""
     correction: str = "regress"
     """The correction fusion applies unless told otherwise: ``regress`` by default; ``repair`` where
-    refitting was measured to hurt (post-LN transformers: restoring each LayerNorm output's unit
-    statistics helps, refitting the FFN input does not)."""
+    refitting was measured to hurt."""
+    ridge: float = 1e-3
+    """The ``regress`` correction's ridge term (relative to the mean input energy) unless told
+    otherwise: small where a layer's inputs pin its map down (MLPs, CNNs); large where they do
+    not (post-LN transformers: a sequence's tokens are strongly correlated, and a weak ridge fits
+    the calibration sentences instead of the map)."""
     batch: int = 256
     """Samples per forward pass when the network is recorded on calibration data: a transformer's
     attention grows with the square of its length, so its description asks for fewer."""

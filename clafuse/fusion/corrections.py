@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Collection, Mapping
 
 import torch
 
-from clafuse.arch.network import Network, Tap, run
+from clafuse.arch.network import Network, Site, Tap, run
 from clafuse.fusion.neurons import reduce_map
 
 if TYPE_CHECKING:
@@ -36,10 +36,11 @@ class _Recorder(Tap):
         self.want_spaces, self.want_sites, self.max_positions = spaces, sites, max_positions
         self.samples = 0
 
-    def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.want_sites and (self.site_blocks is None or self.block.name in self.site_blocks):
             key = (self.index[self.block.name], name)
-            if self.full_sites and inputs is not None and self.block.sites[name].norm is None:
+            if self.full_sites and _refittable(self.block.sites[name], inputs, residual):
                 self.pre.setdefault(key, []).append(z)
             else:
                 part = _moments(z)
@@ -181,21 +182,43 @@ class _Corrector(Tap):
             self._gather(key, "norm", local, [_moments(z)])
         return super().norm(local, z, eps)
 
-    def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    def site(self, name: str, z: torch.Tensor, inputs: torch.Tensor | None = None,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
         key = (self.index[self.block.name], name)
         target = self.targets.get(key)
-        if target is None or key in self.solved:
+        if target is None:
             return z
         site = self.block.sites[name]
-        if self.method == "regress" and inputs is not None and site.norm is None and not isinstance(target, tuple):
+        regress = self.method == "regress" and _refittable(site, inputs, residual) and not isinstance(target, tuple)
+        if regress and key not in self.solved:
             h = _with_ones(inputs.flatten(1).double(), site.bias is not None)
             rows = target[self.rows:self.rows + len(h)].double()
             self.rows += len(h)
+            if site.norm is not None:
+                rows = self._through_norm(site, inputs.double(), residual.double(), rows)
             self._gather(key, "regress", site, [h.T @ h, h.T @ rows])
-        if self.spaces[site.space].fixed:
+        moments = (key[0], f"{name}:moments")
+        if self.spaces[site.space].fixed or moments in self.solved or (regress and site.norm is None):
             return z
-        self._gather(key, "repair", site, [_moments(z)])
+        self._gather(moments, "repair", site, [_moments(z)])
         return z
+
+    def _through_norm(self, site: Site, inputs: torch.Tensor, residual: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor:
+        """What a post-LN writer's linear map should output so that its LayerNorm gives ``target``:
+        the norm's affine map inverted, each token keeping the mean and spread of the sum it has
+        now (the normalisation itself cannot be inverted), less the residual. Units whose gain
+        is about 0 carry no information about the map and keep their current output."""
+        t = self.tensors
+        weight, bias = t[site.weight].double(), t[site.bias].double() if site.bias else None
+        current = torch.nn.functional.linear(inputs, weight, bias)
+        total = residual + current
+        mean = total.mean(-1, keepdim=True)
+        spread = (total.var(-1, unbiased=False, keepdim=True) + site.eps).sqrt()
+        gain, shift = t[f"{site.norm}.weight"].double(), t[f"{site.norm}.bias"].double()
+        live = gain.abs() > 1e-6
+        wanted = mean + spread * (target - shift) / torch.where(live, gain, torch.ones_like(gain)) - residual
+        return torch.where(live, wanted, current)
 
     def solve(self) -> None:
         """Solves the step whose statistics every batch has added."""
@@ -221,7 +244,7 @@ class _Corrector(Tap):
         n, total, squares = stats[0]
         mean = total / n
         std = (squares / n - mean.pow(2)).clamp_min(0).sqrt()
-        target = self.targets[key]
+        target = self.targets[(key[0], key[1].removesuffix(":moments"))]
         t_mean, t_std = target if isinstance(target, tuple) else _pre_stats(target)
         scale = torch.where(std > 1e-8, t_std / std.clamp_min(1e-8), torch.ones_like(std))
         shift = t_mean - scale * mean
@@ -233,6 +256,12 @@ class _Corrector(Tap):
             self._set(site.weight, (t[site.weight].double() * scale.view(shape)).float())
             if site.bias is not None:
                 self._set(site.bias, (t[site.bias].double() * scale + shift).float())
+
+
+def _refittable(site: Site, inputs: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
+    """Whether a regression can refit ``site``: a plain linear site given its inputs, or a
+    post-LN writer given its inputs and residual."""
+    return inputs is not None and (site.norm is None or residual is not None)
 
 
 def _with_ones(h: torch.Tensor, bias: bool) -> torch.Tensor:

@@ -428,5 +428,6 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
         if pairings is None:
             for model in models:
                 model.pre = model.acts = None
-        mixed.state = correct(net, mixed.state, x, targets, correction, settings.ridge, reset=reset)
+        mixed.state = correct(net, mixed.state, x, targets, correction, settings.ridge or net.ridge,
+                              reset=reset)
     return mixed

@@ -38,11 +38,13 @@ class FusionSettings:
     ``correction`` (needs calibration inputs) undoes what averaging does to the activations:
     ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
     own activations, it reproduces the weighted average of the parents' aligned pre-activations
-    (layers with BatchNorm fall back to ``repair``); ``repair`` only restores each neuron's mean
-    and std; None lets the architecture's description choose (``regress``, but ``repair`` for
-    post-LN transformers, where it measured better). ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
+    (layers with BatchNorm fall back to ``repair``; a post-LN transformer's writers are refit
+    through their LayerNorm, whose outputs are then repaired); ``repair`` only restores each
+    neuron's mean and std; None lets the architecture's description choose. ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
     calibration inputs (the averaged parents' statistics do not describe the fused network).
-    ``reg`` (Sinkhorn, relative to the largest cost) must exceed ``MIN_REG``; ``ridge`` is positive.
+    ``reg`` (Sinkhorn, relative to the largest cost) must exceed ``MIN_REG``; ``ridge`` (``regress``'s
+    ridge term, relative to the mean input energy; None: the architecture's description chooses)
+    is positive.
     Bad values raise ClafuseError.
     """
 
@@ -52,7 +54,7 @@ class FusionSettings:
     ground: Ground = "correlation"
     inserted: Inserted | None = None
     correction: Correction | None = None
-    ridge: float = 1e-3
+    ridge: float | None = None
     bn_reset: bool = True
 
     def __post_init__(self) -> None:
@@ -64,7 +66,8 @@ class FusionSettings:
             check_choice("--inserted", self.inserted, Inserted)
         if self.correction is not None:
             check_choice("--correction", self.correction, Correction)
-        check_number("ridge", self.ridge, above=0.0)
+        if self.ridge is not None:
+            check_number("ridge", self.ridge, above=0.0)
         if not isinstance(self.bn_reset, bool):
             raise ClafuseError(f"bn_reset must be True or False, got {self.bn_reset!r}")
 
