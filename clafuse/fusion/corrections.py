@@ -290,7 +290,8 @@ def correct(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor,
             reset: bool = False) -> dict[str, torch.Tensor]:
     """``state`` corrected site by site towards ``targets`` (per site: the mixed pre-activations of
     the parents, in full or as per-unit (mean, std)), each site seeing the corrected earlier ones.
-    ``regress`` refits plain linear sites by ridge least squares and repairs the others; ``repair``
+    ``regress`` refits plain linear sites by ridge least squares, refits post-LN writers through
+    their LayerNorm the same way and then repairs them, and repairs the others; ``repair``
     restores each unit's mean and std (the shift needs a bias or a norm to live in). Sites in fixed
     spaces (the classes) are only regressed. With ``reset``, each BatchNorm's running statistics
     are first recomputed from what it receives (after the earlier corrections).

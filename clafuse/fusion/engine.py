@@ -376,7 +376,7 @@ def site_targets(target: Model, sources: list[Model], mixed: Mixed) -> dict[tupl
             total = parts[0][0] * rec.double()
             for w, r in parts[1:]:
                 total += w * r.double()
-            out[(b, name)] = total
+            out[(b, name)] = total.float()  # summed in float64, kept in float32: the largest records
     return out
 
 
@@ -426,7 +426,7 @@ def fuse_models(anchor: Model, models: list[Model], weights: list[float], x: tor
     if need_sites:
         targets = site_targets(anchor, models, mixed)
         if pairings is None:
-            for model in models:
+            for model in (anchor, *models):
                 model.pre = model.acts = None
         mixed.state = correct(net, mixed.state, x, targets, correction, settings.ridge or net.ridge,
                               reset=reset)
