@@ -92,7 +92,7 @@ def main() -> None:
     for extra in ([0, 3, 5], [1, 3, 5], [0, 2, 5], [0, 1, 5]):
         candidates.setdefault(tuple(extra), [])
     for mapping, found_by in candidates.items():
-        for correction in ("none", "regress"):
+        for correction in ("none", "repair", "regress"):
             out = fuse_members(Member(l3.family, l3.spec, l3.state_dict),
                                [Source(Member(l6.family, l6.spec, l6.state_dict), [list(mapping)], deeper=True)],
                                [0.5, 0.5], x, FusionSettings(signal="activations", correction=correction))

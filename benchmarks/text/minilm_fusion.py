@@ -142,8 +142,8 @@ def layer_mapping(map_file: Path) -> list[int]:
     return [int(i) for group in doc["alignments"][0]["groups"] for i in group["mapping"]]
 
 
-def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
-                   teacher_emb: dict[str, torch.Tensor]) -> dict[str, tuple[Any, dict] | str]:
+def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts, teacher_emb: dict[str, torch.Tensor],
+                   args: argparse.Namespace) -> dict[str, tuple[Any, dict] | str]:
     """The two fused 3-layer students as (spec, state, details), or the reason they are not
     available; fuse's correction (among :data:`CORRECTIONS`) and the deep model's layers (align's
     CKA mapping or one of :data:`SELECTIONS`) are chosen by validation cosine."""
@@ -151,7 +151,8 @@ def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
 
     OUT.mkdir(parents=True, exist_ok=True)
     calibration = OUT / "calibration.txt"
-    calibration.write_text("\n".join(texts.val_text) + "\n", encoding="utf-8")
+    sentences = texts.train_text[:args.calibration]
+    calibration.write_text("\n".join(sentences) + "\n", encoding="utf-8")
     untrained = OUT / "untrained-3-layer"
     if not untrained.exists():
         spec3, state = untrained_student(teacher, 0)
@@ -164,7 +165,7 @@ def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts,
     for i, (name, (paths, target, weights)) in enumerate(jobs.items()):
         try:
             map_file = OUT / f"fusion-{i}.json"
-            api.align(paths, map_file, data=str(calibration), samples=len(texts.val_text))
+            api.align(paths, map_file, data=str(calibration), samples=len(sentences))
             deep = "B" if target == "A" else "A"
             candidates = {}
             for layers in dict.fromkeys([tuple(layer_mapping(map_file)), *map(tuple, SELECTIONS)]):
@@ -198,6 +199,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--calibration", type=int, default=320,
+                        help="calibration sentences of the fused rows: the first training texts")
     parser.add_argument("--no-fusion", action="store_true", help="skip the fused rows")
     parser.add_argument("--only", help="run only the student rows whose name contains this text")
     parser.add_argument("--out", help="results file stem (default minilm_fusion, or minilm_fusion-quick)")
@@ -221,7 +224,7 @@ def main() -> int:
     for layers in SELECTIONS:
         students[f"layer selection {layers}"] = select_layers(teacher.spec, teacher.state_dict, layers)
     if not args.no_fusion:
-        students.update(fused_students(teacher, l3, texts, target))
+        students.update(fused_students(teacher, l3, texts, target, args))
     spec3 = teacher.spec.model_copy(update={"layers": 3})
     rows: list[dict[str, Any]] = [{"row": "teacher all-MiniLM-L6-v2 (6 layers)", "layers": 6,
                                    "before": measure(teacher.net(), texts, target)}]
@@ -259,7 +262,8 @@ def main() -> int:
     previous = RESULTS / f"{stem}.json"
     if args.only and previous.is_file():
         old = json.loads(previous.read_text(encoding="utf-8"))
-        same = {k: v for k, v in old["settings"].items() if k != "only"} == \
+        earlier = {**{k: parser.get_default(k) for k in vars(args)}, **old["settings"]}  # options added since: defaults
+        same = {k: v for k, v in earlier.items() if k != "only"} == \
             {k: v for k, v in doc["settings"].items() if k != "only"}
         if same:  # the rows run now replace theirs in the earlier results with the same settings
             fresh = {r["row"]: r for r in rows}
@@ -318,7 +322,8 @@ def markdown(doc: dict[str, Any]) -> str:
             + " | ".join(_mean([a[k] for a in after]) for k in ("cosine", "spearman", "recall@1", "mrr")) + " |")
     lines += ["", f"Best layer selection on validation text (before distillation): {doc['best_selection_on_val']}.", "",
               "Fused rows: `clafuse align` with its defaults (CKA layer costs, first and last layers pinned) on the "
-              "validation texts as calibration sentences, then `clafuse fuse` with the deep model's layers (align's "
+              f"first {s.get('calibration', 320)} training texts as calibration sentences (choices are made on the validation "
+              "texts, which calibration never sees), then `clafuse fuse` with the deep model's layers (align's "
               "mapping or one of the layer selections above, `--mapping`) and the correction (`repair`, `regress` or "
               "`none`) chosen by validation cosine: the pair into the "
               "shallow model's layout (`--target shallow --weights 1,1`), the teacher into the untrained student's "

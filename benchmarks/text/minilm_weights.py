@@ -4,11 +4,12 @@ mixing weight: where does the fused model pass the layer-selection students?
 
 For each weight of the 6-layer model (``--weights``) and each layer mapping (the three selections
 of ``minilm_fusion.py``), ``clafuse fuse --target shallow --mapping`` (default correction) is
-measured on the validation texts (cosine to the teacher's sentence embeddings); per weight, the
+built from the training texts as calibration sentences and measured on the validation texts
+(cosine to the teacher's sentence embeddings); per weight, the
 mapping with the best validation cosine is measured once on the test texts (cosine, Spearman of
 pairwise similarities, retrieval of each text's second half), beside L3 alone and the selections.
-No training. Then two searched fusions (``fuse --search``, candidates scored by cosine agreement
-on held-out validation texts, never test): the pair into the 3-layer layout (reference: both
+No training. Then two searched fusions (``fuse --search``, candidates built from part of the
+training texts and scored by cosine agreement on the rest, never validation or test): the pair into the 3-layer layout (reference: both
 models' mean embedding), and the teacher into an untrained 3-layer student (``--reference`` the
 teacher). Texts and teacher embeddings come from ``minilm_fusion.py``'s work folder (run it first,
 or ``--quick`` there).
@@ -47,7 +48,7 @@ def main() -> int:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--budget", default="14", help="search budget (candidates or time)")
     parser.add_argument("--search-samples", type=int, default=120,
-                        help="validation texts the searched fusions are built from; the rest score them")
+                        help="training texts the searched fusions are built from; the rest score them")
     args = parser.parse_args()
     torch.set_num_threads(1)
     l6_folder = minilm_l6_folder()
@@ -60,8 +61,8 @@ def main() -> int:
     map_file = OUT / "weights-map.json"
     calibration = OUT / "calibration.txt"
     calibration.parent.mkdir(parents=True, exist_ok=True)
-    calibration.write_text("\n".join(texts.val_text) + "\n", encoding="utf-8")
-    api.align([l6_folder, MINILM_L3_FOLDER], map_file, data=str(calibration), samples=len(texts.val_text))
+    calibration.write_text("\n".join(texts.train_text) + "\n", encoding="utf-8")
+    api.align([l6_folder, MINILM_L3_FOLDER], map_file, data=str(calibration), samples=len(texts.train_text))
     start = time.perf_counter()
     rows: dict[str, dict] = {"paraphrase-MiniLM-L3-v2 alone": {"val_cosine": val_cosine(l3.net(), texts, emb),
                                                                "test": measure(l3.net(), texts, emb)}}
@@ -85,7 +86,7 @@ def main() -> int:
         spec3, state = untrained_student(teacher, 0)
         write_hf_folder(untrained, state, bert_config(spec3, teacher.config), source=teacher.folder)
     student_map = OUT / "student-map.json"
-    api.align([untrained, l6_folder], student_map, data=str(calibration), samples=len(texts.val_text))
+    api.align([untrained, l6_folder], student_map, data=str(calibration), samples=len(texts.train_text))
     searches = {"fused L6+L3, searched (reference: both models)": (map_file, "shallow", None),
                 "teacher into an untrained 3-layer student, searched (--reference the teacher)":
                     (student_map, "A", "B")}
@@ -101,21 +102,23 @@ def main() -> int:
                       "test": measure(load_text_model(out).net(), texts, emb)}
         print(name, rows[name], flush=True)
     doc = {"benchmark": "minilm_weights", "seconds": round(time.perf_counter() - start, 1),
-           "val_texts": len(texts.val_text), "test_texts": len(texts.test_text), "rows": rows}
+           "calibration_texts": len(texts.train_text), "val_texts": len(texts.val_text), "test_texts": len(texts.test_text), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "minilm_weights.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["# MiniLM-L6 + MiniLM-L3 fused one-shot into the 3-layer layout, by weight", "",
              f"Written by `benchmarks/text/minilm_weights.py` in {doc['seconds']:.0f} s. No training. Per weight of "
              "the 6-layer model, the layer mapping with the best validation cosine (of the three selections) is "
-             f"chosen, then measured once on {len(texts.test_text)} test texts; default correction (repair for BERT).",
+             f"chosen, then measured once on {len(texts.test_text)} test texts; calibration on {len(texts.train_text)} "
+             "training texts, which no choice is made on; default correction (regress through the LayerNorms, "
+             "ridge 1, for BERT).",
              "", "| model | mapping | val cosine | cosine | Spearman | R@1 | MRR |", "|---|---|---|---|---|---|---|"]
     searched = {k: v for k, v in rows.items() if "command" in v}
     for name, row in rows.items():
         t = row["test"]
         lines.append(f"| {name} | {row.get('mapping', '-')} | {row['val_cosine']:.3f} | {t['cosine']:.3f} | "
                      f"{t['spearman']:.3f} | {t['recall@1']:.3f} | {t['mrr']:.3f} |")
-    lines += ["", "Searched rows (val cosine here is on all validation texts, of which the search built from "
-              f"{args.search_samples} and scored on the rest):", ""]
+    lines += ["", f"Searched rows (the search built from {args.search_samples} training texts and scored on the "
+              "rest; val cosine is on the validation texts, which it never saw):", ""]
     for name, row in searched.items():
         lines.append(f"- {name}: weights {row['weights']}, mapping {row['mapping']}, {row['candidates']} candidates "
                      f"in {row['search_s']:.0f} s; repeat: `{row['command']}`")
