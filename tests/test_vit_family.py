@@ -128,3 +128,26 @@ def test_networks_of_different_widths_fuse_with_identities_of_the_shallower_widt
     with torch.no_grad():
         assert torch.isfinite(instantiate_vit(deep, mixed.state_dict)(x)).all()
     assert "attention heads 4 vs 2" in FAMILY.incompatibility(deep, wide.model_copy(update={"heads": 2}))
+
+
+def test_regress_recovers_a_pre_ln_writer_from_the_stream_it_should_write():
+    """A pre-LN writer's site is the residual stream after it: its target, less the residual,
+    is linear in the writer's inputs. With a network that differs from the target only in one
+    block's MLP output projection, the regression (tiny ridge) gives that projection back
+    exactly, and every other site, already on target, stays as it was."""
+    from clafuse.fusion.corrections import correct, record
+
+    s = spec(2)
+    net = FAMILY.describe(s)
+    state = random_vit(s, 0)
+    wanted = dict(state)
+    g = torch.Generator().manual_seed(5)
+    for key in ("blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias"):
+        wanted[key] = 0.4 * torch.randn(state[key].shape, generator=g)
+    x = torch.randn(200, 1, 8, 8, generator=g)
+    _, targets, _ = record(net, wanted, x, spaces=False, sites=True)
+    assert {name for _, name in targets} == {"attn_out", "ffn", "ffn_out", "out"}
+    got = correct(net, state, x, targets, "regress", ridge=1e-9)
+    for key, value in wanted.items():
+        torch.testing.assert_close(got[key], value, atol=2e-4, rtol=1e-4, msg=key)
+    assert not torch.allclose(state["blocks.0.mlp.fc2.weight"], wanted["blocks.0.mlp.fc2.weight"], atol=0.1)

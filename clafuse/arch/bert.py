@@ -112,9 +112,10 @@ def _layer(spec: BertSpec, name: str, keys: Mapping[str, str]) -> Block:
                   for local, p in block.params.items()}
         return block.with_(inserted=True, exact=_EXACT, values=values, attrs={**block.attrs, "fit": fit_identity})
 
-    sites = {"attn_norm": Site("stream", "attn_out.weight", "attn_out.bias", norm="attn_norm", eps=spec.eps),
+    writer = dict(eps=spec.eps, residual=True)
+    sites = {"attn_norm": Site("stream", "attn_out.weight", "attn_out.bias", norm="attn_norm", **writer),
              "ffn": Site(ffn, "ffn_in.weight", "ffn_in.bias"),
-             "ffn_norm": Site("stream", "ffn_out.weight", "ffn_out.bias", norm="ffn_norm", eps=spec.eps)}
+             "ffn_norm": Site("stream", "ffn_out.weight", "ffn_out.bias", norm="ffn_norm", **writer)}
     return Block(name, params, forward, spaces, sites, group=0,
                  output="stream", identity=identity, drop=True, attrs={"eps": spec.eps})
 

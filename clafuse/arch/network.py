@@ -106,15 +106,17 @@ class Param:
 class Site:
     """A pre-activation the corrections act on: the output of ``weight`` (with ``bias``) and of
     the normalisation ``norm`` (a local prefix of its four tensors) when there is one, in
-    ``space``. A plain linear site (no norm, 2-D weight) can be refit by regression; so can a
-    post-LN writer, whose norm is a LayerNorm (epsilon ``eps``) over a residual plus its linear
-    map, when the block's forward passes that residual to :meth:`Tap.site`."""
+    ``space``. A ``residual`` site is a writer into a residual stream: its value is the stream
+    plus ``weight``'s output, then ``norm`` (a LayerNorm, epsilon ``eps``) for a post-LN writer.
+    Given their inputs at :meth:`Tap.site` (a writer also its residual), plain linear sites (no
+    norm, 2-D weight) and writers can be refit by regression."""
 
     space: str
     weight: str
     bias: str | None = None
     norm: str | None = None
     eps: float = 1e-5
+    residual: bool = False
 
     @property
     def primary(self) -> str:
@@ -145,7 +147,7 @@ class Tap:
              residual: torch.Tensor | None = None) -> torch.Tensor:
         """``z``: site ``name``'s pre-activation (its norm's output, where it has one);
         ``inputs``: what its linear map read, for a site that can be refit; ``residual``: for a
-        post-LN writer, what its linear map's output is added to before the LayerNorm."""
+        writer, the stream its linear map's output is added to."""
         return z
 
     def space(self, name: str, h: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,15 @@ def _block(spec: ViTSpec, name: str, keys: Mapping[str, str]) -> Block:
         tap.space(qk, torch.cat([_tokens(q), _tokens(k)]))
         ctx = attend(q, k, v, heads, None)
         tap.space(vo, torch.cat([_tokens(v), _tokens(ctx)]))
-        h = h + F.linear(ctx, t["attn_out.weight"], t["attn_out.bias"])
-        u = F.layer_norm(h, (d,), t["ffn_norm.weight"], t["ffn_norm.bias"], spec.eps)
+        r = h + F.linear(ctx, t["attn_out.weight"], t["attn_out.bias"])
+        r = tap.site("attn_out", _tokens(r), _tokens(ctx), _tokens(h)).reshape(r.shape)
+        u = F.layer_norm(r, (d,), t["ffn_norm.weight"], t["ffn_norm.bias"], spec.eps)
         z = F.linear(u, t["ffn_in.weight"], t["ffn_in.bias"])
         got = tap.site("ffn", _tokens(z), _tokens(u))
         a = F.gelu(got.reshape(z.shape))
         tap.space(ffn, _tokens(a))
-        return h + F.linear(a, t["ffn_out.weight"], t["ffn_out.bias"])
+        out = r + F.linear(a, t["ffn_out.weight"], t["ffn_out.bias"])
+        return tap.site("ffn_out", _tokens(out), _tokens(a), _tokens(r)).reshape(out.shape)
 
     def identity(template: Block, width: int, in_space: str) -> Block:
         made = f"{template.name}+identity"
@@ -76,8 +78,10 @@ def _block(spec: ViTSpec, name: str, keys: Mapping[str, str]) -> Block:
                   for local, p in block.params.items()}
         return block.with_(inserted=True, exact=_EXACT, values=values)
 
-    return Block(name, params, forward, spaces, {"ffn": Site(ffn, "ffn_in.weight", "ffn_in.bias")}, group=0,
-                 output="stream", identity=identity, drop=True)
+    sites = {"attn_out": Site("stream", "attn_out.weight", "attn_out.bias", residual=True),
+             "ffn": Site(ffn, "ffn_in.weight", "ffn_in.bias"),
+             "ffn_out": Site("stream", "ffn_out.weight", "ffn_out.bias", residual=True)}
+    return Block(name, params, forward, spaces, sites, group=0, output="stream", identity=identity, drop=True)
 
 
 def _embed(spec: ViTSpec) -> Block:

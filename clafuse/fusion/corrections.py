@@ -40,8 +40,11 @@ class _Recorder(Tap):
              residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.want_sites and (self.site_blocks is None or self.block.name in self.site_blocks):
             key = (self.index[self.block.name], name)
-            if self.full_sites and _refittable(self.block.sites[name], inputs, residual):
+            site = self.block.sites[name]
+            if self.full_sites and _refittable(site, inputs, residual):
                 self.pre.setdefault(key, []).append(z)
+            elif site.residual and site.norm is None:  # a pre-LN writer's stream: nothing to repair
+                pass
             else:
                 part = _moments(z)
                 self.sums[key] = self.sums[key] + part if key in self.sums else part
@@ -194,21 +197,24 @@ class _Corrector(Tap):
             h = _with_ones(inputs.flatten(1).double(), site.bias is not None)
             rows = target[self.rows:self.rows + len(h)].double()
             self.rows += len(h)
-            if site.norm is not None:
-                rows = self._through_norm(site, inputs.double(), residual.double(), rows)
+            if site.residual:
+                rows = self._writer_target(site, inputs.double(), residual.double(), rows)
             self._gather(key, "regress", site, [h.T @ h, h.T @ rows])
         moments = (key[0], f"{name}:moments")
-        if self.spaces[site.space].fixed or moments in self.solved or (regress and site.norm is None):
+        if self.spaces[site.space].fixed or moments in self.solved or site.norm is None and (regress or site.residual):
             return z
         self._gather(moments, "repair", site, [_moments(z)])
         return z
 
-    def _through_norm(self, site: Site, inputs: torch.Tensor, residual: torch.Tensor,
-                      target: torch.Tensor) -> torch.Tensor:
-        """What a post-LN writer's linear map should output so that its LayerNorm gives ``target``:
-        the norm's affine map inverted, each token keeping the mean and spread of the sum it has
-        now (the normalisation itself cannot be inverted), less the residual. Units whose gain
-        is about 0 carry no information about the map and keep their current output."""
+    def _writer_target(self, site: Site, inputs: torch.Tensor, residual: torch.Tensor,
+                       target: torch.Tensor) -> torch.Tensor:
+        """What a writer's linear map should output so that the stream (after its LayerNorm, for a
+        post-LN writer) is ``target``: the norm's affine map inverted, each token keeping the mean
+        and spread of the sum it has now (the normalisation itself cannot be inverted), less the
+        residual. Units whose gain is about 0 carry no information about the map and keep their
+        current output."""
+        if site.norm is None:
+            return target - residual
         t = self.tensors
         weight, bias = t[site.weight].double(), t[site.bias].double() if site.bias else None
         current = torch.nn.functional.linear(inputs, weight, bias)
@@ -260,8 +266,8 @@ class _Corrector(Tap):
 
 def _refittable(site: Site, inputs: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
     """Whether a regression can refit ``site``: a plain linear site given its inputs, or a
-    post-LN writer given its inputs and residual."""
-    return inputs is not None and (site.norm is None or residual is not None)
+    writer given its inputs and residual."""
+    return inputs is not None and (residual is not None if site.residual else site.norm is None)
 
 
 def _with_ones(h: torch.Tensor, bias: bool) -> torch.Tensor:
