@@ -63,6 +63,7 @@ OUT = WORK / "minilm_fusion"
 FORTUNES = WORK / "fortunes"
 SELECTIONS = ([0, 2, 5], [1, 3, 5], [0, 3, 5])
 CORRECTIONS = ("repair", "regress", "none")
+CALIBRATION = 320  # calibration sentences of the fused rows (the first training texts), by default
 QUICK = dict(steps=20, batch_size=16, epochs=2, seeds=[0], val=100, test=200)
 FULL = dict(steps=40, batch_size=16, epochs=2, seeds=[0, 1, 2], val=200, test=400)
 
@@ -199,7 +200,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--calibration", type=int, default=320,
+    parser.add_argument("--calibration", type=int, default=CALIBRATION,
                         help="calibration sentences of the fused rows: the first training texts")
     parser.add_argument("--no-fusion", action="store_true", help="skip the fused rows")
     parser.add_argument("--only", help="run only the student rows whose name contains this text")
@@ -322,8 +323,8 @@ def markdown(doc: dict[str, Any]) -> str:
             + " | ".join(_mean([a[k] for a in after]) for k in ("cosine", "spearman", "recall@1", "mrr")) + " |")
     lines += ["", f"Best layer selection on validation text (before distillation): {doc['best_selection_on_val']}.", "",
               "Fused rows: `clafuse align` with its defaults (CKA layer costs, first and last layers pinned) on the "
-              f"first {s.get('calibration', 320)} training texts as calibration sentences (choices are made on the validation "
-              "texts, which calibration never sees), then `clafuse fuse` with the deep model's layers (align's "
+              f"first {s.get('calibration', CALIBRATION)} training texts as calibration sentences (choices are made on "
+              "the validation texts, which calibration never sees), then `clafuse fuse` with the deep model's layers (align's "
               "mapping or one of the layer selections above, `--mapping`) and the correction (`repair`, `regress` or "
               "`none`) chosen by validation cosine: the pair into the "
               "shallow model's layout (`--target shallow --weights 1,1`), the teacher into the untrained student's "

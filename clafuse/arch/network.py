@@ -119,6 +119,12 @@ class Site:
     residual: bool = False
 
     @property
+    def repairable(self) -> bool:
+        """Whether restoring per-unit statistics can act here: not on a pre-LN writer's stream,
+        whose statistics are the residual's, not the writer's."""
+        return not self.residual or self.norm is not None
+
+    @property
     def primary(self) -> str:
         """The local parameter whose mixing weights the site's correction target uses."""
         return f"{self.norm}.weight" if self.norm else self.weight

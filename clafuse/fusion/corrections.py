@@ -43,9 +43,7 @@ class _Recorder(Tap):
             site = self.block.sites[name]
             if self.full_sites and _refittable(site, inputs, residual):
                 self.pre.setdefault(key, []).append(z)
-            elif site.residual and site.norm is None:  # a pre-LN writer's stream: nothing to repair
-                pass
-            else:
+            elif site.repairable:
                 part = _moments(z)
                 self.sums[key] = self.sums[key] + part if key in self.sums else part
         return z
@@ -201,7 +199,8 @@ class _Corrector(Tap):
                 rows = self._writer_target(site, inputs.double(), residual.double(), rows)
             self._gather(key, "regress", site, [h.T @ h, h.T @ rows])
         moments = (key[0], f"{name}:moments")
-        if self.spaces[site.space].fixed or moments in self.solved or site.norm is None and (regress or site.residual):
+        done = moments in self.solved or (regress and site.norm is None)  # a plain refit needs no repair
+        if done or self.spaces[site.space].fixed or not site.repairable:
             return z
         self._gather(moments, "repair", site, [_moments(z)])
         return z
