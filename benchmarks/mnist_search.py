@@ -9,8 +9,10 @@ For each seed pair (parents trained, or reused, by ``mnist_mlp.parent``), in A's
 - search, label-free: :func:`clafuse.search.run.search_fusion` from the default, scored by
   KL(ensemble || fused) on 2,000 held-out train samples disjoint from the build samples, with
   the head refit among the candidates (the last Linear alone fitted to the ensemble's soft
-  predictions, a convex problem solved by L-BFGS; the body is not trained);
-- search, labels: the same scored by accuracy on mnist:val.
+  predictions, a convex problem solved by L-BFGS; the body is not trained); the chosen settings
+  are then rebuilt from the build and held-out samples together (4,000), as ``fuse --search`` does;
+- search, labels: the same scored by accuracy on mnist:val (built from the 2,000 samples, as
+  ``fuse --search --score-data`` does: nothing is held out of the calibration data).
 
 Candidates are built by :class:`clafuse.search.builders.PlanBuilder` on the one engine (each
 checkpoint read once, recordings and transport plans reused between candidates).
@@ -117,11 +119,12 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
         for key, _, scoring, budget, samples in SEARCHES:
             data = labelled if scoring == "accuracy" else unlabelled
             builder = PlanBuilder(target, [Alternatives(source, maps, deeper)], x, settings)
-            options = SearchOptions(budget=parse_budget(budget), scoring=scoring, samples=samples)
+            options = SearchOptions(budget=parse_budget(budget), scoring=scoring, samples=samples,
+                                    rebuild=None if data is labelled else SAMPLES + HOLDOUT)
             c0 = time.process_time()
             result = search_fusion(builder, parents, data, start, mapping_counts=[len(maps)], options=options)
             cpu = round(time.process_time() - c0, 3)
-            chosen = result.best
+            chosen = result.chosen
             rows[key] = {"val": accuracy(result.module, val), "test": accuracy(result.module, test),
                          "seconds": result.seconds, "cpu_seconds": cpu, "candidates": len(result.table), "stopped": result.stopped,
                          "chosen": {"weights": list(chosen.weights), "mapping": maps[chosen.mappings[0]][0],
@@ -176,7 +179,7 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| in {arch}'s architecture, {key} | {above} / {n} | {gain:+.2f} | {gap:+.2f} |")
     lines += ["", "Chosen settings (weights: target's first; distance from a single parent = the smaller weight):",
               "", "| pair | arch | search | weights | from 0/1 | mapping | inserted | correction | head refit | "
-              "candidates | search time |", "|---|---|---|---|---:|---|---|---|---|---:|---:|"]
+              "built from | candidates | search time |", "|---|---|---|---|---:|---|---|---|---|---:|---:|---:|"]
     for p in pairs:
         for arch in ("A", "B"):
             for key, *_ in SEARCHES:
@@ -184,7 +187,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 c = r["chosen"]
                 lines.append(f"| {p['pair']} | {arch} | {key} | {', '.join(f'{w:g}' for w in c['weights'])} | "
                              f"{r['weight_from_vertex']:g} | {c['mapping']} | {c['inserted']} | {c['correction']} | "
-                             f"{'yes' if c['refit'] else 'no'} | {r['candidates']} ({r['stopped']}) | "
+                             f"{'yes' if c['refit'] else 'no'} | {c.get('samples', SAMPLES)} | {r['candidates']} ({r['stopped']}) | "
                              f"{r['seconds']:.1f} s |")
     def med(key: str, searches=("search_kl", "search_val")) -> str:
         if key.startswith("align"):

@@ -175,6 +175,10 @@ def fuse(
     reference: Optional[str] = typer.Option(None, help="With --search or --refit-head: compare with these models' "
                                                       "ensemble instead of all models', e.g. B to fuse a teacher B "
                                                       "into a student A."),
+    rebuild: bool = typer.Option(True, "--rebuild/--no-rebuild",
+                                 help="With --search scored on held-out calibration samples: build the chosen "
+                                      "settings from the build and held-out samples together (the default), or "
+                                      "from the build samples only, as scored."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Balance the depths and fuse all mapped networks into one with optimal transport. Checkpoints
@@ -189,7 +193,7 @@ def fuse(
                           inserted=inserted, correction=correction, bn_reset=bn_reset, dtype=dtype,
                           max_shard_size=max_shard_size, keep_wrapper=keep_wrapper, normalize=normalize,
                           mapping=mapping, refit_head=refit_head, search=search, budget=budget, scoring=scoring,
-                          reference=reference, score_data=score_data,
+                          reference=reference, score_data=score_data, rebuild=rebuild,
                           on_candidate=search_progress if search and session.show else None)
     emit(report, as_json, lambda d: render_fuse(d, map_file), session.threads)
 

@@ -147,7 +147,8 @@ def render_search(search: dict[str, Any], order: list[str], console: Console) ->
     for r in search["table"]:
         mark = "*" if (r["weights"] == chosen["weights"] and r["mappings"] == chosen["mappings"]
                        and r["inserted"] == chosen["inserted"] and r["correction"] == chosen["correction"]
-                       and r["refit"] == chosen["refit_head"] and r["samples"] == chosen["samples"]) else ""
+                       and r["refit"] == chosen["refit_head"]
+                       and r["samples"] == search.get("scored_samples", chosen["samples"])) else ""
         table.add_row(f"{mark}{r['index']}", *_short(_candidate_cells(r)), *_score_cells(r))
     console.print(table)
     for name, score in search["references"].items():
@@ -159,6 +160,9 @@ def render_search(search: dict[str, Any], order: list[str], console: Console) ->
         console.print(f"all weight on model {alone[0]}: no mix scored better than that model alone, so the output is "
                       f"model {alone[0]} with the correction" + (" and the head refit" if chosen["refit_head"] else "")
                       + ", not a fusion of the models", markup=False)
+    if search.get("scored_samples", chosen["samples"]) != chosen["samples"]:
+        console.print(f"chosen on {search['scored_samples']} build samples, then rebuilt from {chosen['samples']} "
+                      "(build and held-out samples together)", markup=False)
     console.print(f"search took {search['seconds']:.2f} s; to repeat this fusion without search:", markup=False)
     console.print(search["command"], markup=False, soft_wrap=True)
 

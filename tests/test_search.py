@@ -27,7 +27,7 @@ from clafuse.search.scoring import (
     score_outputs,
 )
 from clafuse.search.space import Budget, Candidate, SearchOptions, parse_budget, weight_moves
-from clafuse.search.split import SearchData, calibration_split, split_dataset
+from clafuse.search.split import SearchData, calibration_split, rebuild_size, split_dataset
 
 INPUTS, CLASSES = 12, 5
 
@@ -88,6 +88,19 @@ def test_build_part_is_what_fuse_draws_with_the_same_seed() -> None:
         assert torch.equal(got.x_build[:n], calibration_inputs(ds, n, 3))
     assert not set(got.x_build[:, 0].tolist()) & set(got.x_holdout[:, 0].tolist())
     assert got.y_holdout is None
+
+
+def test_split_for_a_rebuild_extends_the_build_part_as_fuse_draws_it() -> None:
+    """With ``rebuild`` the build part runs on to that many samples (what ``fuse --samples
+    rebuild`` draws), its first ``build`` unchanged and still disjoint from the held-out part."""
+    plain, longer = calibration_split(100, 30, 20, seed=4), calibration_split(100, 30, 20, seed=4, rebuild=90)
+    assert len(longer.build) == 90 and torch.equal(longer.build[:30], plain.build)
+    assert torch.equal(longer.holdout, plain.holdout) and set(longer.build.tolist()) & set(longer.holdout.tolist())
+    ds = Dataset(x=torch.arange(100.0)[:, None], y=None, name="toy:train")
+    assert torch.equal(split_dataset(ds, 30, 20, 4, rebuild=90).x_build, calibration_inputs(ds, 90, 4))
+    assert rebuild_size(100, 30, 20) == 50 and rebuild_size(40, 30, 20) == 40
+    with pytest.raises(DataError, match="rebuild from 101"):
+        calibration_split(100, 30, 20, 4, rebuild=101)
 
 
 def test_split_refuses_a_test_split_and_too_few_samples() -> None:
@@ -321,6 +334,32 @@ def test_search_converges_on_a_real_tiny_pair_and_beats_its_start(pair, data) ->
     stages = {r["stage"] for r in result.table}
     assert {"start", "refit", "weights", "mappings", "inserted", "correction", "samples"} <= stages
     assert {r["samples"] for r in result.table} == {300, 600}
+
+
+def test_search_rebuilds_its_choice_from_more_samples(pair, data) -> None:
+    """``rebuild``: the best-scoring candidate is built once more from that many build samples and
+    that fusion is returned (unscored); the table and the best are as without it."""
+    deep, shallow = pair
+    parents = [module(deep), module(shallow)]
+    maps = mapping_alternatives(deep, shallow, data.x_build, 2)
+    start = Candidate((0.5, 0.5), (0,), "average", "regress", False, 200)
+
+    def run(rebuild: int | None):
+        builder = PlanBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)
+        options = SearchOptions(budget=Budget(candidates=6), mappings=2, rebuild=rebuild)
+        return search_fusion(builder, parents, data, start, mapping_counts=[len(maps)], options=options)
+
+    plain, rebuilt = run(None), run(600)
+    untimed = lambda table: [{k: v for k, v in r.items() if k != "seconds"} for r in table]  # noqa: E731
+    assert plain.chosen == plain.best and rebuilt.best == plain.best and untimed(rebuilt.table) == untimed(plain.table)
+    assert rebuilt.chosen == plain.best.with_(samples=600)
+    assert all(r["samples"] == 200 for r in rebuilt.table), "candidates are scored as built from 200 samples"
+    fresh = PlanBuilder(deep, [Alternatives(shallow, maps, deeper=False)], data.x_build)(rebuilt.chosen)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.module(data.x_holdout), fresh(data.x_holdout))
+        assert not torch.equal(rebuilt.module(data.x_holdout), plain.module(data.x_holdout))
+    with pytest.raises(ClafuseError, match="1000 samples"):
+        run(1000)
 
 
 def test_search_accuracy_scoring_needs_labels(pair, data) -> None:

@@ -66,14 +66,13 @@ def model_calibration(models: Sequence[Any], source: str, samples: int, seed: in
     for text models token ids and masks packed as (n, 2, length) (:func:`~clafuse.textdata.pack_tokens`)
     from a sentence file (tokenized with the first model folder's ``tokenizer.json``) or an
     ``.npz`` of ``input_ids`` and ``attention_mask``: ``samples`` rows drawn with ``seed`` (all of
-    them when there are fewer)."""
+    them, in the seed's order, when there are fewer: the order a search's split uses)."""
     if models[0].family.token_limits(models[0].spec) is None:
         return calibration(source, samples, seed, base, normalize=normalize)
     from clafuse.textdata import pack_tokens
 
     batch = text_calibration(models, source, base, normalize)
-    if samples < len(batch):
-        batch = batch.subset(torch.randperm(len(batch), generator=torch.Generator().manual_seed(int(seed)))[:samples])
+    batch = batch.subset(torch.randperm(len(batch), generator=torch.Generator().manual_seed(int(seed)))[:samples])
     return pack_tokens(batch)
 
 

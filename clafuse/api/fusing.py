@@ -103,7 +103,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
          normalize: str | None = None, mapping: Sequence[str] | None = None, refit_head: bool = False,
          search: bool = False, budget: str | int | None = None, scoring: Scoring | None = None,
          reference: str | Sequence[str] | None = None, score_data: str | None = None,
-         on_candidate: Callable[[dict[str, Any]], None] | None = None, **options: Any) -> dict[str, Any]:
+         on_candidate: Callable[[dict[str, Any]], None] | None = None, rebuild: bool = True,
+         **options: Any) -> dict[str, Any]:
     """Balance and fuse all models of a map into one checkpoint written to ``out``.
 
     The output takes the target's architecture (:func:`resolve_target`: the anchor by default),
@@ -127,7 +128,9 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     or a time like ``30s``), calling ``on_candidate`` with each candidate's record; the report and
     metadata hold the table and the command that repeats the choice. Explicit ``weights`` and
     ``search`` are refused together. ``score_data`` (a labelled validation split, say) is what the
-    search scores on instead of held-out calibration samples. ``reference`` (model letters, e.g.
+    search scores on instead of held-out calibration samples; scored on held-out ones, the chosen
+    settings are rebuilt from the build and held-out samples together unless ``rebuild`` is False
+    (the held-out samples have done their job once the choice is made). ``reference`` (model letters, e.g.
     ``B``) makes the search and the head refit compare with those models' ensemble instead of all
     models' (a teacher fused into a student).
     """
@@ -153,6 +156,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     alpha = parse_weights(weights, len(doc.models))
     ref = parse_reference(reference, len(doc.models))
     ref_letters = [model_letter(i) for i, w in enumerate(ref) if w] if ref is not None else None
+    if not rebuild and not searching:
+        raise ClafuseError("--no-rebuild is about what --search writes: add --search")
     if ref is not None and not (searching or refit_head):
         raise ClafuseError("--reference sets what --search or --refit-head compares with: add one of them")
     base = Path(map_path).parent
@@ -237,8 +242,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         with progress.step(f"searching the fusion of {len(models)} models into {target_model.path.name}"):
             found = run_search(doc, models, chosen, sources,
                                resolved_source(source, None if data is not None else base), n, seed, settings,
-                               refit_head, SearchRequest(budget, scoring, ref, score_data, on_candidate, norm))
-        best = found.result.best
+                               refit_head, SearchRequest(budget, scoring, ref, score_data, on_candidate, norm, rebuild))
+        best = found.result.chosen
         alpha = [0.0] * len(models)
         for position, index in enumerate(order):
             alpha[index] = best.weights[position]
@@ -301,7 +306,7 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "weights": alpha,
         "signal": signal,
         "correction": settings.correction,
-        "calibration_samples": int(x.shape[0]) if x is not None else 0,
+        "calibration_samples": best.samples if found is not None else int(x.shape[0]) if x is not None else 0,
         "mapping": sources[0][1].mappings if len(models) == 2 else {model_letter(i): s.mappings for i, s in sources},
         "layers": [{"name": l.name, "width": l.width} for g in target_model.groups for l in g.layers],
         "mixing": [[round(float(v), 6) for v in row] for row in mixing_rows],

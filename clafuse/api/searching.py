@@ -31,7 +31,8 @@ from clafuse.search.refit import ensemble_teacher, refit_head
 from clafuse.search.run import SearchResult, fuse_command, mapping_text, search_fusion
 from clafuse.search.space import Candidate, SearchOptions, parse_budget
 from clafuse.options import Scoring, check_choice
-from clafuse.search.split import SearchData, calibration_split, holdout_size, refuse_test_split, split_dataset
+from clafuse.search.split import (SearchData, calibration_split, holdout_size, rebuild_size, refuse_test_split,
+                                  split_dataset)
 from clafuse.textdata import pack_tokens
 
 
@@ -108,6 +109,9 @@ class SearchRequest:
     samples of the calibration source."""
     on_candidate: Callable[[dict[str, Any]], None] | None = None
     normalize: Normalization | None = None
+    rebuild: bool = True
+    """Build the chosen settings once more from the build and held-out calibration samples together
+    (when the held-out samples come from the calibration source): what is written."""
 
 
 @dataclass
@@ -153,14 +157,18 @@ def search_scoring(model: LoadedModel, scoring: str | None) -> str:
     return scoring
 
 
-def text_split(models: Sequence[LoadedModel], source: str, samples: int, seed: int, batch: int) -> SearchData:
+def text_split(models: Sequence[LoadedModel], source: str, samples: int, seed: int, batch: int,
+               rebuild: bool) -> tuple[SearchData, int | None]:
     """A text calibration source split as :func:`~clafuse.search.split.split_dataset` splits
     arrays: the build part exactly the sentences ``fuse --samples samples`` draws with ``seed``
-    (each part packed to its own longest sentence), scored ``batch`` sentences at a time."""
+    (each part packed to its own longest sentence), scored ``batch`` sentences at a time; and the
+    size of the rebuild (None without ``rebuild``)."""
     sentences = text_calibration(models, source)
-    split = calibration_split(len(sentences), samples, holdout_size(len(sentences), samples), seed)
+    holdout = holdout_size(len(sentences), samples)
+    final = rebuild_size(len(sentences), samples, holdout) if rebuild else None
+    split = calibration_split(len(sentences), samples, holdout, seed, final or 0)
     return SearchData(x_build=pack_tokens(sentences.subset(split.build)),
-                      x_holdout=pack_tokens(sentences.subset(split.holdout)), batch=batch)
+                      x_holdout=pack_tokens(sentences.subset(split.holdout)), batch=batch), final
 
 
 def separate_scoring(models: Sequence[LoadedModel], source: str, samples: int, seed: int, score_source: str,
@@ -190,16 +198,19 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     text = target_model.family.token_limits(target_model.spec) is not None
     order = [chosen, *(i for i, _ in sources)]
     reference = tuple(float(request.reference[i]) for i in order) if request.reference is not None else None
-    options = SearchOptions(budget=parse_budget(request.budget), scoring=scoring,
-                            refit=(False,) if text else (False, True), reference_weights=reference)
     batch = target_model.family.describe(target_model.spec).batch
+    final = None
     if request.score_data is not None:
         data = separate_scoring(models, data_source, samples, seed, request.score_data, request.normalize, batch)
     elif text:
-        data = text_split(models, data_source, samples, seed, batch)
+        data, final = text_split(models, data_source, samples, seed, batch, request.rebuild)
     else:
         ds = load_data(data_source, None, request.normalize)
-        data = split_dataset(ds, samples, holdout_size(len(ds), samples), seed)
+        holdout = holdout_size(len(ds), samples)
+        final = rebuild_size(len(ds), samples, holdout) if request.rebuild else None
+        data = split_dataset(ds, samples, holdout, seed, final or 0)
+    options = SearchOptions(budget=parse_budget(request.budget), scoring=scoring,
+                            refit=(False,) if text else (False, True), reference_weights=reference, rebuild=final)
     alternatives = []
     for index, source in sources:
         pair = pair_of(doc, index, chosen)
@@ -217,17 +228,18 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     result = search_fusion(builder, builder.parents(), data, start,
                            mapping_counts=[len(a.mappings) for a in alternatives], options=options,
                            progress=request.on_candidate)
-    outcome = builder.outcome(result.best)
-    state = refitted_state(result.module, outcome.state_dict) if result.best.refit else outcome.state_dict
-    chosen_maps = [alt.mappings[rank] for alt, rank in zip(alternatives, result.best.mappings)]
+    outcome = builder.outcome(result.chosen)
+    state = refitted_state(result.module, outcome.state_dict) if result.chosen.refit else outcome.state_dict
+    chosen_maps = [alt.mappings[rank] for alt, rank in zip(alternatives, result.chosen.mappings)]
     return Searched(result, state, chosen_maps, outcome.mixing, len(data.x_holdout), scoring, request.score_data)
 
 
 def search_report(searched: Searched, command: str) -> dict[str, Any]:
     """What ``--json`` and the metadata say about a search."""
     result = searched.result
-    best = result.best
+    best = result.chosen
     return {"scoring": searched.scoring, "holdout_samples": searched.holdout, "score_data": searched.score_data,
+            "scored_samples": result.best.samples,
             "chosen": {"weights": list(best.weights), "mappings": list(best.mappings), "inserted": best.inserted,
                        "correction": best.correction, "refit_head": best.refit, "samples": best.samples},
             "score": result.score, "references": result.references, "stopped": result.stopped,
@@ -242,6 +254,6 @@ def repeat_command(result: SearchResult, map_path: str, out: str, target_letter:
     given."""
     texts = [mapping_text(model_letter(i), m) if m != own else None
              for i, m, own in zip(order[1:], maps, map_maps)]
-    line = fuse_command(result.best, str(map_path), str(out), target=target_letter, mappings=texts,
+    line = fuse_command(result.chosen, str(map_path), str(out), target=target_letter, mappings=texts,
                         align_order=list(order))
     return line + ("" if not extra else " " + shlex.join(extra))

@@ -4,7 +4,8 @@ The search does not know how a fusion is built: it calls ``build(candidate)`` fo
 module (any family; :class:`clafuse.search.builders.PlanBuilder` reuses recordings and plans).
 It starts from the settings ``fuse`` uses without search, then changes one dimension at a time
 from the best candidate so far (coordinate search, cheapest dimensions first, see
-:mod:`clafuse.search.space`), in passes, until a pass improves nothing or the budget is spent.
+:mod:`clafuse.search.space`), in passes, until a pass improves nothing or the budget is spent. The choice made, it may be
+rebuilt from more samples (the build and held-out parts together) to give the final fusion.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def search_requested(search: bool, weights: Sequence[float] | str | None) -> boo
 
 @dataclass
 class SearchResult:
-    """The chosen candidate, its scores, every candidate tried (in order, as records), the parents'
-    and ensemble's scores on the same held-out data, and why the search stopped."""
+    """The best-scoring candidate, its scores, every candidate tried (in order, as records), the
+    parents' and ensemble's scores on the same held-out data, and why the search stopped;
+    ``chosen`` is what the search gives (``best``, or it rebuilt from more samples) and ``module``
+    that fusion."""
 
     best: Candidate
     score: dict[str, float]
@@ -47,6 +50,7 @@ class SearchResult:
     references: dict[str, dict[str, float]]
     seconds: float
     stopped: str
+    chosen: Candidate
     module: nn.Module = field(repr=False)
 
 
@@ -65,7 +69,9 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
     :class:`clafuse.search.builders.PlanBuilder`, which caches what candidates share).
     ``data.x_build[:n]`` must be the samples a build of ``n`` uses; candidates are scored on
     ``data.x_holdout`` only. ``mapping_counts[i]``: how many alternative mappings source i has.
-    ``progress`` gets each candidate's record as it is scored.
+    ``progress`` gets each candidate's record as it is scored. With ``options.rebuild`` the best
+    candidate is built once more from that many build inputs and that fusion is returned, unscored
+    (those inputs may include the held-out ones).
     """
     started = time.perf_counter()
     if len(parents) != len(start.weights):
@@ -73,7 +79,7 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
     if abs(sum(start.weights) - 1) > 1e-6 or min(start.weights) < 0:
         raise ClafuseError(f"the search starts from weights on the simplex (non-negative, sum 1), got "
                            f"{list(start.weights)}")
-    largest = max((start.samples, *options.samples))
+    largest = max((start.samples, *options.samples, options.rebuild or 0))
     if len(data.x_build) < largest:
         raise ClafuseError(f"a build of {largest} samples needs that many calibration samples, "
                            f"the build part has {len(data.x_build)}")
@@ -131,10 +137,13 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
                 break
     except _Stop as stop:
         stopped = f"budget ({stop.args[0]})"
-    best = state["best"]
+    best, chosen, module = state["best"], state["best"], state["module"]
+    if options.rebuild is not None and options.rebuild != best.samples:
+        chosen = best.with_(samples=options.rebuild)
+        module = build(chosen)
     return SearchResult(best=best, score={k: v for k, v in tried[best].items() if k in _METRICS},
                         table=table, references=references, seconds=round(time.perf_counter() - started, 3),
-                        stopped=stopped, module=state["module"])
+                        stopped=stopped, chosen=chosen, module=module)
 
 
 _METRICS = ("kl", "agreement", "accuracy", "cosine", "objective")

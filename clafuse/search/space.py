@@ -82,6 +82,8 @@ class SearchOptions(BaseModel):
     weight_step: float = Field(default=0.2, gt=0, lt=1)
     min_weight_step: float = Field(default=0.05, gt=0, lt=1)
     reference_weights: tuple[float, ...] | None = None
+    rebuild: int | None = Field(default=None, ge=2, description="build the chosen settings once more from this "
+                                "many samples (the build part's first), e.g. the build and held-out parts together")
 
     @field_validator("samples")
     @classmethod

@@ -31,22 +31,27 @@ def holdout_size(total: int, build: int, wanted: int = DEFAULT_HOLDOUT) -> int:
 @dataclass(frozen=True)
 class CalibrationSplit:
     """Indices into the calibration source: ``build[:n]`` builds a fusion of ``n`` samples,
-    ``holdout`` scores it."""
+    ``holdout`` scores it (disjoint from the build part up to the size asked for; beyond it, the
+    rows a rebuild of the chosen fusion may also use)."""
 
     build: torch.Tensor
     holdout: torch.Tensor
 
 
-def calibration_split(total: int, build: int, holdout: int, seed: int) -> CalibrationSplit:
-    """Disjoint build and held-out indices among ``total`` samples, the same for the same seed."""
+def calibration_split(total: int, build: int, holdout: int, seed: int, rebuild: int = 0) -> CalibrationSplit:
+    """Disjoint build and held-out indices among ``total`` samples, the same for the same seed;
+    with ``rebuild``, the build part runs on to that many samples (the first ``rebuild`` of the
+    permutation, what ``fuse --samples rebuild`` draws), which may reach into the held-out part."""
     if build < 2 or holdout < 2:
         raise DataError(f"the calibration split needs at least 2 build and 2 held-out samples, got {build} "
                         f"and {holdout}")
     if build + holdout > total:
         raise DataError(f"{build} build + {holdout} held-out samples need {build + holdout} calibration samples, "
                         f"the data has {total}")
+    if rebuild > total:
+        raise DataError(f"a rebuild from {rebuild} samples needs that many calibration samples, the data has {total}")
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))
-    return CalibrationSplit(build=perm[:build].clone(), holdout=perm[total - holdout:].clone())
+    return CalibrationSplit(build=perm[:max(build, rebuild)].clone(), holdout=perm[total - holdout:].clone())
 
 
 @dataclass
@@ -68,9 +73,15 @@ def refuse_test_split(name: str) -> None:
         raise DataError(f"{name}: the search never scores on a test split; use the train or val split")
 
 
-def split_dataset(ds: Dataset, build: int, holdout: int, seed: int) -> SearchData:
+def rebuild_size(total: int, build: int, holdout: int) -> int:
+    """How many samples the chosen fusion is rebuilt from: the build and held-out parts together
+    (the held-out samples have done their job once the choice is made), at most ``total``."""
+    return min(total, build + holdout)
+
+
+def split_dataset(ds: Dataset, build: int, holdout: int, seed: int, rebuild: int = 0) -> SearchData:
     """:func:`calibration_split` applied to ``ds``; a test split is refused."""
     refuse_test_split(ds.name)
-    split = calibration_split(len(ds), build, holdout, seed)
+    split = calibration_split(len(ds), build, holdout, seed, rebuild)
     return SearchData(x_build=ds.x[split.build], x_holdout=ds.x[split.holdout],
                       y_holdout=ds.y[split.holdout] if ds.y is not None else None)
