@@ -158,20 +158,25 @@ def fused_students(teacher: TextModel, l3: TextModel | None, texts: Texts, teach
     if not untrained.exists():
         spec3, state = untrained_student(teacher, 0)
         write_hf_folder(untrained, state, bert_config(spec3, teacher.config), source=teacher.folder)
-    jobs = {"fused L6+L3 (equal weights, 3-layer layout)": ([teacher.path, MINILM_L3_FOLDER], "shallow", [1.0, 1.0]),
-            "teacher fused into an untrained 3-layer student": ([untrained, teacher.path], "A", [0.0, 1.0])}
-    if l3 is None:
-        jobs.pop("fused L6+L3 (equal weights, 3-layer layout)")
+    pair = [teacher.path, MINILM_L3_FOLDER]
+    jobs = {"fused L6+L3 (equal weights, 3-layer layout)": (0, pair, "shallow", [1.0, 1.0], CORRECTIONS),
+            "teacher fused into an untrained 3-layer student": (1, [untrained, teacher.path], "A", [0.0, 1.0],
+                                                                CORRECTIONS)}
+    for w in args.pair_weights:  # the default correction only: these rows show the trend with the weight
+        jobs[f"fused L6+L3 (L6 weight {w:g}, 3-layer layout)"] = (0, pair, "shallow", [w, 1.0 - w], ("regress",))
+    jobs = {name: job for name, job in jobs.items() if (l3 is not None or job[1] != pair)
+            and (not args.only or args.only in name)}
     found: dict[str, tuple[Any, dict] | str] = {}
-    for i, (name, (paths, target, weights)) in enumerate(jobs.items()):
+    for name, (i, paths, target, weights, corrections) in jobs.items():
         try:
             map_file = OUT / f"fusion-{i}.json"
             api.align(paths, map_file, data=str(calibration), samples=len(sentences))
             deep = "B" if target == "A" else "A"
             candidates = {}
+            tag = "" if weights[0] == weights[1] or target == "A" else f"w{round(100 * weights[0])}-"
             for layers in dict.fromkeys([tuple(layer_mapping(map_file)), *map(tuple, SELECTIONS)]):
-                for correction in CORRECTIONS:
-                    out = OUT / f"fused-{i}-{correction}-{''.join(map(str, layers))}"
+                for correction in corrections:
+                    out = OUT / f"fused-{i}-{tag}{correction}-{''.join(map(str, layers))}"
                     api.fuse(map_file, out, target=target, weights=weights, correction=correction,
                              mapping=[f"{deep}={','.join(map(str, layers))}"])
                     model = load_text_model(out)
@@ -203,6 +208,8 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=CALIBRATION,
                         help="calibration sentences of the fused rows: the first training texts")
     parser.add_argument("--no-fusion", action="store_true", help="skip the fused rows")
+    parser.add_argument("--pair-weights", type=float, nargs="*", default=[0.7, 0.9],
+                        help="further fused L6+L3 rows at these weights of the 6-layer model (default correction)")
     parser.add_argument("--only", help="run only the student rows whose name contains this text")
     parser.add_argument("--out", help="results file stem (default minilm_fusion, or minilm_fusion-quick)")
     args = parser.parse_args()
@@ -332,7 +339,10 @@ def markdown(doc: dict[str, Any]) -> str:
               "initialised layers, so that its residual stream is in the teacher's unit order (with a fully random "
               "student the fused model answers in a permuted space and its cosine to the teacher is about 0, while "
               "Spearman and retrieval, which do not see the order, are unchanged). `val cosine` is before "
-              "distillation; `after` columns are the students after the distillation budget (best validation epoch).",
+              "distillation; `after` columns are the students after the distillation budget (best validation epoch). "
+              "Rows `L6 weight w` fuse the same pair with weight w on the 6-layer model and 1 - w on the 3-layer one, "
+              "with the default correction (regress), the layers chosen by validation cosine as above: they show how "
+              "the result after distillation moves with the share of the 3-layer model.",
               ""]
     return "\n".join(lines) + "\n"
 
