@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from clafuse.arch.network import ACTIVATIONS, Block, LayerOp, Network, Space, layer_block, pool_block
+from clafuse.arch.layers import ACTIVATIONS, LayerOp, layer_block, pool_block
+from clafuse.arch.network import Block, Network, Space
 from clafuse.errors import SpecError
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")

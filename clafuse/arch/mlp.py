@@ -19,7 +19,8 @@ from torch import nn
 
 from clafuse.arch.base import BN_KEYS, Chain, ChainLayer, Family, Group, LayerInfo, check_shapes
 from clafuse.arch.modules import LinearChain
-from clafuse.arch.network import Activation, LayerOp, Network, Space, layer_block
+from clafuse.arch.layers import Activation, LayerOp, layer_block
+from clafuse.arch.network import Network, Space
 from clafuse.errors import SpecError
 
 

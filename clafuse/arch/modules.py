@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clafuse.arch.network import ACTIVATIONS
+from clafuse.arch.layers import ACTIVATIONS
 
 
 def attach(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -49,6 +49,6 @@ class LinearChain(nn.Module):
 
 
 def activation_module(name: str) -> nn.Module:
-    """The torch module of activation ``name`` (one of :data:`~clafuse.arch.network.ACTIVATIONS`)."""
+    """The torch module of activation ``name`` (one of :data:`~clafuse.arch.layers.ACTIVATIONS`)."""
     return {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
             "identity": nn.Identity}[name]()

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from clafuse.arch.network import Block as Unit
-from clafuse.arch.network import NORM_LEAVES, Param, Site, Space, Tap, identity_weight
+from clafuse.arch.layers import identity_weight
+from clafuse.arch.network import NORM_LEAVES, Param, Site, Space, Tap
 
 EXPANSION = {"basic": 1, "bottleneck": 4}
 DOWNSAMPLE_KEYS = {False: ("downsample.0", "downsample.1"), True: ("downsample.1", "downsample.2")}

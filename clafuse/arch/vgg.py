@@ -14,7 +14,8 @@ from torch import nn
 
 from clafuse.arch.base import BN_KEYS, Chain, ChainLayer, Family, Group, LayerInfo, check_shapes
 from clafuse.arch.modules import activation_module, attach
-from clafuse.arch.network import ACTIVATIONS, LayerOp, Network, Space, layer_block, layer_outputs, pool_block, run
+from clafuse.arch.layers import ACTIVATIONS, LayerOp, layer_block, pool_block
+from clafuse.arch.network import Network, Space, layer_outputs, run
 from clafuse.arch.vgg_detect import detect_vgg
 from clafuse.arch.vgg_spec import POOL, TORCHVISION_AVGPOOL, TimmHead, VGGLinear, VGGSpec
 from clafuse.errors import SpecError

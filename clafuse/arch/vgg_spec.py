@@ -7,7 +7,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, Field, PositiveInt, model_validator
 
-from clafuse.arch.network import Activation
+from clafuse.arch.layers import Activation
 
 POOL = "M"
 TORCHVISION_AVGPOOL = (7, 7)

@@ -14,7 +14,8 @@ from typing import Mapping
 import torch
 
 from clafuse.arch.base import Chain, ChainLayer, chain_of, describe_chain
-from clafuse.arch.network import Block, Network, Tap, block_tensors, identity_layer_block, layer_block
+from clafuse.arch.layers import identity_layer_block, layer_block
+from clafuse.arch.network import Block, Network, Tap, block_tensors
 from clafuse.errors import ClafuseError
 from clafuse.fusion.corrections import record
 
