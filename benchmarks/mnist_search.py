@@ -9,10 +9,8 @@ For each seed pair (parents trained, or reused, by ``mnist_mlp.parent``), in A's
 - search, label-free: :func:`clafuse.search.run.search_fusion` from the default, scored by
   KL(ensemble || fused) on 2,000 held-out train samples disjoint from the build samples, with
   the head refit among the candidates (the last Linear alone fitted to the ensemble's soft
-  predictions, a convex problem solved by L-BFGS; the body is not trained); the chosen settings
-  are then rebuilt from the build and held-out samples together (4,000), as ``fuse --search`` does;
-- search, labels: the same scored by accuracy on mnist:val (built from the 2,000 samples, as
-  ``fuse --search --score-data`` does: nothing is held out of the calibration data).
+  predictions, a convex problem solved by L-BFGS; the body is not trained);
+- search, labels: the same scored by accuracy on mnist:val.
 
 Candidates are built by :class:`clafuse.search.builders.PlanBuilder` on the one engine (each
 checkpoint read once, recordings and transport plans reused between candidates).
@@ -119,8 +117,7 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
         for key, _, scoring, budget, samples in SEARCHES:
             data = labelled if scoring == "accuracy" else unlabelled
             builder = PlanBuilder(target, [Alternatives(source, maps, deeper)], x, settings)
-            options = SearchOptions(budget=parse_budget(budget), scoring=scoring, samples=samples,
-                                    rebuild=None if data is labelled else SAMPLES + HOLDOUT)
+            options = SearchOptions(budget=parse_budget(budget), scoring=scoring, samples=samples)
             c0 = time.process_time()
             result = search_fusion(builder, parents, data, start, mapping_counts=[len(maps)], options=options)
             cpu = round(time.process_time() - c0, 3)

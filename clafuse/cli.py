@@ -176,9 +176,9 @@ def fuse(
                                                       "ensemble instead of all models', e.g. B to fuse a teacher B "
                                                       "into a student A."),
     rebuild: bool = typer.Option(True, "--rebuild/--no-rebuild",
-                                 help="With --search scored on held-out calibration samples: build the chosen "
-                                      "settings from the build and held-out samples together (the default), or "
-                                      "from the build samples only, as scored."),
+                                 help="With --search from fewer --samples than the map's (to leave held-out "
+                                      "calibration samples): build the chosen settings from the map's count, as "
+                                      "plain fuse draws it (the default), or from --samples only, as scored."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Balance the depths and fuse all mapped networks into one with optimal transport. Checkpoints

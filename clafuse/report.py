@@ -162,7 +162,7 @@ def render_search(search: dict[str, Any], order: list[str], console: Console) ->
                       + ", not a fusion of the models", markup=False)
     if search.get("scored_samples", chosen["samples"]) != chosen["samples"]:
         console.print(f"chosen on {search['scored_samples']} build samples, then rebuilt from {chosen['samples']} "
-                      "(build and held-out samples together)", markup=False)
+                      "(the usual calibration count: the held-out samples given back)", markup=False)
     console.print(f"search took {search['seconds']:.2f} s; to repeat this fusion without search:", markup=False)
     console.print(search["command"], markup=False, soft_wrap=True)
 

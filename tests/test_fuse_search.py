@@ -99,20 +99,24 @@ def test_search_of_three_models_with_accuracy_scoring_and_a_time_budget(mlps: Pa
     assert len({tuple(r["mappings"]) for r in search["table"]}) > 1, "the alignment's other mappings were tried"
 
 
-def test_search_rebuilds_its_choice_from_the_held_out_samples_too(mlps: Path) -> None:
-    """Candidates are built from --samples and scored on the rest; the chosen settings are then
-    built from all of them (the repeat command says so), or, with --no-rebuild, from --samples as
-    scored. --no-rebuild without --search is refused."""
-    default = _search_and_repeat(mlps, "map.json", "--budget", "4")["search"]
-    assert default["scored_samples"] == BUILD and default["chosen"]["samples"] == TOTAL
-    assert {r["samples"] for r in default["table"]} == {BUILD} and f"--samples {TOTAL}" in default["command"]
-    kept = _search_and_repeat(mlps, "map.json", "--budget", "4", "--no-rebuild")["search"]
-    assert kept["scored_samples"] == kept["chosen"]["samples"] == BUILD and f"--samples {BUILD}" in kept["command"]
+def test_search_from_fewer_samples_rebuilds_its_choice_from_the_usual_count(mlps: Path) -> None:
+    """With --samples below the map's count, candidates are built from --samples and scored on
+    held-out samples; the chosen settings are then built from the map's count, as plain fuse
+    draws it (the repeat command says so), or, with --no-rebuild, from --samples as scored. At the
+    map's count there is nothing to give back. --no-rebuild without --search is refused."""
+    half = BUILD // 2
+    default = _search_and_repeat(mlps, "map.json", "--budget", "4", "--samples", half)["search"]
+    assert default["scored_samples"] == half and default["chosen"]["samples"] == BUILD
+    assert {r["samples"] for r in default["table"]} == {half} and f"--samples {BUILD}" in default["command"]
+    kept = _search_and_repeat(mlps, "map.json", "--budget", "4", "--samples", half, "--no-rebuild")["search"]
+    assert kept["scored_samples"] == kept["chosen"]["samples"] == half and f"--samples {half}" in kept["command"]
     untimed = lambda table: [{k: v for k, v in r.items() if k != "seconds"} for r in table]  # noqa: E731
     assert untimed(kept["table"]) == untimed(default["table"])
+    usual = _search_and_repeat(mlps, "map.json", "--budget", "4")["search"]
+    assert usual["scored_samples"] == usual["chosen"]["samples"] == BUILD
     console = Console(record=True, width=200)
     render_search(default, ["A", "B"], console)
-    assert f"chosen on {BUILD} build samples, then rebuilt from {TOTAL}" in console.export_text()
+    assert f"chosen on {half} build samples, then rebuilt from {BUILD}" in console.export_text()
     run = invoke("fuse", "--map", mlps / "map.json", "-o", mlps / "n.safetensors", "--no-rebuild", cwd=mlps)
     assert run.code == 2 and "--no-rebuild" in run.stderr and not (mlps / "n.safetensors").exists()
 

@@ -98,7 +98,9 @@ def test_split_for_a_rebuild_extends_the_build_part_as_fuse_draws_it() -> None:
     assert torch.equal(longer.holdout, plain.holdout) and set(longer.build.tolist()) & set(longer.holdout.tolist())
     ds = Dataset(x=torch.arange(100.0)[:, None], y=None, name="toy:train")
     assert torch.equal(split_dataset(ds, 30, 20, 4, rebuild=90).x_build, calibration_inputs(ds, 90, 4))
-    assert rebuild_size(100, 30, 20) == 50 and rebuild_size(40, 30, 20) == 40
+    # The rebuild goes to the usual calibration count, when the search built from fewer.
+    assert rebuild_size(100, 30, 90) == 90 and rebuild_size(60, 30, 90) == 60
+    assert rebuild_size(100, 30, 30) is None and rebuild_size(100, 30, 20) is None
     with pytest.raises(DataError, match="rebuild from 101"):
         calibration_split(100, 30, 20, 4, rebuild=101)
 

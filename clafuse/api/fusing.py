@@ -128,9 +128,10 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
     or a time like ``30s``), calling ``on_candidate`` with each candidate's record; the report and
     metadata hold the table and the command that repeats the choice. Explicit ``weights`` and
     ``search`` are refused together. ``score_data`` (a labelled validation split, say) is what the
-    search scores on instead of held-out calibration samples; scored on held-out ones, the chosen
-    settings are rebuilt from the build and held-out samples together unless ``rebuild`` is False
-    (the held-out samples have done their job once the choice is made). ``reference`` (model letters, e.g.
+    search scores on instead of held-out calibration samples. Built from fewer ``samples`` than
+    the map's count (to leave held-out samples in a small source), the chosen settings are rebuilt
+    from the map's count, as plain ``fuse`` draws it, unless ``rebuild`` is False: the held-out
+    samples have done their job once the choice is made. ``reference`` (model letters, e.g.
     ``B``) makes the search and the head refit compare with those models' ensemble instead of all
     models' (a teacher fused into a student).
     """

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from clafuse.align.mapfile import Alignment, MapFile
-from clafuse.api.common import load_data, model_calibration, model_letter, text_calibration
+from clafuse.api.common import DEFAULT_SAMPLES, load_data, model_calibration, model_letter, text_calibration
 from clafuse.api.models import LoadedModel, check_fits
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
@@ -110,8 +110,8 @@ class SearchRequest:
     on_candidate: Callable[[dict[str, Any]], None] | None = None
     normalize: Normalization | None = None
     rebuild: bool = True
-    """Build the chosen settings once more from the build and held-out calibration samples together
-    (when the held-out samples come from the calibration source): what is written."""
+    """When the search built from fewer calibration samples than ``fuse`` draws by default (the
+    map's count), build the chosen settings once more from those: what is written."""
 
 
 @dataclass
@@ -158,15 +158,15 @@ def search_scoring(model: LoadedModel, scoring: str | None) -> str:
 
 
 def text_split(models: Sequence[LoadedModel], source: str, samples: int, seed: int, batch: int,
-               rebuild: bool) -> tuple[SearchData, int | None]:
+               usual: int | None) -> tuple[SearchData, int | None]:
     """A text calibration source split as :func:`~clafuse.search.split.split_dataset` splits
     arrays: the build part exactly the sentences ``fuse --samples samples`` draws with ``seed``
     (each part packed to its own longest sentence), scored ``batch`` sentences at a time; and the
-    size of the rebuild (None without ``rebuild``)."""
+    size of the rebuild towards ``usual`` samples (:func:`~clafuse.search.split.rebuild_size`;
+    None: no rebuild)."""
     sentences = text_calibration(models, source)
-    holdout = holdout_size(len(sentences), samples)
-    final = rebuild_size(len(sentences), samples, holdout) if rebuild else None
-    split = calibration_split(len(sentences), samples, holdout, seed, final or 0)
+    final = rebuild_size(len(sentences), samples, usual) if usual is not None else None
+    split = calibration_split(len(sentences), samples, holdout_size(len(sentences), samples), seed, final or 0)
     return SearchData(x_build=pack_tokens(sentences.subset(split.build)),
                       x_holdout=pack_tokens(sentences.subset(split.holdout)), batch=batch), final
 
@@ -199,16 +199,16 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     order = [chosen, *(i for i, _ in sources)]
     reference = tuple(float(request.reference[i]) for i in order) if request.reference is not None else None
     batch = target_model.family.describe(target_model.spec).batch
+    usual = (doc.data.samples if doc.data is not None else DEFAULT_SAMPLES) if request.rebuild else None
     final = None
     if request.score_data is not None:
         data = separate_scoring(models, data_source, samples, seed, request.score_data, request.normalize, batch)
     elif text:
-        data, final = text_split(models, data_source, samples, seed, batch, request.rebuild)
+        data, final = text_split(models, data_source, samples, seed, batch, usual)
     else:
         ds = load_data(data_source, None, request.normalize)
-        holdout = holdout_size(len(ds), samples)
-        final = rebuild_size(len(ds), samples, holdout) if request.rebuild else None
-        data = split_dataset(ds, samples, holdout, seed, final or 0)
+        final = rebuild_size(len(ds), samples, usual) if usual is not None else None
+        data = split_dataset(ds, samples, holdout_size(len(ds), samples), seed, final or 0)
     options = SearchOptions(budget=parse_budget(request.budget), scoring=scoring,
                             refit=(False,) if text else (False, True), reference_weights=reference, rebuild=final)
     alternatives = []

@@ -129,6 +129,14 @@ class PlanBuilder:
             self._fused.popitem(last=False)
         return result
 
+    def release(self) -> None:
+        """Drop every recording, pairing and fusion kept for the next candidate (before a last,
+        larger build: what the candidates shared is not needed by it, and its memory is)."""
+        self._anchors.clear()
+        self._pairs.clear()
+        self._fused.clear()
+        self._teachers.clear()
+
     def parents(self) -> list[nn.Module]:
         if self._parents is None:
             self._parents = [m.family.calibration_module(m.family.instantiate(m.spec, m.state_dict))

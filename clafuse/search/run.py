@@ -5,7 +5,8 @@ module (any family; :class:`clafuse.search.builders.PlanBuilder` reuses recordin
 It starts from the settings ``fuse`` uses without search, then changes one dimension at a time
 from the best candidate so far (coordinate search, cheapest dimensions first, see
 :mod:`clafuse.search.space`), in passes, until a pass improves nothing or the budget is spent. The choice made, it may be
-rebuilt from more samples (the build and held-out parts together) to give the final fusion.
+rebuilt from more samples (the usual calibration count, held-out samples given back) to give
+the final fusion.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
     ``data.x_holdout`` only. ``mapping_counts[i]``: how many alternative mappings source i has.
     ``progress`` gets each candidate's record as it is scored. With ``options.rebuild`` the best
     candidate is built once more from that many build inputs and that fusion is returned, unscored
-    (those inputs may include the held-out ones).
+    (those inputs may include the held-out ones); a builder with a ``release()`` method (as
+    PlanBuilder has) is asked first to drop what it kept for the candidates.
     """
     started = time.perf_counter()
     if len(parents) != len(start.weights):
@@ -139,7 +141,10 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
         stopped = f"budget ({stop.args[0]})"
     best, chosen, module = state["best"], state["best"], state["module"]
     if options.rebuild is not None and options.rebuild != best.samples:
-        chosen = best.with_(samples=options.rebuild)
+        chosen, module, state["module"] = best.with_(samples=options.rebuild), None, None
+        release = getattr(build, "release", None)
+        if release is not None:
+            release()
         module = build(chosen)
     return SearchResult(best=best, score={k: v for k, v in tried[best].items() if k in _METRICS},
                         table=table, references=references, seconds=round(time.perf_counter() - started, 3),

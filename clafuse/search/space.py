@@ -83,7 +83,7 @@ class SearchOptions(BaseModel):
     min_weight_step: float = Field(default=0.05, gt=0, lt=1)
     reference_weights: tuple[float, ...] | None = None
     rebuild: int | None = Field(default=None, ge=2, description="build the chosen settings once more from this "
-                                "many samples (the build part's first), e.g. the build and held-out parts together")
+                                "many samples (the build part's first), e.g. the usual calibration count")
 
     @field_validator("samples")
     @classmethod

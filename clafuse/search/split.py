@@ -73,10 +73,12 @@ def refuse_test_split(name: str) -> None:
         raise DataError(f"{name}: the search never scores on a test split; use the train or val split")
 
 
-def rebuild_size(total: int, build: int, holdout: int) -> int:
-    """How many samples the chosen fusion is rebuilt from: the build and held-out parts together
-    (the held-out samples have done their job once the choice is made), at most ``total``."""
-    return min(total, build + holdout)
+def rebuild_size(total: int, build: int, usual: int) -> int | None:
+    """How many samples the chosen fusion is rebuilt from: the ``usual`` count (what ``fuse``
+    draws without ``--samples``), at most ``total``, when the search built from fewer (None
+    otherwise). The held-out samples are then given back to the calibration they were taken from."""
+    size = min(total, usual)
+    return size if size > build else None
 
 
 def split_dataset(ds: Dataset, build: int, holdout: int, seed: int, rebuild: int = 0) -> SearchData:
