@@ -4,9 +4,9 @@ The search does not know how a fusion is built: it calls ``build(candidate)`` fo
 module (any family; :class:`clafuse.search.builders.PlanBuilder` reuses recordings and plans).
 It starts from the settings ``fuse`` uses without search, then changes one dimension at a time
 from the best candidate so far (coordinate search, cheapest dimensions first, see
-:mod:`clafuse.search.space`), in passes, until a pass improves nothing or the budget is spent. The choice made, it may be
-rebuilt from more samples (the usual calibration count, held-out samples given back) to give
-the final fusion.
+:mod:`clafuse.search.space`), in passes, until a pass improves nothing or the budget is spent.
+The choice made, it may be rebuilt from more samples (the usual calibration count, held-out
+samples given back) to give the final fusion.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
         stopped = f"budget ({stop.args[0]})"
     best, chosen, module = state["best"], state["best"], state["module"]
     if options.rebuild is not None and options.rebuild != best.samples:
-        chosen, module, state["module"] = best.with_(samples=options.rebuild), None, None
+        chosen, module, state["module"] = best.with_(samples=options.rebuild), None, None  # freed before the build
         release = getattr(build, "release", None)
         if release is not None:
             release()
