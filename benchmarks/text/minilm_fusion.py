@@ -11,8 +11,10 @@ Rows (each measured on held-out fortunes, ``benchmarks/text/fortunes.py``):
 - a randomly initialised 3-layer encoder (one per seed);
 - fusion, when ``clafuse align``/``fuse`` handle BERT model folders: MiniLM-L6 + MiniLM-L3 fused into
   the 3-layer layout at equal weights, and the teacher fused into an untrained 3-layer student's
-  layout (``--target`` the student, all weight on the teacher). Where fusion of BERT folders is not
-  available yet, these rows say so with the error the library gave.
+  layout (``--target`` the student, all weight on the teacher); and the pair at the 6-layer
+  model's weights ``--pair-weights`` (default 0.7, 0.9; default correction), which show how the
+  result after distillation moves with the 3-layer model's share. Where fusion of BERT folders is
+  not available, these rows say so with the error the library gave.
 
 Every student is measured before and after the SAME distillation budget (``--steps`` AdamW steps of
 ``--batch-size`` sentences, cosine loss to the teacher's mean-pooled embeddings, learning rate
