@@ -131,3 +131,21 @@ def without_progress(stderr: str) -> str:
     """``stderr`` without the ``clafuse: progress: ...`` lines that steps longer than a second show
     (how long a step takes depends on the machine's load, so tests of other output ignore them)."""
     return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("clafuse: progress: "))
+
+
+def mlp_member(hidden: list[int], seed: int, *, inputs: int, classes: int, bias: bool = True,
+               bias_std: float = 0.1) -> "Member":
+    """A random bias-optional MLP checkpoint (He-scaled weights) as a fusion ``Member``, its family
+    and spec detected from the keys as ``clafuse`` would."""
+    from clafuse.arch.registry import detect
+    from clafuse.fusion.engines import Member
+
+    gen = torch.Generator().manual_seed(seed)
+    widths = [inputs, *hidden, classes]
+    state = {}
+    for k, (i, o) in enumerate(zip(widths, widths[1:])):
+        state[f"fc{k}.weight"] = torch.randn(o, i, generator=gen) * (2 / i) ** 0.5
+        if bias:
+            state[f"fc{k}.bias"] = torch.randn(o, generator=gen) * bias_std
+    family, spec = detect(state)
+    return Member(family, spec, state)

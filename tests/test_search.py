@@ -10,7 +10,6 @@ from torch import nn
 
 from clafuse.align.costs import activation_cost
 from clafuse.align.dp import k_best_alignments
-from clafuse.arch.registry import detect
 from clafuse.data import Dataset, calibration_inputs
 from clafuse.errors import ClafuseError, DataError
 from clafuse.fusion.engines import ENGINES, Member, Source
@@ -28,20 +27,13 @@ from clafuse.search.scoring import (
 )
 from clafuse.search.space import Budget, Candidate, SearchOptions, parse_budget, weight_moves
 from clafuse.search.split import SearchData, calibration_split, rebuild_size, split_dataset
+from tests.helpers import mlp_member
 
 INPUTS, CLASSES = 12, 5
 
 
 def tiny_mlp(hidden: list[int], seed: int, bias: bool = True) -> Member:
-    gen = torch.Generator().manual_seed(seed)
-    widths = [INPUTS, *hidden, CLASSES]
-    state = {}
-    for k, (i, o) in enumerate(zip(widths, widths[1:])):
-        state[f"fc{k}.weight"] = torch.randn(o, i, generator=gen) * (2 / i) ** 0.5
-        if bias:
-            state[f"fc{k}.bias"] = torch.randn(o, generator=gen) * 0.1
-    family, spec = detect(state)
-    return Member(family, spec, state)
+    return mlp_member(hidden, seed, inputs=INPUTS, classes=CLASSES, bias=bias)
 
 
 def module(m: Member) -> nn.Module:

@@ -1,7 +1,8 @@
 """Balancing depths on descriptions: a source network made to pair block for block with the target.
 
 ``add`` (the source is shallower) inserts an exact identity block wherever the target has a block
-no source block maps to; ``merge`` (the source is deeper) drops its unmatched blocks where the
+no source block maps to (where those are plain ReLU layers after the source's last, narrower than
+it, they carry the source's logits instead: exact at the target's widths); ``merge`` (the source is deeper) drops its unmatched blocks where the
 network stays valid without them (residual blocks) and folds them into the next kept block where
 they are an affine map and a ReLU (the ReLU replaced by its gate on calibration data).
 """
@@ -14,7 +15,7 @@ from typing import Mapping
 import torch
 
 from clafuse.arch.base import Chain, ChainLayer, chain_of, describe_chain
-from clafuse.arch.layers import identity_layer_block, layer_block
+from clafuse.arch.layers import LayerOp, identity_layer_block, layer_block
 from clafuse.arch.network import Block, Network, Tap, block_tensors
 from clafuse.errors import ClafuseError
 from clafuse.fusion.corrections import record
@@ -37,12 +38,14 @@ def _check_groups(net: Network, other: Network, mappings: list[list[int]]) -> li
     return groups
 
 
-def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) -> Network:
+def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network,
+                  state: Mapping[str, torch.Tensor] | None = None) -> Network:
     """``shallow`` with an identity block at every position of ``deep`` that no shallow block maps
     to (``mappings``: per group, the deep position of each shallow block). An inserted block reads
     and writes the units of its predecessor; it is exact where the architecture has an exact
     identity there (after a ReLU; for an inserted layer before any real one, on non-negative
-    inputs)."""
+    inputs). With ``state`` (the shallow network's tensors), inserted layers after its last one
+    that are narrower than its last hidden layer carry its logits instead (:func:`_logit_carriers`)."""
     groups = _check_groups(shallow, deep, mappings)
     by_position: dict[int, Block] = {}
     for g, (s_idx, d_idx, mapping) in enumerate(zip(groups, deep.groups(), mappings)):
@@ -51,10 +54,15 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) ->
             by_position[d_idx[j]] = shallow.blocks[i]
     fixed = {b.pairing: b for b in shallow.blocks if not b.alignable}
     spaces = shallow.all_spaces()
+    carriers = _logit_carriers(shallow, deep, by_position, state) if state is not None else {}
+    fixed.update({b.pairing: b for j, b in carriers.items() if not deep.blocks[j].alignable})
     current = "input"
     blocks = []
     for j, template in enumerate(deep.blocks):
-        if not template.alignable:
+        if j in carriers and template.alignable:
+            block = carriers[j]
+            spaces.update({s.name: s for s in block.spaces.values()})
+        elif not template.alignable:
             block = fixed.get(template.pairing)
             if block is None and template.optional:
                 continue
@@ -77,6 +85,77 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network) ->
         blocks.append(block)
         current = block.output or current
     return replace(shallow, blocks=blocks)
+
+
+def _plain_linear(block: Block, relu: bool) -> bool:
+    """Whether ``block`` is a plain Linear layer (no conv, norm, pooling or flattening before it),
+    with a ReLU when ``relu``, else with no activation."""
+    op = block.attrs.get("op")
+    if not isinstance(op, LayerOp) or op.conv or op.norm or op.flatten_before or op.avgpool_before is not None:
+        return False
+    return op.min_size is None and (op.relu and op.act == "relu" if relu else not op.relu)
+
+
+def _logit_carriers(shallow: Network, deep: Network, by_position: Mapping[int, Block],
+                    state: Mapping[str, torch.Tensor]) -> dict[int, Block]:
+    """Blocks that make the shallow network exactly itself at the deep one's widths where the deep
+    network has plain ReLU layers after the shallow one's last, narrower than that last layer: an
+    identity there cannot be moved into the narrower units without loss, but the logits z = W h + b
+    can. The first inserted layer computes ReLU([z; -z]) (its other units zero), the next ones pass
+    those 2C units on (ReLU is exact on them), and the head reads z = z+ - z-. Keyed by deep
+    position (the head's too); empty where this does not apply (the identities then stand)."""
+    hidden = [j for j, b in enumerate(deep.blocks) if b.alignable]
+    last = max(by_position, default=-1)
+    tail = [j for j in hidden if j > last]
+    after = [j for j, b in enumerate(deep.blocks) if j > last and not b.alignable and not b.optional]
+    head = next((b for b in shallow.blocks if not b.alignable and len(after) == 1
+                 and b.pairing == deep.blocks[after[0]].pairing), None)
+    if not tail or head is None or after[0] < tail[-1] or last not in by_position:
+        return {}
+    if not _plain_linear(head, relu=False) or not all(_plain_linear(deep.blocks[j], relu=True) for j in tail):
+        return {}
+    weight = shallow.param_value(head, "weight", state).float()
+    classes, width = weight.shape
+    widths = [int(deep.blocks[j].params["weight"].shape[0]) for j in tail]
+    if min(widths) < 2 * classes or min(widths) >= width or by_position[last].output is None:
+        return {}
+    bias = shallow.param_value(head, "bias", state).float() if "bias" in head.params else None
+    out: dict[int, Block] = {}
+    current, previous = by_position[last].output, width
+    for k, (j, w) in enumerate(zip(tail, widths)):
+        template = deep.blocks[j]
+        values = {"weight": torch.zeros(w, previous)}
+        if k == 0:
+            values["weight"][:2 * classes] = torch.cat([weight, -weight])
+        else:
+            values["weight"][:2 * classes, :2 * classes] = torch.eye(2 * classes)
+        if "bias" in template.params:
+            values["bias"] = torch.zeros(w)
+            if k == 0 and bias is not None:
+                values["bias"][:2 * classes] = torch.cat([bias, -bias])
+        out[j] = _made_block(f"{template.name}+carrier", template, values, current, template.group, inserted=True)
+        current, previous = out[j].output, w
+    readout = {"weight": torch.zeros(classes, previous)}
+    readout["weight"][:, :2 * classes] = torch.cat([torch.eye(classes), -torch.eye(classes)], dim=1)
+    if bias is not None:  # the bias rode in the first carrier where it has one, else it stays here
+        readout["bias"] = torch.zeros(classes) if "bias" in deep.blocks[tail[0]].params else bias.clone()
+    out[after[0]] = _made_block(f"{head.name}+readout", head, readout, current, None, inserted=False)
+    return out
+
+
+def _made_block(name: str, template: Block, values: dict[str, torch.Tensor], in_space: str, group: int | None,
+                inserted: bool) -> Block:
+    """A plain Linear block like ``template`` with the given tensors (under new keys ``name.local``)
+    reading ``in_space``; a head keeps the template's name, output space and slot."""
+    op, keys = template.attrs["op"], {local: f"{name}.{local}" for local in values}
+    shapes = {local: tuple(v.shape) for local, v in values.items()}
+    if group is None:
+        block = layer_block(template.name, keys, shapes, op, in_space, None, out_space=template.attrs["out_space"],
+                            slot=template.slot)
+    else:
+        block = layer_block(name, keys, shapes, op, in_space, group)
+    return block.with_(inserted=inserted, exact=frozenset(values) if inserted else frozenset(),
+                       values={keys[k]: v for k, v in values.items()})
 
 
 def pair_optional(source: Network, target: Network) -> Network:

@@ -94,7 +94,7 @@ def balanced_model(target: Network, source: Source, x: torch.Tensor | None) -> M
             gates = gates_of(net, record(net, state, x, spaces=False, sites=True)[1])
         net = merge_blocks(net, state, source.mappings, gates)
     else:
-        net = insert_blocks(net, source.mappings, target)
+        net = insert_blocks(net, source.mappings, target, state)
         if needs_fitting(net):
             if x is None:
                 raise ClafuseError("this architecture has no exact identity block to insert (post-LN): add needs "
