@@ -62,6 +62,11 @@ BUILD = 5000
 # (key, label, scoring, budget, extra calibration sizes); None: the library's default budget.
 SEARCHES = [("search_kl", "search, label-free (KL to ensemble, held-out train)", "kl", None, ()),
             ("search_val", "search, accuracy on mnist:val", "accuracy", None, ())]
+# In A's architecture, the same searches started from the mapping that leaves A's last two (narrower)
+# layers to carry B's logits exactly (``fuse --search --mapping B=0,1,2``): CKA's mapping puts B's
+# last hidden layer at A's 25-unit layer, through which B's 100 units cannot pass intact.
+CARRIED = [("carried_kl", "search from mapping [0, 1, 2] (A's last two layers carry B's logits), label-free", "kl"),
+           ("carried_val", "search from mapping [0, 1, 2], accuracy on mnist:val", "accuracy")]
 
 
 def accuracy(module: torch.nn.Module, ds) -> float:
@@ -114,17 +119,25 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
         rows["fuse_seconds"] = round(time.perf_counter() - t0, 3)
         rows["fuse_cpu_seconds"] = round(time.process_time() - c0, 3)
         rows["default"] = {"val": accuracy(default, val), "test": accuracy(default, test)}
-        for key, _, scoring, budget, samples in SEARCHES:
+        searches = [(key, scoring, budget, samples, maps) for key, _, scoring, budget, samples in SEARCHES]
+        if arch == "A":  # B's layers at A's first three, A's narrower last two carrying B's logits
+            carried = [[list(range(len(maps[0][0])))]]
+            alternatives = carried + [m for m in maps if m != carried[0]]
+            rows["carried_default"] = {k: accuracy(PlanBuilder(target, [Alternatives(source, alternatives, deeper)],
+                                                               x, settings)(start), ds) for k, ds in (("val", val),
+                                                                                                     ("test", test))}
+            searches += [(key, scoring, None, (), alternatives) for key, _, scoring in CARRIED]
+        for key, scoring, budget, samples, alts in searches:
             data = labelled if scoring == "accuracy" else unlabelled
-            builder = PlanBuilder(target, [Alternatives(source, maps, deeper)], x, settings)
+            builder = PlanBuilder(target, [Alternatives(source, alts, deeper)], x, settings)
             options = SearchOptions(budget=parse_budget(budget), scoring=scoring, samples=samples)
             c0 = time.process_time()
-            result = search_fusion(builder, parents, data, start, mapping_counts=[len(maps)], options=options)
+            result = search_fusion(builder, parents, data, start, mapping_counts=[len(alts)], options=options)
             cpu = round(time.process_time() - c0, 3)
             chosen = result.chosen
             rows[key] = {"val": accuracy(result.module, val), "test": accuracy(result.module, test),
                          "seconds": result.seconds, "cpu_seconds": cpu, "candidates": len(result.table), "stopped": result.stopped,
-                         "chosen": {"weights": list(chosen.weights), "mapping": maps[chosen.mappings[0]][0],
+                         "chosen": {"weights": list(chosen.weights), "mapping": alts[chosen.mappings[0]][0],
                                     "inserted": chosen.inserted, "correction": chosen.correction,
                                     "refit": chosen.refit, "samples": chosen.samples},
                          "weight_from_vertex": round(min(chosen.weights), 4),
@@ -163,11 +176,17 @@ def markdown(doc: dict[str, Any]) -> str:
     for arch, balance in (("A", "add"), ("B", "merge")):
         lines.append(row(f"fused in {arch}'s architecture ({balance}): default", f"in_{arch}", "default"))
         lines += [row(f"fused in {arch}'s: {label}", f"in_{arch}", key) for key, label, *_ in SEARCHES]
+        if arch == "A" and "carried_default" in pairs[0]["in_A"]:
+            lines.append(row("fused in A's: mapping [0, 1, 2] with carried logits, equal weights", "in_A",
+                             "carried_default"))
+            lines += [row(f"fused in A's: {label}", "in_A", key) for key, label, _ in CARRIED]
     lines += ["", "Against the default fusion and the better parent (test, points):", "",
               "| fused | pairs above the better parent | mean gain over default | mean gap to the better parent |",
               "|---|---:|---:|---:|"]
     for arch in ("A", "B"):
-        for key in ("default", *(k for k, *_ in SEARCHES)):
+        carried = ("carried_default", *(k for k, *_ in CARRIED)) if arch == "A" and "carried_default" in pairs[0]["in_A"] \
+            else ()
+        for key in ("default", *(k for k, *_ in SEARCHES), *carried):
             got = [p[f"in_{arch}"][key]["test"] for p in pairs]
             default = [p[f"in_{arch}"]["default"]["test"] for p in pairs]
             above = sum(g > b for g, b in zip(got, better))
@@ -179,7 +198,7 @@ def markdown(doc: dict[str, Any]) -> str:
               "built from | candidates | search time |", "|---|---|---|---|---:|---|---|---|---|---:|---:|---:|"]
     for p in pairs:
         for arch in ("A", "B"):
-            for key, *_ in SEARCHES:
+            for key in [k for k, *_ in (*SEARCHES, *CARRIED) if k in p[f"in_{arch}"]]:
                 r = p[f"in_{arch}"][key]
                 c = r["chosen"]
                 lines.append(f"| {p['pair']} | {arch} | {key} | {', '.join(f'{w:g}' for w in c['weights'])} | "
