@@ -12,6 +12,10 @@ For each seed pair (parents trained, or reused, by ``mnist_mlp.parent``), in A's
   predictions, a convex problem solved by L-BFGS; the body is not trained);
 - search, labels: the same scored by accuracy on mnist:val.
 
+In A's architecture the searches start, as ``fuse --search`` does, from the mapping that keeps B
+whole (B's layers at A's first three, A's narrower last two carrying B's logits); CKA's pinned
+mapping puts B's 100-unit layer at A's 25-unit one. Its equal-weight fusion is a row of its own.
+
 Candidates are built by :class:`clafuse.search.builders.PlanBuilder` on the one engine (each
 checkpoint read once, recordings and transport plans reused between candidates).
 
@@ -48,7 +52,9 @@ from clafuse.data import load_source  # noqa: E402
 from clafuse.fusion.engine import default_inserted  # noqa: E402
 from clafuse.fusion.engines import Member  # noqa: E402
 from clafuse.fusion.otfusion import FusionSettings  # noqa: E402
+from clafuse.fusion.balance import carried_intact  # noqa: E402
 from clafuse.search.builders import Alternatives, PlanBuilder  # noqa: E402
+from clafuse.search.mappings import with_carried  # noqa: E402
 from clafuse.search.refit import ensemble_teacher, refit_head  # noqa: E402
 from clafuse.search.run import search_fusion  # noqa: E402
 from clafuse.search.space import Candidate, SearchOptions, parse_budget  # noqa: E402
@@ -62,11 +68,7 @@ BUILD = 5000
 # (key, label, scoring, budget, extra calibration sizes); None: the library's default budget.
 SEARCHES = [("search_kl", "search, label-free (KL to ensemble, held-out train)", "kl", None, ()),
             ("search_val", "search, accuracy on mnist:val", "accuracy", None, ())]
-# In A's architecture, the same searches started from the mapping that leaves A's last two (narrower)
-# layers to carry B's logits exactly (``fuse --search --mapping B=0,1,2``): CKA's mapping puts B's
-# last hidden layer at A's 25-unit layer, through which B's 100 units cannot pass intact.
-CARRIED = [("carried_kl", "search from mapping [0, 1, 2] (A's last two layers carry B's logits), label-free", "kl"),
-           ("carried_val", "search from mapping [0, 1, 2], accuracy on mnist:val", "accuracy")]
+
 
 
 def accuracy(module: torch.nn.Module, ds) -> float:
@@ -119,15 +121,15 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
         rows["fuse_seconds"] = round(time.perf_counter() - t0, 3)
         rows["fuse_cpu_seconds"] = round(time.process_time() - c0, 3)
         rows["default"] = {"val": accuracy(default, val), "test": accuracy(default, test)}
-        searches = [(key, scoring, budget, samples, maps) for key, _, scoring, budget, samples in SEARCHES]
-        if arch == "A":  # B's layers at A's first three, A's narrower last two carrying B's logits
-            carried = [[list(range(len(maps[0][0])))]]
-            alternatives = carried + [m for m in maps if m != carried[0]]
-            rows["carried_default"] = {k: accuracy(PlanBuilder(target, [Alternatives(source, alternatives, deeper)],
+        alts = maps
+        if arch == "A":  # as fuse --search does: B's layers kept whole, A's narrower last two carrying B's logits
+            released = [[phi] for phi, _ in k_best_alignments(cost, K, pin_first=True, pin_last=False)]
+            shallow_net, deep_net = b.family.describe(b.spec), a.family.describe(a.spec)
+            alts = with_carried(maps, released, lambda m: carried_intact(shallow_net, m, deep_net))[:K]
+            rows["carried_default"] = {k: accuracy(PlanBuilder(target, [Alternatives(source, alts, deeper)],
                                                                x, settings)(start), ds) for k, ds in (("val", val),
                                                                                                      ("test", test))}
-            searches += [(key, scoring, None, (), alternatives) for key, _, scoring in CARRIED]
-        for key, scoring, budget, samples, alts in searches:
+        for key, _, scoring, budget, samples in SEARCHES:
             data = labelled if scoring == "accuracy" else unlabelled
             builder = PlanBuilder(target, [Alternatives(source, alts, deeper)], x, settings)
             options = SearchOptions(budget=parse_budget(budget), scoring=scoring, samples=samples)
@@ -177,15 +179,13 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(row(f"fused in {arch}'s architecture ({balance}): default", f"in_{arch}", "default"))
         lines += [row(f"fused in {arch}'s: {label}", f"in_{arch}", key) for key, label, *_ in SEARCHES]
         if arch == "A" and "carried_default" in pairs[0]["in_A"]:
-            lines.append(row("fused in A's: mapping [0, 1, 2] with carried logits, equal weights", "in_A",
-                             "carried_default"))
-            lines += [row(f"fused in A's: {label}", "in_A", key) for key, label, _ in CARRIED]
+            lines.append(row("fused in A's: equal weights from the search's start mapping (B kept whole, A's last "
+                             "two layers carrying B's logits)", "in_A", "carried_default"))
     lines += ["", "Against the default fusion and the better parent (test, points):", "",
               "| fused | pairs above the better parent | mean gain over default | mean gap to the better parent |",
               "|---|---:|---:|---:|"]
     for arch in ("A", "B"):
-        carried = ("carried_default", *(k for k, *_ in CARRIED)) if arch == "A" and "carried_default" in pairs[0]["in_A"] \
-            else ()
+        carried = ("carried_default",) if arch == "A" and "carried_default" in pairs[0]["in_A"] else ()
         for key in ("default", *(k for k, *_ in SEARCHES), *carried):
             got = [p[f"in_{arch}"][key]["test"] for p in pairs]
             default = [p[f"in_{arch}"]["default"]["test"] for p in pairs]
@@ -198,7 +198,7 @@ def markdown(doc: dict[str, Any]) -> str:
               "built from | candidates | search time |", "|---|---|---|---|---:|---|---|---|---|---:|---:|---:|"]
     for p in pairs:
         for arch in ("A", "B"):
-            for key in [k for k, *_ in (*SEARCHES, *CARRIED) if k in p[f"in_{arch}"]]:
+            for key, *_ in SEARCHES:
                 r = p[f"in_{arch}"][key]
                 c = r["chosen"]
                 lines.append(f"| {p['pair']} | {arch} | {key} | {', '.join(f'{w:g}' for w in c['weights'])} | "

@@ -87,3 +87,30 @@ def test_fuse_with_a_mapping_that_leaves_the_tail_carries_the_logits(tmp_path) -
     assert {k: tuple(v.shape) for k, v in fused.items()} == {k: tuple(v.shape) for k, v in deep.state_dict.items()}
     got = deep.family.instantiate(deep.spec, fused)(X)
     torch.testing.assert_close(got, outputs(shallow, X), rtol=1e-4, atol=1e-4)
+
+
+def test_search_starts_from_the_mapping_whose_balancing_keeps_the_shallow_network(tmp_path) -> None:
+    """Into the deeper architecture, the search starts from the mapping that keeps every layer of
+    the shallower network at least as wide and lets the deeper one's narrower last layers carry its
+    logits (found with the last pin released), not from align's pinned mapping; an explicit
+    --mapping is where it starts instead."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from clafuse import api
+    from clafuse.align.mapfile import read_map
+
+    shallow, deep = tiny_mlp([20, 16], 9), tiny_mlp([20, 16, 12, 9], 10)
+    for name, m in (("deep", deep), ("shallow", shallow)):
+        save_file({k: v.contiguous() for k, v in m.state_dict.items()}, str(tmp_path / f"{name}.safetensors"))
+    x = torch.randn(600, INPUTS, generator=torch.Generator().manual_seed(1))
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    api.align([tmp_path / "deep.safetensors", tmp_path / "shallow.safetensors"], tmp_path / "map.json",
+              data=str(tmp_path / "x.npz"), samples=200)
+    pinned = read_map(tmp_path / "map.json").alignments[0].groups[0].mapping
+    assert pinned[-1] == 3, "align pins the shallow network's last layer to the deep one's last"
+    report = api.fuse(tmp_path / "map.json", tmp_path / "s.safetensors", target="A", search=True, budget=1)
+    assert report["mapping"] == [[0, 1]] and "--mapping B=0,1" in report["search"]["command"]
+    given = api.fuse(tmp_path / "map.json", tmp_path / "g.safetensors", target="A", search=True, budget=1,
+                     mapping=["B=0,3"])
+    assert given["mapping"] == [[0, 3]]

@@ -243,7 +243,8 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         with progress.step(f"searching the fusion of {len(models)} models into {target_model.path.name}"):
             found = run_search(doc, models, chosen, sources,
                                resolved_source(source, None if data is not None else base), n, seed, settings,
-                               refit_head, SearchRequest(budget, scoring, ref, score_data, on_candidate, norm, rebuild))
+                               refit_head, SearchRequest(budget, scoring, ref, score_data, on_candidate, norm,
+                                                         frozenset(overrides), rebuild))
         best = found.result.chosen
         alpha = [0.0] * len(models)
         for position, index in enumerate(order):

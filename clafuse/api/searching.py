@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -21,7 +22,7 @@ from clafuse.api.common import DEFAULT_SAMPLES, load_data, model_calibration, mo
 from clafuse.api.models import LoadedModel, check_fits
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
-from clafuse.fusion.balance import check_mapping
+from clafuse.fusion.balance import carried_intact, check_mapping
 from clafuse.fusion.engine import default_inserted
 from clafuse.fusion.engines import FusionOutcome, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
@@ -109,6 +110,8 @@ class SearchRequest:
     samples of the calibration source."""
     on_candidate: Callable[[dict[str, Any]], None] | None = None
     normalize: Normalization | None = None
+    mapped: frozenset[int] = frozenset()
+    """Models (align indices) whose mapping ``--mapping`` gave: the search starts from it."""
     rebuild: bool = True
     """When the search built from fewer calibration samples than ``fuse`` draws by default (the
     map's count), build the chosen settings once more from those: what is written."""
@@ -198,7 +201,8 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
     text = target_model.family.token_limits(target_model.spec) is not None
     order = [chosen, *(i for i, _ in sources)]
     reference = tuple(float(request.reference[i]) for i in order) if request.reference is not None else None
-    batch = target_model.family.describe(target_model.spec).batch
+    target_net = target_model.family.describe(target_model.spec)
+    batch = target_net.batch
     usual = (doc.data.samples if doc.data is not None else DEFAULT_SAMPLES) if request.rebuild else None
     final = None
     if request.score_data is not None:
@@ -217,7 +221,12 @@ def run_search(doc: MapFile, models: list[LoadedModel], chosen: int, sources: li
         own = Alignment(shallow=pair.shallow, deep=pair.deep,
                         groups=[g.model_copy(update={"mapping": m}) for g, m in zip(pair.groups, source.mappings)])
         forced = [g.pin_first for g in models[pair.deep].groups]
-        maps = mapping_alternatives(own, options.mappings, doc.settings.pin_first, doc.settings.pin_last, forced)
+        carried = None
+        if not source.deeper and index not in request.mapped:
+            shallow = source.member.family.describe(source.member.spec)
+            carried = partial(carried_intact, shallow, deep=target_net)
+        maps = mapping_alternatives(own, options.mappings, doc.settings.pin_first, doc.settings.pin_last, forced,
+                                    carried)
         alternatives.append(Alternatives(source.member, maps, source.deeper))
     target = member(models[chosen])
     builder = PlanBuilder(target, alternatives, data.x_build, settings, reference=reference)

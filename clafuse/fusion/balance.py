@@ -2,9 +2,10 @@
 
 ``add`` (the source is shallower) inserts an exact identity block wherever the target has a block
 no source block maps to (where those are plain ReLU layers after the source's last, narrower than
-it, they carry the source's logits instead: exact at the target's widths); ``merge`` (the source is deeper) drops its unmatched blocks where the
-network stays valid without them (residual blocks) and folds them into the next kept block where
-they are an affine map and a ReLU (the ReLU replaced by its gate on calibration data).
+it, they carry the source's logits instead: exact at the target's widths); ``merge`` (the source
+is deeper) drops its unmatched blocks where the network stays valid without them (residual
+blocks) and folds them into the next kept block where they are an affine map and a ReLU (the
+ReLU replaced by its gate on calibration data).
 """
 
 from __future__ import annotations
@@ -46,12 +47,7 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network,
     identity there (after a ReLU; for an inserted layer before any real one, on non-negative
     inputs). With ``state`` (the shallow network's tensors), inserted layers after its last one
     that are narrower than its last hidden layer carry its logits instead (:func:`_logit_carriers`)."""
-    groups = _check_groups(shallow, deep, mappings)
-    by_position: dict[int, Block] = {}
-    for g, (s_idx, d_idx, mapping) in enumerate(zip(groups, deep.groups(), mappings)):
-        check_mapping(mapping, len(s_idx), len(d_idx))
-        for i, j in zip(s_idx, mapping):
-            by_position[d_idx[j]] = shallow.blocks[i]
+    by_position = _positions(shallow, mappings, deep)
     fixed = {b.pairing: b for b in shallow.blocks if not b.alignable}
     spaces = shallow.all_spaces()
     carriers = _logit_carriers(shallow, deep, by_position, state) if state is not None else {}
@@ -87,6 +83,28 @@ def insert_blocks(shallow: Network, mappings: list[list[int]], deep: Network,
     return replace(shallow, blocks=blocks)
 
 
+def _positions(shallow: Network, mappings: list[list[int]], deep: Network) -> dict[int, Block]:
+    """The shallow network's alignable blocks by the deep position each maps to."""
+    groups = _check_groups(shallow, deep, mappings)
+    by_position: dict[int, Block] = {}
+    for s_idx, d_idx, mapping in zip(groups, deep.groups(), mappings):
+        check_mapping(mapping, len(s_idx), len(d_idx))
+        for i, j in zip(s_idx, mapping):
+            by_position[d_idx[j]] = shallow.blocks[i]
+    return by_position
+
+
+def carried_intact(shallow: Network, mappings: list[list[int]], deep: Network) -> bool:
+    """Whether balancing ``shallow`` into ``deep`` with ``mappings`` keeps all of it: each of its
+    layers maps to one of the deep network at least as wide, and the deep network's unmatched last
+    layers carry its logits (:func:`_logit_carriers`)."""
+    by_position = _positions(shallow, mappings, deep)
+    s_spaces, d_spaces = shallow.all_spaces(), deep.all_spaces()
+    wide = all(b.output is not None and deep.blocks[j].output is not None
+               and s_spaces[b.output].size <= d_spaces[deep.blocks[j].output].size for j, b in by_position.items())
+    return wide and _carried_tail(shallow, deep, by_position) is not None
+
+
 def _plain_linear(block: Block, relu: bool) -> bool:
     """Whether ``block`` is a plain Linear layer (no conv, norm, pooling or flattening before it),
     with a ReLU when ``relu``, else with no activation."""
@@ -104,21 +122,14 @@ def _logit_carriers(shallow: Network, deep: Network, by_position: Mapping[int, B
     can. The first inserted layer computes ReLU([z; -z]) (its other units zero), the next ones pass
     those 2C units on (ReLU is exact on them), and the head reads z = z+ - z-. Keyed by deep
     position (the head's too); empty where this does not apply (the identities then stand)."""
-    hidden = [j for j, b in enumerate(deep.blocks) if b.alignable]
-    last = max(by_position, default=-1)
-    tail = [j for j in hidden if j > last]
-    after = [j for j, b in enumerate(deep.blocks) if j > last and not b.alignable and not b.optional]
-    head = next((b for b in shallow.blocks if not b.alignable and len(after) == 1
-                 and b.pairing == deep.blocks[after[0]].pairing), None)
-    if not tail or head is None or after[0] < tail[-1] or last not in by_position:
+    found = _carried_tail(shallow, deep, by_position)
+    if found is None:
         return {}
-    if not _plain_linear(head, relu=False) or not all(_plain_linear(deep.blocks[j], relu=True) for j in tail):
-        return {}
+    tail, after, head = found
+    last = max(by_position)
     weight = shallow.param_value(head, "weight", state).float()
     classes, width = weight.shape
     widths = [int(deep.blocks[j].params["weight"].shape[0]) for j in tail]
-    if min(widths) < 2 * classes or min(widths) >= width or by_position[last].output is None:
-        return {}
     bias = shallow.param_value(head, "bias", state).float() if "bias" in head.params else None
     out: dict[int, Block] = {}
     current, previous = by_position[last].output, width
@@ -139,8 +150,32 @@ def _logit_carriers(shallow: Network, deep: Network, by_position: Mapping[int, B
     readout["weight"][:, :2 * classes] = torch.cat([torch.eye(classes), -torch.eye(classes)], dim=1)
     if bias is not None:  # the bias rode in the first carrier where it has one, else it stays here
         readout["bias"] = torch.zeros(classes) if "bias" in deep.blocks[tail[0]].params else bias.clone()
-    out[after[0]] = _made_block(f"{head.name}+readout", head, readout, current, None, inserted=False)
+    out[after] = _made_block(f"{head.name}+readout", head, readout, current, None, inserted=False)
     return out
+
+
+def _carried_tail(shallow: Network, deep: Network, by_position: Mapping[int, Block]
+                  ) -> tuple[list[int], int, Block] | None:
+    """(the deep positions after the shallow network's last block, the deep head's position, the
+    shallow head) where those positions can carry its logits: plain ReLU layers, each at least
+    2 x classes wide and narrower than the shallow's last hidden layer, before a plain Linear
+    head; None elsewhere."""
+    if not by_position:
+        return None
+    last = max(by_position)
+    tail = [j for j, b in enumerate(deep.blocks) if b.alignable and j > last]
+    after = [j for j, b in enumerate(deep.blocks) if j > last and not b.alignable and not b.optional]
+    head = next((b for b in shallow.blocks if not b.alignable and len(after) == 1
+                 and b.pairing == deep.blocks[after[0]].pairing), None)
+    if not tail or head is None or after[0] < tail[-1] or by_position[last].output is None:
+        return None
+    if not _plain_linear(head, relu=False) or not all(_plain_linear(deep.blocks[j], relu=True) for j in tail):
+        return None
+    classes, width = head.params["weight"].shape
+    widths = [int(deep.blocks[j].params["weight"].shape[0]) for j in tail]
+    if min(widths) < 2 * classes or min(widths) >= width:
+        return None
+    return tail, after[0], head
 
 
 def _made_block(name: str, template: Block, values: dict[str, torch.Tensor], in_space: str, group: int | None,
