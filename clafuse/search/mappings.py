@@ -27,6 +27,11 @@ def group_pins(pin_first: bool, pin_last: bool, forced_first: bool | None, shall
     return pin_first and not (shallow == 1 and pin_last and deep > 1), pin_last
 
 
+RELEASED = 64
+"""How many of the cheapest mappings without the last pin are looked through for one that keeps
+the shallower model whole (the DP is cheap; the check is on descriptions)."""
+
+
 def mapping_alternatives(alignment: Alignment, k: int, pin_first: bool, pin_last: bool,
                          forced_first: Sequence[bool | None],
                          carried: Callable[[list[list[int]]], bool] | None = None) -> list[list[list[int]]]:
@@ -35,19 +40,19 @@ def mapping_alternatives(alignment: Alignment, k: int, pin_first: bool, pin_last
     :attr:`~clafuse.arch.base.Group.pin_first`. ``carried`` (for a shallower source) says whether a
     mapping keeps all of the shallower model, its logits carried by the deeper model's last layers;
     the cheapest such mapping, found with the last pin released, goes first (:func:`with_carried`)."""
-    def k_best(last_pin: bool) -> list[list[list[int]]]:
+    def k_best(last_pin: bool, count: int) -> list[list[list[int]]]:
         per_group = []
         for group, forced in zip(alignment.groups, forced_first):
             cost = np.asarray(group.cost, dtype=np.float64)
             first, last = group_pins(pin_first, last_pin, forced, cost.shape[0], cost.shape[1])
-            per_group.append(k_best_alignments(cost, k, first, last))
-        return [maps for maps, _ in k_best_combined(per_group, k)]
+            per_group.append(k_best_alignments(cost, count, first, last))
+        return [maps for maps, _ in k_best_combined(per_group, count)]
 
     own = [list(g.mapping) for g in alignment.groups]
-    maps = [own, *(m for m in k_best(pin_last) if m != own)][:k]
+    maps = [own, *(m for m in k_best(pin_last, k) if m != own)][:k]
     if carried is None:
         return maps
-    return with_carried(maps, k_best(False), carried)[:k]
+    return with_carried(maps, k_best(False, RELEASED), carried)[:k]
 
 
 def with_carried(maps: list[list[list[int]]], released: Sequence[list[list[int]]],
