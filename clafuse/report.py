@@ -84,7 +84,10 @@ def render_fuse(doc: dict[str, Any], map_path: Path | None = None) -> None:
         from clafuse.align.mapfile import read_map
         from clafuse.reporting.mapping import target_layer_notes
 
-        notes = target_layer_notes(read_map(map_path), order.index(doc["mixing_order"][0]))
+        used = doc["mapping"] if isinstance(doc["mapping"], dict) else \
+            {name: doc["mapping"] for name in doc["mixing_order"][1:]}
+        notes = target_layer_notes(read_map(map_path), order.index(doc["mixing_order"][0]), used,
+                                   doc.get("carried"))
     table = Table("layer", "width", *(f"mixing {name}" for name in order),
                   *(("from the other models",) if notes is not None else ()))
     for k, (layer, mix) in enumerate(zip(doc["layers"], doc["mixing"])):

@@ -67,6 +67,8 @@ def test_identities_stand_where_carriers_do_not_apply(deep_hidden: list[int], ma
 def test_fuse_with_a_mapping_that_leaves_the_tail_carries_the_logits(tmp_path) -> None:
     """End to end: ``fuse --mapping`` that leaves the deep model's narrower last layers unmatched
     writes the deep architecture computing the shallow model exactly (weights 0,1, no correction)."""
+    import json
+
     import numpy as np
     from safetensors.torch import save_file
 
@@ -83,6 +85,10 @@ def test_fuse_with_a_mapping_that_leaves_the_tail_carries_the_logits(tmp_path) -
     run = invoke("fuse", "--map", tmp_path / "map.json", "-o", tmp_path / "out.safetensors", "--target", "A",
                  "--mapping", "B=0,1", "--weights", "0,1", "--correction", "none", cwd=tmp_path)
     assert run.code == 0, run
+    assert run.stdout.count("B's logits carried") == 2 and "identity in B" not in run.stdout
+    again = invoke("fuse", "--map", tmp_path / "map.json", "-o", tmp_path / "again.safetensors", "--target", "A",
+                   "--mapping", "B=0,1", "--json", cwd=tmp_path)
+    assert json.loads(again.stdout)["carried"] == {"B": ["fc2", "fc3"]}
     fused = load_checkpoint(tmp_path / "out.safetensors")
     assert {k: tuple(v.shape) for k, v in fused.items()} == {k: tuple(v.shape) for k, v in deep.state_dict.items()}
     got = deep.family.instantiate(deep.spec, fused)(X)

@@ -70,6 +70,16 @@ def test_target_notes_mark_inserted_identities() -> None:
         ["B.fc1", "B.fc2", "identity in B", "identity in B", "B.fc3"]
 
 
+def test_target_notes_follow_the_mapping_used_and_mark_carried_logits() -> None:
+    """The fusion's own mapping (--mapping, a search) replaces the map's, and layers balancing
+    made carry the shallower model's logits say so."""
+    doc = _map(FC5, ["fc1", "fc2", "fc3"], [0, 1, 4])
+    assert target_layer_notes(doc, 0, {"B": [[0, 1, 2]]}, {"B": ["fc4", "fc5"]}) == \
+        ["B.fc1", "B.fc2", "B.fc3", "B's logits carried", "B's logits carried"]
+    assert target_layer_notes(doc, 0, {"B": [[0, 1, 2]]}) == \
+        ["B.fc1", "B.fc2", "B.fc3", "identity in B", "identity in B"]
+
+
 def test_a_span_never_hides_a_layer() -> None:
     assert layer_span("A", ["features.3"]) == "A.features.3"
     assert layer_span("A", ["fc3", "fc4", "fc5"]) == "A.fc3-5"

@@ -20,6 +20,7 @@ from clafuse.api.searching import (SearchRequest, pair_of, parse_mappings, parse
                                    repeat_command, run_search, search_report)
 from clafuse.data.normalize import Normalization
 from clafuse.errors import ClafuseError
+from clafuse.fusion.balance import carried_positions
 from clafuse.fusion.engines import ENGINES, Member, Source
 from clafuse.fusion.otfusion import FusionSettings
 from clafuse.io.checkpoint import output_format, save_checkpoint
@@ -317,10 +318,24 @@ def fuse(map_path: str | os.PathLike, out: str | os.PathLike, *, balance: Balanc
         "reference": ref_letters,
         **({"search": searched} if searched is not None else {}),
         "approximate_identities": {name: round(error, 6) for name, error in approximate.items()},
+        "carried": _carried_layers(target_model, sources),
         "seconds": round(time.perf_counter() - started, 3),
         **({"kept_wrapper": {"names": "input", "wrapper": container.wrapper_key,
                              "dropped": dropped_entries(container)}} if container is not None else {}),
     }
+
+
+def _carried_layers(target: LoadedModel, sources: list[tuple[int, Source]]) -> dict[str, list[str]]:
+    """Per shallower model (letter), the target's layers that carry its logits after balancing."""
+    net = target.family.describe(target.spec)
+    out = {}
+    for i, source in sources:
+        if not source.deeper:
+            shallow = source.member.family.describe(source.member.spec)
+            positions = carried_positions(shallow, source.mappings, net)
+            if positions:
+                out[model_letter(i)] = [net.blocks[j].name for j in positions]
+    return out
 
 
 def _repeat_options(data: str | None, dtype: str | None, max_shard_size: str | int | None, allow_nonfinite: bool,

@@ -94,6 +94,13 @@ def _positions(shallow: Network, mappings: list[list[int]], deep: Network) -> di
     return by_position
 
 
+def carried_positions(shallow: Network, mappings: list[list[int]], deep: Network) -> list[int]:
+    """The deep positions whose layers carry the shallow network's logits after balancing with
+    ``mappings`` (:func:`_logit_carriers`; empty where identities stand)."""
+    found = _carried_tail(shallow, deep, _positions(shallow, mappings, deep))
+    return found[0] if found is not None else []
+
+
 def carried_intact(shallow: Network, mappings: list[list[int]], deep: Network) -> bool:
     """Whether balancing ``shallow`` into ``deep`` with ``mappings`` keeps all of it: each of its
     layers maps to one of the deep network at least as wide, and the deep network's unmatched last

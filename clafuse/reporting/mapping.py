@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping, Sequence
 
 from clafuse.align.mapfile import Alignment, MapFile
 from clafuse.api import model_letter as letter
@@ -149,26 +149,33 @@ def balance_changes(view: PairView) -> list[str]:
     return sentences
 
 
-def target_layer_notes(doc: MapFile, target: int) -> list[str]:
+def target_layer_notes(doc: MapFile, target: int, used: Mapping[str, list[list[int]]] | None = None,
+                       carried: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """Per hidden layer of ``target`` (all groups, network order), what every other model puts
-    there: ``B.fc2`` (its matched layer), ``identity in B`` (inserted), with ``B.fc3 folded in``
-    for a deeper model's layers merged into it."""
+    there: ``B.fc2`` (its matched layer), ``identity in B`` (inserted), ``B's logits carried``
+    (a layer balancing made carry them), with ``B.fc3 folded in`` for a deeper model's layers
+    merged into it. ``used``: per model letter, the mapping the fusion used where it is not the
+    map's (``--mapping``, a search); ``carried``: per letter, the target layers carrying logits."""
     sizes = [len(g.layers) for g in doc.models[target].groups]
+    names = [layer.name for g in doc.models[target].groups for layer in g.layers]
     notes: list[list[str]] = [[] for _ in range(sum(sizes))]
     for view in pair_views(doc, target):
         if view.fate == "unmatched":
             continue
         other = view.shallow_letter if view.fate == "identity" else view.deep_letter
+        mappings = (used or {}).get(other) or [g.mapping for g in view.groups]
+        carriers = set((carried or {}).get(other, ()))
         offset = 0
         folded: list[str] = []
-        for g, size in zip(view.groups, sizes):
+        for g, size, mapping in zip(view.groups, sizes, mappings):
             if view.fate == "identity":
-                by_deep = {j: i for i, j in enumerate(g.mapping)}
+                by_deep = {j: i for i, j in enumerate(mapping)}
                 for j in range(size):
                     notes[offset + j].append(f"{other}.{g.shallow_layers[by_deep[j]]}" if j in by_deep
+                                             else f"{other}'s logits carried" if names[offset + j] in carriers
                                              else f"identity in {other}")
             else:
-                kept = set(g.mapping)
+                kept = set(mapping)
                 position = 0
                 for j, name in enumerate(g.deep_layers):
                     if j not in kept:
