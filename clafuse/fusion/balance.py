@@ -10,7 +10,7 @@ ReLU replaced by its gate on calibration data).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -98,7 +98,7 @@ def carried_positions(shallow: Network, mappings: list[list[int]], deep: Network
     """The deep positions whose layers carry the shallow network's logits after balancing with
     ``mappings`` (:func:`_logit_carriers`; empty where identities stand)."""
     found = _carried_tail(shallow, deep, _positions(shallow, mappings, deep))
-    return found[0] if found is not None else []
+    return found.tail if found is not None else []
 
 
 def carried_intact(shallow: Network, mappings: list[list[int]], deep: Network) -> bool:
@@ -106,10 +106,11 @@ def carried_intact(shallow: Network, mappings: list[list[int]], deep: Network) -
     layers maps to one of the deep network at least as wide, and the deep network's unmatched last
     layers carry its logits (:func:`_logit_carriers`)."""
     by_position = _positions(shallow, mappings, deep)
+    if _carried_tail(shallow, deep, by_position) is None:
+        return False
     s_spaces, d_spaces = shallow.all_spaces(), deep.all_spaces()
-    wide = all(b.output is not None and deep.blocks[j].output is not None
+    return all(b.output is not None and deep.blocks[j].output is not None
                and s_spaces[b.output].size <= d_spaces[deep.blocks[j].output].size for j, b in by_position.items())
-    return wide and _carried_tail(shallow, deep, by_position) is not None
 
 
 def _plain_linear(block: Block, relu: bool) -> bool:
@@ -132,15 +133,13 @@ def _logit_carriers(shallow: Network, deep: Network, by_position: Mapping[int, B
     found = _carried_tail(shallow, deep, by_position)
     if found is None:
         return {}
-    tail, after, head = found
-    last = max(by_position)
+    head = found.head
     weight = shallow.param_value(head, "weight", state).float()
     classes, width = weight.shape
-    widths = [int(deep.blocks[j].params["weight"].shape[0]) for j in tail]
     bias = shallow.param_value(head, "bias", state).float() if "bias" in head.params else None
     out: dict[int, Block] = {}
-    current, previous = by_position[last].output, width
-    for k, (j, w) in enumerate(zip(tail, widths)):
+    current, previous = by_position[max(by_position)].output, width
+    for k, (j, w) in enumerate(zip(found.tail, found.widths)):
         template = deep.blocks[j]
         values = {"weight": torch.zeros(w, previous)}
         if k == 0:
@@ -151,22 +150,31 @@ def _logit_carriers(shallow: Network, deep: Network, by_position: Mapping[int, B
             values["bias"] = torch.zeros(w)
             if k == 0 and bias is not None:
                 values["bias"][:2 * classes] = torch.cat([bias, -bias])
-        out[j] = _made_block(f"{template.name}+carrier", template, values, current, template.group, inserted=True)
+        out[j] = _made_block(f"{template.name}+carrier", template, values, current)
         current, previous = out[j].output, w
     readout = {"weight": torch.zeros(classes, previous)}
     readout["weight"][:, :2 * classes] = torch.cat([torch.eye(classes), -torch.eye(classes)], dim=1)
     if bias is not None:  # the bias rode in the first carrier where it has one, else it stays here
-        readout["bias"] = torch.zeros(classes) if "bias" in deep.blocks[tail[0]].params else bias.clone()
-    out[after] = _made_block(f"{head.name}+readout", head, readout, current, None, inserted=False)
+        readout["bias"] = torch.zeros(classes) if "bias" in deep.blocks[found.tail[0]].params else bias.clone()
+    out[found.head_position] = _made_block(f"{head.name}+readout", head, readout, current)
     return out
 
 
-def _carried_tail(shallow: Network, deep: Network, by_position: Mapping[int, Block]
-                  ) -> tuple[list[int], int, Block] | None:
-    """(the deep positions after the shallow network's last block, the deep head's position, the
-    shallow head) where those positions can carry its logits: plain ReLU layers, each at least
-    2 x classes wide and narrower than the shallow's last hidden layer, before a plain Linear
-    head; None elsewhere."""
+@dataclass(frozen=True)
+class _Tail:
+    """Deep positions after the shallow network's last block that can carry its logits, their
+    widths, the deep head's position and the shallow network's head."""
+
+    tail: list[int]
+    widths: list[int]
+    head_position: int
+    head: Block
+
+
+def _carried_tail(shallow: Network, deep: Network, by_position: Mapping[int, Block]) -> _Tail | None:
+    """The deep positions after the shallow network's last block where they can carry its logits:
+    plain ReLU layers, each at least 2 x classes wide and narrower than the shallow's last hidden
+    layer, before a plain Linear head; None elsewhere."""
     if not by_position:
         return None
     last = max(by_position)
@@ -182,20 +190,21 @@ def _carried_tail(shallow: Network, deep: Network, by_position: Mapping[int, Blo
     widths = [int(deep.blocks[j].params["weight"].shape[0]) for j in tail]
     if min(widths) < 2 * classes or min(widths) >= width:
         return None
-    return tail, after[0], head
+    return _Tail(tail, widths, after[0], head)
 
 
-def _made_block(name: str, template: Block, values: dict[str, torch.Tensor], in_space: str, group: int | None,
-                inserted: bool) -> Block:
+def _made_block(name: str, template: Block, values: dict[str, torch.Tensor], in_space: str) -> Block:
     """A plain Linear block like ``template`` with the given tensors (under new keys ``name.local``)
-    reading ``in_space``; a head keeps the template's name, output space and slot."""
+    reading ``in_space``: in place of an alignable template, an inserted block of its group; in
+    place of a head, the head itself (its name, output space and slot)."""
     op, keys = template.attrs["op"], {local: f"{name}.{local}" for local in values}
     shapes = {local: tuple(v.shape) for local, v in values.items()}
-    if group is None:
+    if template.alignable:
+        block = layer_block(name, keys, shapes, op, in_space, template.group)
+    else:
         block = layer_block(template.name, keys, shapes, op, in_space, None, out_space=template.attrs["out_space"],
                             slot=template.slot)
-    else:
-        block = layer_block(name, keys, shapes, op, in_space, group)
+    inserted = template.alignable
     return block.with_(inserted=inserted, exact=frozenset(values) if inserted else frozenset(),
                        values={keys[k]: v for k, v in values.items()})
 
