@@ -11,7 +11,8 @@ accuracy is only reported.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fashion_cnn.py [--pairs resnet vgg] [--subset 20000] [--epochs 3]
 
-Writes benchmarks/results/fashion_cnn.json and benchmarks/results/fashion_cnn.md.
+Writes benchmarks/results/fashion_cnn.json and benchmarks/results/fashion_cnn.md (``--name N``:
+``N.json`` / ``N.md``, parents in ``benchmarks/_work/N``).
 """
 
 from __future__ import annotations
@@ -160,9 +161,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000, help="calibration samples for align/fuse")
     parser.add_argument("--mix", nargs="+", type=float, default=[0.5],
                         help="weights of A to try for the default fusion; the best on validation is finetuned")
+    parser.add_argument("--name", default="fashion_cnn",
+                        help="results stem and work folder: another name keeps its own parents (for other --subset/--epochs)")
     args = parser.parse_args()
+    work = WORK if args.name == "fashion_cnn" else ROOT / "_work" / args.name
     use_threads()  # half the usable cores, as the CLI: two threads on a shared 2-core machine ran many times slower
-    WORK.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     train = subset(load_source("fashion-mnist"), args.subset)
     val, test = load_source("fashion-mnist:val"), load_source("fashion-mnist:test")
@@ -173,7 +177,7 @@ def main() -> None:
     keep[torch.cat([used.build, used.holdout])] = False
     unseen = Dataset(val.x[keep], val.y[keep], "fashion-mnist:val unseen")
     config = FinetuneConfig(epochs=args.epochs, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=128, seed=0)
-    previous = RESULTS / "fashion_cnn.json"
+    previous = RESULTS / f"{args.name}.json"
     report: dict = json.loads(previous.read_text()) if previous.exists() else {"pairs": {}}
     report.update({"subset": args.subset, "epochs": args.epochs, "samples": args.samples})
     for pair in args.pairs:
@@ -181,7 +185,7 @@ def main() -> None:
         rows: dict[str, dict] = {}
         paths = {}
         for name, make, seed in (("A", make_a, 1), ("B", make_b, 2)):
-            path = WORK / f"{pair}-{name}.safetensors"
+            path = work / f"{pair}-{name}.safetensors"
             if not path.exists():
                 torch.manual_seed(seed)
                 model = make()
@@ -196,7 +200,7 @@ def main() -> None:
             rows[f"parent {n}"] = {"val": evaluate(m, val)["accuracy"], "test": evaluate(m, test)["accuracy"]}
         rows["ensemble A+B"] = {"val": evaluate_ensemble(list(models.values()), val)["accuracy"],
                                 "test": evaluate_ensemble(list(models.values()), test)["accuracy"]}
-        map_path = WORK / f"{pair}-map.json"
+        map_path = work / f"{pair}-map.json"
         align_s, align_mb, _ = timed(["align", str(paths["A"]), str(paths["B"]), "-o", str(map_path),
                                       "--data", "fashion-mnist", "--samples", str(args.samples), "--json"])
         variants = {
@@ -209,7 +213,7 @@ def main() -> None:
         }
         timing = {"align": {"seconds": align_s, "peak_mb": align_mb}}
         for label, extra in variants.items():
-            out = WORK / f"{pair}-fused-{len(rows)}.safetensors"
+            out = work / f"{pair}-fused-{len(rows)}.safetensors"
             secs, mb, _ = timed(["fuse", "--map", str(map_path), "-o", str(out), "--weights", "0.5,0.5", "--json", *extra])
             model = api.load_model(out).module()
             rows[label] = {"val": evaluate(model, val)["accuracy"], "test": evaluate(model, test)["accuracy"]}
@@ -217,7 +221,7 @@ def main() -> None:
                 timing["fuse"] = {"seconds": secs, "peak_mb": mb}
                 candidates = {0.5: (rows[label]["val"], out)}
         for mix in (m for m in args.mix if m != 0.5):
-            out = WORK / f"{pair}-fused-mix{mix}.safetensors"
+            out = work / f"{pair}-fused-mix{mix}.safetensors"
             timed(["fuse", "--map", str(map_path), "-o", str(out), "--weights", f"{mix},{1 - mix}", "--json"])
             model = api.load_model(out).module()
             label = f"fused, default, weights {mix:g},{1 - mix:g}"
@@ -226,7 +230,7 @@ def main() -> None:
         searches: dict[str, dict] = {}
         first_of: dict[str, str] = {}  # the same choice on the same calibration data is the same model: tuned once
         for key, (label, extra) in enumerate(SEARCHES.items()):
-            out = WORK / f"{pair}-search-{key}.safetensors"
+            out = work / f"{pair}-search-{key}.safetensors"
             record, _ = searched(map_path, out, extra)
             on_val = "fashion-mnist:val" in extra
             model = api.load_model(out).module()
@@ -241,7 +245,7 @@ def main() -> None:
         chosen = max(candidates, key=lambda m: candidates[m][0])
         default_fused = candidates[chosen][1]
         finetuned = [(f"fused (default, weights {chosen:g},{1 - chosen:g}, best on val) + 1 epoch", default_fused)]
-        finetuned += [(f"{label} + 1 epoch", WORK / f"{pair}-search-{key}.safetensors")
+        finetuned += [(f"{label} + 1 epoch", work / f"{pair}-search-{key}.safetensors")
                       for key, label in enumerate(SEARCHES) if searches[label]["tuned_as"] == label]
         finetuned += [("parent A + 1 epoch", paths["A"]), ("parent B + 1 epoch", paths["B"])]
         for label, path in finetuned:
@@ -254,9 +258,9 @@ def main() -> None:
         report["pairs"][pair] = {"title": title, "rows": rows, "timing": timing, "searches": searches,
                                  "load": os.getloadavg(), "threads": torch.get_num_threads()}
         print(json.dumps(report["pairs"][pair], indent=1), flush=True)
-        (RESULTS / "fashion_cnn.json").write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = markdown(report)
-    (RESULTS / "fashion_cnn.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
