@@ -166,7 +166,8 @@ def fuse(
     budget: Optional[str] = typer.Option(None, help="With --search: a number of candidates (40) or a time (30s, 2m); "
                                                    "default 8 candidates."),
     scoring: Optional[str] = typer.Option(None, help=f"With --search, {one_of(Scoring)}: kl = agreement with the "
-                                                    "models' ensemble (no labels, the default); accuracy = on the "
+                                                    "models' ensemble (KL at the fused logits' best temperature; "
+                                                    "no labels, the default); accuracy = on the "
                                                     "held-out labels; cosine = agreement with the models' mean "
                                                     "sentence embedding (the default for text encoders)."),
     score_data: Optional[str] = typer.Option(None, help="With --search: score candidates on this data (e.g. "

@@ -132,7 +132,8 @@ def _score_words(score: dict[str, Any]) -> str:
     cells = _score_cells(score)
     if "cosine" in score:
         return f"cosine {cells[0]}"
-    return f"KL {cells[0]}, agreement {cells[1]}" + (f", accuracy {cells[2]}" if len(cells) > 2 else "")
+    at = f" at T {score['temperature']:.3g}" if "temperature" in score else ""
+    return f"KL {cells[0]}{at}, agreement {cells[1]}" + (f", accuracy {cells[2]}" if len(cells) > 2 else "")
 
 
 def render_search(search: dict[str, Any], order: list[str], console: Console) -> None:
@@ -145,7 +146,9 @@ def render_search(search: dict[str, Any], order: list[str], console: Console) ->
                         f"{search['scoring']} on {search['holdout_samples']} "
                         + (f"samples of {search['score_data']}" if search.get("score_data") else "held-out samples"),
                   caption="* = chosen; w: weights; map: rank of each model's mapping among the alignment's best; "
-                          "ins: inserted; corr: correction")
+                          "ins: inserted; corr: correction"
+                          + ("; KL: to the ensemble at the temperature of the fused logits that minimises it"
+                             if search["scoring"] != "cosine" else ""))
     chosen = search["chosen"]
     for r in search["table"]:
         mark = "*" if (r["weights"] == chosen["weights"] and r["mappings"] == chosen["mappings"]

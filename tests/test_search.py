@@ -24,6 +24,7 @@ from clafuse.search.scoring import (
     kl_to_reference,
     make_reference,
     score_outputs,
+    tempered_kl,
 )
 from clafuse.search.space import Budget, Candidate, SearchOptions, parse_budget, weight_moves
 from clafuse.search.split import SearchData, calibration_split, rebuild_size, split_dataset
@@ -127,6 +128,24 @@ def test_the_ensemble_itself_scores_best() -> None:
     assert all(cosine_agreement(z, cos_ref.target) < 1 - 1e-3 for z in parents)
 
 
+def test_kl_is_scored_at_the_best_temperature() -> None:
+    """A fusion whose logits are the ensemble's up to a scale scores as the ensemble does (KL 0 at
+    the temperature undoing the scale); the score never exceeds the plain KL, and the minimum
+    found is the grid's."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(500, 6, generator=gen) * 2
+    ref = make_reference([z], [1.0], "kl")
+    for scale in (0.25, 1.0, 3.0):
+        got = score_outputs(z * scale, ref)
+        assert got["kl"] == pytest.approx(0.0, abs=1e-9) and got["temperature"] == pytest.approx(scale, rel=1e-6)
+        assert got["kl_at_1"] >= got["kl"]
+    noisy = z * 0.5 + torch.randn(500, 6, generator=gen)
+    kl, temperature = tempered_kl(noisy, ref.target)
+    grid = min(kl_to_reference(noisy / t, ref.target) for t in torch.logspace(-1, 1, 2001).tolist())
+    assert kl <= grid + 1e-9 and kl == pytest.approx(grid, abs=1e-6) and abs(temperature - 1) > 0.1
+    assert kl_to_reference(noisy / temperature, ref.target) == pytest.approx(kl)
+
+
 def test_ensemble_probs_are_the_weighted_softmax_average() -> None:
     z = [torch.tensor([[0.0, 0.0]]), torch.tensor([[10.0, -10.0]])]
     p = ensemble_probs(z, [3, 1])
@@ -139,8 +158,8 @@ def test_accuracy_scoring_uses_labels_and_breaks_ties_by_kl() -> None:
     ref = make_reference(parents, [1.0], "accuracy", labels)
     confident = score_outputs(torch.tensor([[9.0, 0], [0, 9], [0, 9], [9, 0]]), ref)
     assert confident["accuracy"] == 1.0
-    close = score_outputs(parents[0] * 1.01, ref)
-    far = score_outputs(parents[0] * 3, ref)
+    close = score_outputs(parents[0] + torch.tensor([[0.1, 0], [0, 0], [0, 0], [0, 0]]), ref)
+    far = score_outputs(parents[0] + torch.tensor([[0, 0], [1.5, 0], [0, 0], [0, 0]]), ref)
     assert close["accuracy"] == far["accuracy"] == 0.75 and close["objective"] > far["objective"]
     with pytest.raises(DataError, match="labels"):
         make_reference(parents, [1.0], "accuracy")

@@ -151,7 +151,7 @@ def search_fusion(build: Builder, parents: Sequence[nn.Module], data: SearchData
                         stopped=stopped, chosen=chosen, module=module)
 
 
-_METRICS = ("kl", "agreement", "accuracy", "cosine", "objective")
+_METRICS = ("kl", "temperature", "kl_at_1", "agreement", "accuracy", "cosine", "objective")
 
 
 def fuse_command(candidate: Candidate, map_path: str, out: str, *, target: str | None = None,
