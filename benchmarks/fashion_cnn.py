@@ -96,11 +96,17 @@ SEARCHES = {
 ONE_EPOCH = FinetuneConfig(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, seed=1)
 
 
-def cached_models(pair: str) -> dict[str, Path]:
-    """The parents and the label-free searched fusion (default budget) a run of this script left
-    for ``pair``, by row name; for the follow-up benchmarks that finetune them."""
-    paths = {"parent A": WORK / f"{pair}-A.safetensors", "parent B": WORK / f"{pair}-B.safetensors",
-             "fused, search (label-free), budget 8": WORK / f"{pair}-search-0.safetensors"}
+def work_folder(name: str = "fashion_cnn") -> Path:
+    """Where a run named ``name`` (``--name``) keeps its parents and fusions."""
+    return WORK if name == "fashion_cnn" else ROOT / "_work" / name
+
+
+def cached_models(pair: str, name: str = "fashion_cnn") -> dict[str, Path]:
+    """The parents and the label-free searched fusion (default budget) a run of this script named
+    ``name`` left for ``pair``, by row name; for the follow-up benchmarks that finetune them."""
+    work = work_folder(name)
+    paths = {"parent A": work / f"{pair}-A.safetensors", "parent B": work / f"{pair}-B.safetensors",
+             "fused, search (label-free), budget 8": work / f"{pair}-search-0.safetensors"}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise SystemExit(f"run benchmarks/fashion_cnn.py first: missing {', '.join(missing)}")
@@ -164,7 +170,7 @@ def main() -> None:
     parser.add_argument("--name", default="fashion_cnn",
                         help="results stem and work folder: another name keeps its own parents (for other --subset/--epochs)")
     args = parser.parse_args()
-    work = WORK if args.name == "fashion_cnn" else ROOT / "_work" / args.name
+    work = work_folder(args.name)
     use_threads()  # half the usable cores, as the CLI: two threads on a shared 2-core machine ran many times slower
     work.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ parents and the label-free searched fusion (default budget), all cached by ``fas
 that first, with the same ``--subset``), and the difference to parent A is taken per seed (the same
 seed gives both models the same batches). Test accuracy is only reported.
 
-    .venv/bin/python benchmarks/fashion_seeds.py [--pairs resnet vgg] [--subset 10000] [--seeds 1 2 3]
+    .venv/bin/python benchmarks/fashion_seeds.py [--pairs resnet vgg] [--subset 10000] [--seeds 1 2 3] [--name N]
 
 Writes benchmarks/results/fashion_seeds.json and benchmarks/results/fashion_seeds.md.
 """
@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=["resnet", "vgg"])
     parser.add_argument("--subset", type=int, default=10000, help="training samples (as fashion_cnn.py used)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--name", default="fashion_cnn", help="the fashion_cnn.py run (its --name) whose models to "
+                        "finetune; results go to NAME_seeds.json/.md (fashion_seeds.* for the default run)")
     args = parser.parse_args()
     use_threads()
     train = subset(load_source("fashion-mnist"), args.subset)
@@ -69,7 +71,7 @@ def main() -> None:
     report: dict = {"subset": args.subset, "seeds": args.seeds, "pairs": {}}
     for pair in args.pairs:
         rows: dict[str, list[dict]] = {}
-        for name, path in cached_models(pair).items():
+        for name, path in cached_models(pair, args.name).items():
             rows[name] = []
             for seed in args.seeds:
                 model = api.load_model(path).module()
@@ -82,8 +84,9 @@ def main() -> None:
                 print(pair, name, run, flush=True)
         report["pairs"][pair] = rows
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fashion_seeds.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "fashion_seeds.md").write_text(markdown(report) + "\n")
+    stem = "fashion_seeds" if args.name == "fashion_cnn" else f"{args.name}_seeds"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(report) + "\n")
     print(markdown(report))
 
 

@@ -53,6 +53,9 @@ def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float((torch.xlogy(p, p) - p * log_q).sum(-1).mean())
 
 
+_LOG_RANGE = math.log(1e3)  # temperatures from 1e-3 to 1e3
+
+
 def tempered_kl(logits: torch.Tensor, reference: torch.Tensor, steps: int = 60) -> tuple[float, float]:
     """The smallest mean KL(reference || softmax(logits / T)) over temperatures T in [1e-3, 1e3],
     and that T. KL is convex in b = 1/T: its slope is the softmax's mean logit less the
@@ -82,9 +85,6 @@ def tempered_kl(logits: torch.Tensor, reference: torch.Tensor, steps: int = 60) 
         b = step if lo < step < hi else math.sqrt(lo * hi)
     plain, scaled = kl_to_reference(z, p), kl_to_reference(z * b, p)
     return (scaled, 1 / b) if scaled < plain else (plain, 1.0)
-
-
-_LOG_RANGE = math.log(1e3)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
