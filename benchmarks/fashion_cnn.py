@@ -9,7 +9,7 @@ fuse` (real CLI, start-up included). Each search's printed command is run again 
 compared with the searched one tensor by tensor. Selection is on the validation split; test
 accuracy is only reported.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fashion_cnn.py [--pairs resnet vgg] [--subset 20000] [--epochs 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fashion_cnn.py [--pairs resnet vgg] [--subset 10000] [--epochs 3] [--name N]
 
 Writes benchmarks/results/fashion_cnn.json and benchmarks/results/fashion_cnn.md (``--name N``:
 ``N.json`` / ``N.md``, parents in ``benchmarks/_work/N``).
@@ -162,7 +162,7 @@ def searched(map_path: Path, out: Path, extra: list[str]) -> tuple[dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", default=["resnet", "vgg"], choices=sorted(PAIRS))
-    parser.add_argument("--subset", type=int, default=20000, help="training samples used (of 50k)")
+    parser.add_argument("--subset", type=int, default=10000, help="training samples used (of 50k; the recorded run: 10000)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--samples", type=int, default=1000, help="calibration samples for align/fuse")
     parser.add_argument("--mix", nargs="+", type=float, default=[0.5],
