@@ -96,12 +96,15 @@ SEARCHES = {
 ONE_EPOCH = FinetuneConfig(epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, batch_size=128, seed=1)
 
 
-def work_folder(name: str = "fashion_cnn") -> Path:
+DEFAULT_RUN = "fashion_cnn"  # --name of the recorded run: results/fashion_cnn.*, parents in _work/fashion
+
+
+def work_folder(name: str = DEFAULT_RUN) -> Path:
     """Where a run named ``name`` (``--name``) keeps its parents and fusions."""
-    return WORK if name == "fashion_cnn" else ROOT / "_work" / name
+    return WORK if name == DEFAULT_RUN else ROOT / "_work" / name
 
 
-def cached_models(pair: str, name: str = "fashion_cnn") -> dict[str, Path]:
+def cached_models(pair: str, name: str = DEFAULT_RUN) -> dict[str, Path]:
     """The parents and the label-free searched fusion (default budget) a run of this script named
     ``name`` left for ``pair``, by row name; for the follow-up benchmarks that finetune them."""
     work = work_folder(name)
@@ -167,7 +170,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000, help="calibration samples for align/fuse")
     parser.add_argument("--mix", nargs="+", type=float, default=[0.5],
                         help="weights of A to try for the default fusion; the best on validation is finetuned")
-    parser.add_argument("--name", default="fashion_cnn",
+    parser.add_argument("--name", default=DEFAULT_RUN,
                         help="results stem and work folder: another name keeps its own parents (for other --subset/--epochs)")
     args = parser.parse_args()
     work = work_folder(args.name)

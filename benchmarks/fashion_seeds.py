@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_cnn import ONE_EPOCH, RESULTS, cached_models, subset  # noqa: E402
+from fashion_cnn import DEFAULT_RUN, ONE_EPOCH, RESULTS, cached_models, subset  # noqa: E402
 
 from clafuse import api  # noqa: E402
 from clafuse.data import load_source  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=["resnet", "vgg"])
     parser.add_argument("--subset", type=int, default=10000, help="training samples (as fashion_cnn.py used)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--name", default="fashion_cnn", help="the fashion_cnn.py run (its --name) whose models to "
+    parser.add_argument("--name", default=DEFAULT_RUN, help="the fashion_cnn.py run (its --name) whose models to "
                         "finetune; results go to NAME_seeds.json/.md (fashion_seeds.* for the default run)")
     args = parser.parse_args()
     use_threads()
@@ -84,7 +84,7 @@ def main() -> None:
                 print(pair, name, run, flush=True)
         report["pairs"][pair] = rows
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "fashion_seeds" if args.name == "fashion_cnn" else f"{args.name}_seeds"
+    stem = "fashion_seeds" if args.name == DEFAULT_RUN else f"{args.name}_seeds"
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(report) + "\n")
     print(markdown(report))

@@ -140,7 +140,8 @@ def test_kl_is_scored_at_the_best_temperature() -> None:
         assert got["kl"] == pytest.approx(0.0, abs=1e-9) and got["temperature"] == pytest.approx(scale, rel=1e-6)
         assert got["kl_at_1"] >= got["kl"]
     noisy = z * 0.5 + torch.randn(500, 6, generator=gen)
-    kl, temperature = tempered_kl(noisy, ref.target)
+    kl, temperature, plain = tempered_kl(noisy, ref.target)
+    assert plain == pytest.approx(kl_to_reference(noisy, ref.target)) and plain > kl
     grid = min(kl_to_reference(noisy / t, ref.target) for t in torch.logspace(-1, 1, 2001).tolist())
     assert kl <= grid + 1e-9 and kl == pytest.approx(grid, abs=1e-6) and abs(temperature - 1) > 0.1
     assert kl_to_reference(noisy / temperature, ref.target) == pytest.approx(kl)

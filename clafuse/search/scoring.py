@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +56,24 @@ def kl_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> float:
 _LOG_RANGE = math.log(1e3)  # temperatures from 1e-3 to 1e3
 
 
-def tempered_kl(logits: torch.Tensor, reference: torch.Tensor, steps: int = 60) -> tuple[float, float]:
+class TemperedKL(NamedTuple):
+    """The KL at the best temperature, that temperature, and the plain KL (temperature 1)."""
+
+    kl: float
+    temperature: float
+    plain: float
+
+
+def tempered_kl(logits: torch.Tensor, reference: torch.Tensor, steps: int = 60) -> TemperedKL:
     """The smallest mean KL(reference || softmax(logits / T)) over temperatures T in [1e-3, 1e3],
-    and that T. KL is convex in b = 1/T: its slope is the softmax's mean logit less the
+    that T and the plain KL. KL is convex in b = 1/T: its slope is the softmax's mean logit less the
     reference's, its curvature the softmax's logit variance, so safeguarded Newton steps in b
     (bisection where a step leaves the bracket of the slope's sign change) find the minimum in a
     few softmaxes. Temperature 1 is kept where it is as good, so the result never exceeds the
     plain KL."""
     z, p = logits.double(), reference.double()
     target = (p * z).sum(-1).mean()
+    tolerance = 1e-12 * max(1.0, abs(float(target)))
 
     def slope_curvature(b: float) -> tuple[float, float]:
         q = torch.softmax(z * b, -1)
@@ -79,12 +88,12 @@ def tempered_kl(logits: torch.Tensor, reference: torch.Tensor, steps: int = 60) 
             hi = b
         else:
             lo = b
-        if abs(slope) <= 1e-12 * max(1.0, abs(float(target))) or hi - lo <= 1e-12 * hi:
+        if abs(slope) <= tolerance or hi - lo <= 1e-12 * hi:
             break
         step = b - slope / curvature if curvature > 0 else math.nan
         b = step if lo < step < hi else math.sqrt(lo * hi)
     plain, scaled = kl_to_reference(z, p), kl_to_reference(z * b, p)
-    return (scaled, 1 / b) if scaled < plain else (plain, 1.0)
+    return TemperedKL(scaled, 1 / b, plain) if scaled < plain else TemperedKL(plain, 1.0, plain)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -130,9 +139,8 @@ def score_outputs(outputs: torch.Tensor, reference: Reference) -> dict[str, floa
     if reference.scoring == "cosine":
         cos = cosine_agreement(outputs, reference.target)
         return {"cosine": cos, "objective": cos}
-    kl, temperature = tempered_kl(outputs, reference.target)
-    out = {"kl": kl, "temperature": temperature, "kl_at_1": kl_to_reference(outputs, reference.target),
-           "agreement": top1_agreement(outputs, reference.target)}
+    kl, temperature, plain = tempered_kl(outputs, reference.target)
+    out = {"kl": kl, "temperature": temperature, "kl_at_1": plain, "agreement": top1_agreement(outputs, reference.target)}
     if reference.labels is not None:
         out["accuracy"] = accuracy(outputs, reference.labels)
     # Accuracy moves in steps of 1/N; a tiny multiple of -KL orders candidates of equal accuracy.
