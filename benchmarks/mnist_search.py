@@ -36,6 +36,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,40 @@ def ensemble_accuracy(modules, ds) -> float:
     return float((p.argmax(1) == ds.y).double().mean())
 
 
+@dataclass
+class Layout:
+    """One architecture to fuse a pair into: ``arch`` A (add) or B (merge), its target and source
+    members, the alignment's K best mappings (``maps``), those the search tries (``alts``: in A's
+    architecture, as ``fuse --search`` does, the mapping that keeps B whole comes first, A's
+    narrower last two layers carrying B's logits) and the default start candidate."""
+
+    arch: str
+    target: Member
+    source: Member
+    deeper: bool
+    maps: list[list[list[int]]]
+    alts: list[list[list[int]]]
+    start: Candidate
+
+
+def fusion_layouts(a: api.LoadedModel, b: api.LoadedModel, x: torch.Tensor) -> tuple[Layout, Layout]:
+    """The pair's two layouts (A's, B's), aligned by CKA on ``x[:SAMPLES]`` with the K-best DP."""
+    cost = activation_cost(b.layer_outputs(x[:SAMPLES]), a.layer_outputs(x[:SAMPLES]), "cka")
+    maps = [[phi] for phi, _ in k_best_alignments(cost, K, pin_first=True, pin_last=True)]
+    released = [[phi] for phi, _ in k_best_alignments(cost, K, pin_first=True, pin_last=False)]
+    shallow_net, deep_net = b.family.describe(b.spec), a.family.describe(a.spec)
+    carried = with_carried(maps, released, lambda m: carried_intact(shallow_net, m, deep_net))[:K]
+    member_a, member_b = Member(a.family, a.spec, a.state_dict), Member(b.family, b.spec, b.state_dict)
+    out = []
+    for arch, target, source, deeper, alts in (("A", member_a, member_b, False, carried),
+                                               ("B", member_b, member_a, True, maps)):
+        inserted = default_inserted(target.family.describe(target.spec))
+        start = Candidate(weights=(0.5, 0.5), mappings=(0,), inserted=inserted, correction="regress",
+                          refit=False, samples=SAMPLES)
+        out.append(Layout(arch, target, source, deeper, maps, alts, start))
+    return out[0], out[1]
+
+
 def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
     pa, _ = mnist_mlp.parent("A", mnist_mlp.DEEP, seed, train, val)
     pb, _ = mnist_mlp.parent("B", mnist_mlp.SHALLOW, seed + 1, train, val)
@@ -102,30 +137,21 @@ def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
         refit = refit_head(m, x[:SAMPLES], teacher)
         out[f"{name}_refit"] = {"val": accuracy(refit, val), "test": accuracy(refit, test)}
     t0, c0 = time.perf_counter(), time.process_time()
-    cost = activation_cost(b.layer_outputs(x[:SAMPLES]), a.layer_outputs(x[:SAMPLES]), "cka")
-    maps = [[phi] for phi, _ in k_best_alignments(cost, K, pin_first=True, pin_last=True)]
+    layouts = fusion_layouts(a, b, x)
     out["align_seconds"] = round(time.perf_counter() - t0, 3)
     out["align_cpu_seconds"] = round(time.process_time() - c0, 3)
-    out["mappings"] = [m[0] for m in maps]
-    member_a = Member(a.family, a.spec, a.state_dict)
-    member_b = Member(b.family, b.spec, b.state_dict)
+    out["mappings"] = [m[0] for m in layouts[1].maps]
     settings = FusionSettings()
-    for arch, target, source, deeper, parents in (("A", member_a, member_b, False, [ma, mb]),
-                                                   ("B", member_b, member_a, True, [mb, ma])):
-        inserted = default_inserted(target.family.describe(target.spec))
-        start = Candidate(weights=(0.5, 0.5), mappings=(0,), inserted=inserted, correction="regress",
-                          refit=False, samples=SAMPLES)
+    for layout, parents in zip(layouts, ([ma, mb], [mb, ma])):
+        arch, target, source, deeper, alts = layout.arch, layout.target, layout.source, layout.deeper, layout.alts
+        start = layout.start
         rows: dict[str, Any] = {}
         t0, c0 = time.perf_counter(), time.process_time()
-        default = PlanBuilder(target, [Alternatives(source, maps, deeper)], x, settings)(start)
+        default = PlanBuilder(target, [Alternatives(source, layout.maps, deeper)], x, settings)(start)
         rows["fuse_seconds"] = round(time.perf_counter() - t0, 3)
         rows["fuse_cpu_seconds"] = round(time.process_time() - c0, 3)
         rows["default"] = {"val": accuracy(default, val), "test": accuracy(default, test)}
-        alts = maps
-        if arch == "A":  # as fuse --search does: B's layers kept whole, A's narrower last two carrying B's logits
-            released = [[phi] for phi, _ in k_best_alignments(cost, K, pin_first=True, pin_last=False)]
-            shallow_net, deep_net = b.family.describe(b.spec), a.family.describe(a.spec)
-            alts = with_carried(maps, released, lambda m: carried_intact(shallow_net, m, deep_net))[:K]
+        if arch == "A":
             rows["carried_default"] = {k: accuracy(PlanBuilder(target, [Alternatives(source, alts, deeper)],
                                                                x, settings)(start), ds) for k, ds in (("val", val),
                                                                                                      ("test", test))}
