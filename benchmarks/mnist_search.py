@@ -269,6 +269,14 @@ def _values(pairs, *path):
     return out
 
 
+def write_results(name: str, doc: dict[str, Any], md: str) -> None:
+    """``doc`` to ``results/NAME.json`` and ``md`` to ``results/NAME.md`` (and the terminal)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(md)
+    print(md)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3)
@@ -279,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [run_pair(p, 2 * p, train, val, test) for p in range(opts.pairs)]
     doc = {"benchmark": "mnist_search", "budget": f"default {parse_budget(None)!r}", "threads": opts.threads,
            "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()], "pairs": pairs}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mnist_search.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(doc)
-    (RESULTS / "mnist_search.md").write_text(md)
-    print(md)
+    write_results("mnist_search", doc, markdown(doc))
     return 0
 
 

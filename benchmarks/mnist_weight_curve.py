@@ -23,7 +23,6 @@ Writes benchmarks/results/mnist_weight_curve.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mnist_mlp  # noqa: E402
-from mnist_search import RESULTS, SAMPLES, accuracy, fusion_layouts  # noqa: E402
+from mnist_search import SAMPLES, accuracy, fusion_layouts, write_results  # noqa: E402
 
 from clafuse import api  # noqa: E402
 from clafuse.data import load_source  # noqa: E402
@@ -126,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     train, val, test = load_source("mnist:train"), load_source("mnist:val"), load_source("mnist:test")
     doc = {"benchmark": "mnist_weight_curve", "weights": WEIGHTS,
            "pairs": [run_pair(p, train, val, test) for p in range(opts.pairs)]}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "mnist_weight_curve.json").write_text(json.dumps(doc, indent=1) + "\n")
-    md = markdown(doc)
-    (RESULTS / "mnist_weight_curve.md").write_text(md)
-    print(md)
+    write_results("mnist_weight_curve", doc, markdown(doc))
     return 0
 
 
