@@ -74,7 +74,7 @@ def layer_forward(op: LayerOp, out_space: str) -> Forward:
             z = F.linear(h, t["weight"], t.get("bias"))
         if op.norm:
             z = tap.norm("bn", z, op.eps)
-        z = tap.site("out", z, h)
+        z = tap.site("out", z, None if op.conv or op.norm else h)
         if op.relu:
             z = ACTIVATIONS[op.act](z)
         return tap.space(out_space, z)
@@ -116,8 +116,7 @@ def layer_block(name: str, keys: Mapping[str, str], shapes: Mapping[str, tuple[i
     if out_space is None:
         signature = (tuple(keys[k] for k in ("weight", "bias") if k in keys),)
         spaces["out"] = Space(out, width, signature, owner=name, local="out")
-    sites = {"out": Site(out, "weight", "bias" if "bias" in keys else None, "bn" if op.norm else None, op.eps,
-                         stride=op.stride, padding=op.padding)}
+    sites = {"out": Site(out, "weight", "bias" if "bias" in keys else None, "bn" if op.norm else None)}
     hidden = out_space is None
     act = op.act if op.relu else "identity"
     attrs: dict[str, Any] = {"op": op, "in_space": in_space, "out_space": out_space}

@@ -83,11 +83,9 @@ class Site:
     """A pre-activation the corrections act on: the output of ``weight`` (with ``bias``) and of
     the normalisation ``norm`` (a local prefix of its four tensors) when there is one, in
     ``space``. A ``residual`` site is a writer into a residual stream: its value is the stream
-    plus ``weight``'s output, then ``norm`` (a LayerNorm, epsilon ``eps``) for a post-LN writer;
-    elsewhere ``norm`` is a BatchNorm (epsilon ``eps``). A convolution's site also names its
-    ``stride`` and ``padding``, so that its input patches can be rebuilt. Given their inputs at
-    :meth:`Tap.site` (a writer also its residual), sites can be refit by regression: Linear and
-    conv layers, with or without a BatchNorm, and writers."""
+    plus ``weight``'s output, then ``norm`` (a LayerNorm, epsilon ``eps``) for a post-LN writer.
+    Given their inputs at :meth:`Tap.site` (a writer also its residual), plain linear sites (no
+    norm, 2-D weight) and writers can be refit by regression."""
 
     space: str
     weight: str
@@ -95,8 +93,6 @@ class Site:
     norm: str | None = None
     eps: float = 1e-5
     residual: bool = False
-    stride: int = 1
-    padding: int = 0
 
     @property
     def repairable(self) -> bool:

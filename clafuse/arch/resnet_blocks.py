@@ -42,16 +42,16 @@ def stem_unit(kind: str, in_channels: int, width: int, deep: tuple[int, int] | N
                  ("conv1.6.weight", "bn1", "stem", "stem.1", (width, b, 3, 3), 1)]
     params: dict[str, Param] = {}
     sites: dict[str, Site] = {}
-    for weight, norm, out, inp, shape, stride in convs:
+    for weight, norm, out, inp, shape, _ in convs:
         params[weight] = Param(weight, (out, inp, None, None), shape)
         params.update(_norm_params(norm, out, shape[0]))
-        sites[out] = Site(out, weight, norm=norm, stride=stride, padding=shape[-1] // 2)
+        sites[out] = Site(out, weight, norm=norm)
 
     def forward(t: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap) -> torch.Tensor:
         h = x
         for weight, norm, out, _, shape, stride in convs:
             z = F.conv2d(h, t[weight], stride=stride, padding=shape[-1] // 2)
-            h = F.relu(tap.site(out, tap.norm(norm, z, 1e-5), h))
+            h = F.relu(tap.site(out, tap.norm(norm, z, 1e-5)))
             if out != "stem":  # an inner channel space of the deep stem; ``stem`` is seen after the max-pool
                 h = tap.space(out, h)
         if kind != "small":
@@ -86,15 +86,13 @@ def residual_block(kind: str, name: str, stage: int, in_space: str, in_width: in
     inputs = [in_space, *mids]
     outputs = [*mids, stream]
     widths_in = [in_width] + [planes] * (n - 1)
-    strides, pads = _conv_geometry(kind, stride)
     for c in range(n):
         k = kernels[c]
         width = out_width if c == n - 1 else planes
         params[f"conv{c + 1}.weight"] = Param(f"{name}.conv{c + 1}.weight", (outputs[c], inputs[c], None, None),
                                               (width, widths_in[c], k, k))
         params.update(_norm_params(f"bn{c + 1}", outputs[c], width, name))
-        sites[f"mid{c + 1}" if c < n - 1 else "out"] = Site(outputs[c], f"conv{c + 1}.weight", norm=f"bn{c + 1}",
-                                                            stride=strides[c], padding=pads[c])
+        sites[f"mid{c + 1}" if c < n - 1 else "out"] = Site(outputs[c], f"conv{c + 1}.weight", norm=f"bn{c + 1}")
     values: dict[str, torch.Tensor] = {}
     if shortcut is not None:
         implied = shortcut == "implied"
@@ -105,7 +103,7 @@ def residual_block(kind: str, name: str, stage: int, in_space: str, in_width: in
             values = {f"{name}.{conv_local}.weight": identity_weight(out_width, (out_width, out_width, 1, 1)),
                       **_identity_norm(f"{name}.{norm_local}", out_width)}
         else:
-            sites["down"] = Site(stream, f"{conv_local}.weight", norm=norm_local, stride=1 if avg_down else stride)
+            sites["down"] = Site(stream, f"{conv_local}.weight", norm=norm_local)
     attrs = {"kind": kind, "stage": stage, "planes": planes, "in_space": in_space, "avg_down": avg_down}
     forward = _block_forward(kind, stride, n, mids, stream, shortcut == "stored", avg_down)
     return Unit(name, params, forward, spaces, sites,
@@ -142,31 +140,24 @@ def identity_block(template: Unit, width: int, in_space: str) -> Unit | None:
                        forward=forward)
 
 
-def _conv_geometry(kind: str, stride: int) -> tuple[list[int], list[int]]:
-    """The strides and paddings of a block's convs (torchvision's: the 3x3 conv strides)."""
-    if kind == "bottleneck":
-        return [1, stride, 1], [0, 1, 0]
-    return [stride, 1], [1, 1]
-
-
 def _block_forward(kind: str, stride: int, n: int, mids: list[str], stream: str, downsample: bool, avg_down: bool):
-    strides, pads = _conv_geometry(kind, stride)
+    pads = [0, 1, 0] if kind == "bottleneck" else [1, 1]
+    strides = [1, stride, 1] if kind == "bottleneck" else [stride, 1]
 
     def forward(t: Mapping[str, torch.Tensor], x: torch.Tensor, tap: Tap) -> torch.Tensor:
         h = x
         for c in range(n):
             z = F.conv2d(h, t[f"conv{c + 1}.weight"], stride=strides[c], padding=pads[c])
-            z = tap.site(f"mid{c + 1}" if c < n - 1 else "out", tap.norm(f"bn{c + 1}", z, 1e-5), h)
+            z = tap.site(f"mid{c + 1}" if c < n - 1 else "out", tap.norm(f"bn{c + 1}", z, 1e-5))
             if c < n - 1:
                 h = tap.space(mids[c], F.relu(z))
         shortcut = x
         if downsample and avg_down:
             pooled = F.avg_pool2d(x, 2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else x
-            shortcut = tap.site("down", tap.norm("downsample.2", F.conv2d(pooled, t["downsample.1.weight"]), 1e-5),
-                                pooled)
+            shortcut = tap.site("down", tap.norm("downsample.2", F.conv2d(pooled, t["downsample.1.weight"]), 1e-5))
         elif downsample:
             d = F.conv2d(x, t["downsample.0.weight"], stride=stride)
-            shortcut = tap.site("down", tap.norm("downsample.1", d, 1e-5), x)
+            shortcut = tap.site("down", tap.norm("downsample.1", d, 1e-5))
         return tap.space(stream, F.relu(z + shortcut))
 
     return forward

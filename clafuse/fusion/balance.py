@@ -267,8 +267,8 @@ def fit_inserted(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tenso
 
 
 def gates_of(net: Network, pre: Mapping[tuple[int, str], torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Per block, from its site pre-activations ``pre`` (where recorded in full, as the plain
-    linear layers that fold are), the fraction of calibration samples on which each unit is active:
+    """Per block, from its site pre-activations ``pre`` (where recorded in full: the plain linear
+    layers, the ones that fold), the fraction of calibration samples on which each unit is active:
     the diagonal that best stands in for the ReLU when it is folded."""
     out = {}
     for (b, name), z in pre.items():

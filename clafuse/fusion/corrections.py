@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Collection, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from clafuse.arch.network import Network, Site, Tap, run
 from clafuse.fusion.neurons import reduce_map
@@ -20,17 +19,11 @@ if TYPE_CHECKING:
 
 SiteRecord = "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"
 
-SITE_POSITIONS = 32
-"""Positions per feature map and sample that a conv layer's regression fits (and its target is
-recorded at): the rows of the least squares grow with the map, the unknowns do not. On the
-Fashion-MNIST ResNet and VGG pairs (28x28 inputs, 1,000 samples) every position, 64 and 32 gave
-the same accuracies within 0.1 point; 32 records a quarter less memory than 64."""
-
 
 class _Recorder(Tap):
-    """Collects space activations and site pre-activations: in full at sites a regression can
-    refit (feature maps at :func:`site_positions`), as per-unit counts, sums and sums of squares
-    elsewhere (all REPAIR needs)."""
+    """Collects space activations and site pre-activations: in full at plain linear sites (what a
+    regression refits from), as per-unit counts, sums and sums of squares elsewhere (all REPAIR
+    needs)."""
 
     def __init__(self, net: Network, spaces: bool, sites: bool, max_positions: int | None,
                  space_names: Collection[str] | None = None, full_sites: bool = True,
@@ -49,7 +42,7 @@ class _Recorder(Tap):
             key = (self.index[self.block.name], name)
             site = self.block.sites[name]
             if self.full_sites and _refittable(site, inputs, residual):
-                self.pre.setdefault(key, []).append(thin_map(z))
+                self.pre.setdefault(key, []).append(z)
             elif site.repairable:
                 part = _moments(z)
                 self.sums[key] = self.sums[key] + part if key in self.sums else part
@@ -71,9 +64,9 @@ def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spa
     """Per space (of ``space_names``, default all), the activations of the last block writing it
     (maps thinned to ``max_positions`` positions, and rows per token, in float16); per correction
     site (block index, name; of the blocks named in ``site_blocks``, default all), its
-    pre-activations (at sites a regression can refit, with ``full_sites``: what it refits to;
-    feature maps at :func:`site_positions`) or their per-unit (mean, std) (the others); and the
-    output; on ``x`` in batches of ``net.batch`` samples."""
+    pre-activations (plain linear sites, with ``full_sites``: what
+    a regression refits to) or their per-unit (mean, std) (the others); and the output; on ``x``
+    in batches of ``net.batch`` samples."""
     tensors = {b.name: {local: net.param_value(b, local, state).float() for local in b.params} for b in net.blocks}
     tap = _Recorder(net, spaces, sites, max_positions, space_names, full_sites, site_blocks)
     acts: dict[str, list[torch.Tensor]] = {}
@@ -92,8 +85,8 @@ def record(net: Network, state: Mapping[str, torch.Tensor], x: torch.Tensor, spa
 
 
 def record_model(model: "Model", x: torch.Tensor, spaces: bool, sites: bool, full_sites: bool = True) -> "Model":
-    """``model`` with its space activations and site pre-activations recorded on ``x`` (in full
-    only with ``full_sites``, which a regression needs; else their moments).
+    """``model`` with its space activations and site pre-activations recorded on ``x`` (plain
+    linear sites in full only with ``full_sites``, which a regression needs; else their moments).
 
     A merged source is recorded as the whole network it was (``model.context``): each kept
     block's records are what that block computes after the blocks that were dropped, so that the
@@ -111,36 +104,6 @@ def record_model(model: "Model", x: torch.Tensor, spaces: bool, sites: bool, ful
                if site in model.net.blocks[index[net.blocks[b].name]].sites}
     model.acts, model.pre = acts, pre
     return model
-
-
-def site_positions(length: int) -> torch.Tensor:
-    """The positions of a feature map (flattened, ``length`` of them) that a regression fits: at
-    most :data:`SITE_POSITIONS`, evenly spaced, the same for every network recorded."""
-    return torch.linspace(0, length - 1, min(length, SITE_POSITIONS)).round().long()
-
-
-def thin_map(z: torch.Tensor) -> torch.Tensor:
-    """A feature map (N, C, H, W) as (N, C, positions) at :func:`site_positions`; vectors as they
-    are."""
-    if z.dim() <= 2:
-        return z
-    z = z.flatten(2)
-    return z[:, :, site_positions(z.shape[2])]
-
-
-def conv_patches(inputs: torch.Tensor, kernel: tuple[int, int], stride: int, padding: int) -> torch.Tensor:
-    """The input patches a convolution with ``kernel``, ``stride`` and (zero) ``padding`` reads on
-    ``inputs`` (N, C, H, W) at its output positions :func:`site_positions`: one row per (sample,
-    position), columns ordered as the conv weight's flattened (C, kh, kw). What ``F.unfold``
-    gives at those positions, without unfolding the whole map."""
-    kh, kw = kernel
-    padded = F.pad(inputs, (padding,) * 4)
-    out_w = (padded.shape[3] - kw) // stride + 1
-    keep = site_positions(((padded.shape[2] - kh) // stride + 1) * out_w)
-    rows = (keep // out_w * stride)[:, None, None] + torch.arange(kh)[None, :, None]
-    cols = (keep % out_w * stride)[:, None, None] + torch.arange(kw)[None, None, :]
-    patches = padded[:, :, rows, cols]  # (N, C, positions, kh, kw)
-    return patches.transpose(1, 2).reshape(len(inputs) * len(keep), -1)
 
 
 def _tensors_of(net: Network, state: dict[str, torch.Tensor]):
@@ -228,44 +191,19 @@ class _Corrector(Tap):
             return z
         site = self.block.sites[name]
         regress = self.method == "regress" and _refittable(site, inputs, residual) and not isinstance(target, tuple)
-        if regress and key not in self.solved and inputs.dim() > 2:
-            h = _with_ones(conv_patches(inputs.double(), self.tensors[site.weight].shape[-2:], site.stride,
-                                        site.padding), site.bias is not None)
-            rows = self._before_norm(site, thin_map(target[self.rows:self.rows + len(inputs)]).double())
-            self.rows += len(inputs)
-            rows = rows.transpose(1, 2).reshape(-1, rows.shape[1])
-            self._gather(key, "regress", site, [h.T @ h, h.T @ rows])
-        elif regress and key not in self.solved:
+        if regress and key not in self.solved:
             h = _with_ones(inputs.flatten(1).double(), site.bias is not None)
             rows = target[self.rows:self.rows + len(h)].double()
             self.rows += len(h)
             if site.residual:
                 rows = self._writer_target(site, inputs.double(), residual.double(), rows)
-            elif site.norm is not None:
-                rows = self._before_norm(site, rows)
             self._gather(key, "regress", site, [h.T @ h, h.T @ rows])
         moments = (key[0], f"{name}:moments")
         done = moments in self.solved or (regress and site.norm is None)  # a plain refit needs no repair
         if done or self.spaces[site.space].fixed or not site.repairable:
             return z
-        thinned = isinstance(target, torch.Tensor) and target.dim() == 3  # a map recorded at site_positions
-        self._gather(moments, "repair", site, [_moments(thin_map(z) if thinned else z)])
+        self._gather(moments, "repair", site, [_moments(z)])
         return z
-
-    def _before_norm(self, site: Site, target: torch.Tensor) -> torch.Tensor:
-        """What a layer followed by a BatchNorm should output for the norm to give ``target``
-        (channels on axis 1): the norm's running statistics and affine map inverted. Channels
-        whose gain is about 0 ask for their running mean. Without a norm, ``target`` itself."""
-        if site.norm is None:
-            return target
-        t = self.tensors
-        shape = (1, -1) + (1,) * (target.dim() - 2)
-        mean, var = t[f"{site.norm}.running_mean"].double(), t[f"{site.norm}.running_var"].double()
-        gain, shift = t[f"{site.norm}.weight"].double(), t[f"{site.norm}.bias"].double()
-        live = gain.abs() > 1e-6
-        scale = torch.where(live, (var + site.eps).sqrt() / torch.where(live, gain, torch.ones_like(gain)),
-                            torch.zeros_like(gain))
-        return mean.view(shape) + scale.view(shape) * (target - shift.view(shape))
 
     def _writer_target(self, site: Site, inputs: torch.Tensor, residual: torch.Tensor,
                        target: torch.Tensor) -> torch.Tensor:
@@ -302,14 +240,11 @@ class _Corrector(Tap):
             return
         site = info
         if kind == "regress":
-            current = t[site.weight]
-            weight, bias = _ridge_solve(stats[0], stats[1], current.flatten(1), t.get(site.bias) if site.bias else None,
+            weight, bias = _ridge_solve(stats[0], stats[1], t[site.weight], t.get(site.bias) if site.bias else None,
                                         self.ridge)
-            self._set(site.weight, weight.view(current.shape))
+            self._set(site.weight, weight)
             if bias is not None:
                 self._set(site.bias, bias)
-            if self.reset and site.norm is not None and not site.residual:
-                self.solved.discard((key[0], f"norm:{site.norm}"))  # its statistics, once more, of the refit layer
             return
         n, total, squares = stats[0]
         mean = total / n
@@ -329,9 +264,9 @@ class _Corrector(Tap):
 
 
 def _refittable(site: Site, inputs: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
-    """Whether a regression can refit ``site``: a Linear or conv layer (with or without a
-    BatchNorm) given its inputs, or a writer given its inputs and residual."""
-    return inputs is not None and (residual is not None or not site.residual)
+    """Whether a regression can refit ``site``: a plain linear site given its inputs, or a
+    writer given its inputs and residual."""
+    return inputs is not None and (residual is not None if site.residual else site.norm is None)
 
 
 def _with_ones(h: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -360,10 +295,8 @@ def correct(net: Network, state: dict[str, torch.Tensor], x: torch.Tensor,
             reset: bool = False) -> dict[str, torch.Tensor]:
     """``state`` corrected site by site towards ``targets`` (per site: the mixed pre-activations of
     the parents, in full or as per-unit (mean, std)), each site seeing the corrected earlier ones.
-    ``regress`` refits Linear and conv layers by ridge least squares (a layer followed by a
-    BatchNorm through the norm's inverse, then the norm's statistics are recomputed, with
-    ``reset``, and the site repaired), refits post-LN writers through their LayerNorm the same way
-    and then repairs them, and repairs the others; ``repair``
+    ``regress`` refits plain linear sites by ridge least squares, refits post-LN writers through
+    their LayerNorm the same way and then repairs them, and repairs the others; ``repair``
     restores each unit's mean and std (the shift needs a bias or a norm to live in). Sites in fixed
     spaces (the classes) are only regressed. With ``reset``, each BatchNorm's running statistics
     are first recomputed from what it receives (after the earlier corrections).

@@ -393,7 +393,7 @@ def default_inserted(net: Network) -> str:
 
 
 def full_site_records(net: Network, settings: "FusionSettings") -> bool:
-    """Whether fusing into ``net`` with ``settings`` records refittable sites in full (the
+    """Whether fusing into ``net`` with ``settings`` records plain linear sites in full (the
     regression refits to every pre-activation) rather than as per-unit moments (all the other
     corrections need); a search records its candidates the same way, so that each is the same
     fusion bit for bit."""

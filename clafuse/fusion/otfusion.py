@@ -38,10 +38,8 @@ class FusionSettings:
     ``correction`` (needs calibration inputs) undoes what averaging does to the activations:
     ``regress`` refits each fused layer by ridge least squares so that, fed the fused network's
     own activations, it reproduces the weighted average of the parents' aligned pre-activations
-    (conv layers on patches at a few positions per map; a layer followed by a BatchNorm through
-    the norm's inverse, after which its statistics are recomputed and its outputs repaired; a
-    post-LN transformer's writers through their LayerNorm, whose outputs are then repaired);
-    ``repair`` only restores each
+    (layers with BatchNorm fall back to ``repair``; a post-LN transformer's writers are refit
+    through their LayerNorm, whose outputs are then repaired); ``repair`` only restores each
     neuron's mean and std; None lets the architecture's description choose. ``bn_reset`` recomputes BatchNorm running statistics of the fused network on the
     calibration inputs (the averaged parents' statistics do not describe the fused network).
     ``reg`` (Sinkhorn, relative to the largest cost) must exceed ``MIN_REG``; ``ridge`` (``regress``'s
