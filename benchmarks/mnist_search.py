@@ -277,13 +277,19 @@ def write_results(name: str, doc: dict[str, Any], md: str) -> None:
     print(md)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pair_run_setup(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Any, Any, Any]:
+    """The options of a benchmark over the MNIST pairs (``--pairs``, ``--threads``, applied) and
+    the train, val and test splits."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
-    train, val, test = load_source("mnist:train"), load_source("mnist:val"), load_source("mnist:test")
+    return opts, load_source("mnist:train"), load_source("mnist:val"), load_source("mnist:test")
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts, train, val, test = pair_run_setup(__doc__.splitlines()[0], argv)
     pairs = [run_pair(p, 2 * p, train, val, test) for p in range(opts.pairs)]
     doc = {"benchmark": "mnist_search", "budget": f"default {parse_budget(None)!r}", "threads": opts.threads,
            "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()], "pairs": pairs}

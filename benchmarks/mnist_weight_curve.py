@@ -22,7 +22,6 @@ Writes benchmarks/results/mnist_weight_curve.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mnist_mlp  # noqa: E402
-from mnist_search import SAMPLES, accuracy, fusion_layouts, write_results  # noqa: E402
+from mnist_search import SAMPLES, accuracy, fusion_layouts, pair_run_setup, write_results  # noqa: E402
 
 from clafuse import api  # noqa: E402
-from clafuse.data import load_source  # noqa: E402
 from clafuse.search.builders import Alternatives, PlanBuilder  # noqa: E402
 from clafuse.search.split import split_dataset  # noqa: E402
 
@@ -117,12 +115,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    opts = parser.parse_args(argv)
-    torch.set_num_threads(opts.threads)
-    train, val, test = load_source("mnist:train"), load_source("mnist:val"), load_source("mnist:test")
+    opts, train, val, test = pair_run_setup(__doc__.splitlines()[0], argv)
     doc = {"benchmark": "mnist_weight_curve", "weights": WEIGHTS,
            "pairs": [run_pair(p, train, val, test) for p in range(opts.pairs)]}
     write_results("mnist_weight_curve", doc, markdown(doc))
