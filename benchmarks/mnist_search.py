@@ -77,10 +77,18 @@ def accuracy(module: torch.nn.Module, ds) -> float:
         return float((module(ds.x).argmax(1) == ds.y).double().mean())
 
 
-def ensemble_accuracy(modules, ds) -> float:
+def ensemble_accuracy(modules, ds, weights: list[float] | None = None) -> float:
+    """Accuracy of the (``weights``-weighted, default equal) average of the modules' softmax outputs."""
     with torch.no_grad():
-        p = sum(torch.softmax(m(ds.x).double(), 1) for m in modules)
+        p = sum(w * torch.softmax(m(ds.x).double(), 1) for w, m in zip(weights or [1.0] * len(modules), modules))
     return float((p.argmax(1) == ds.y).double().mean())
+
+
+def load_pair(seed: int, train, val) -> tuple[api.LoadedModel, api.LoadedModel]:
+    """The pair's parents A (seed) and B (seed + 1) of ``mnist_mlp.parent``, trained or reused."""
+    pa, _ = mnist_mlp.parent("A", mnist_mlp.DEEP, seed, train, val)
+    pb, _ = mnist_mlp.parent("B", mnist_mlp.SHALLOW, seed + 1, train, val)
+    return api.load_model(pa), api.load_model(pb)
 
 
 @dataclass
@@ -118,9 +126,7 @@ def fusion_layouts(a: api.LoadedModel, b: api.LoadedModel, x: torch.Tensor) -> t
 
 
 def run_pair(index: int, seed: int, train, val, test) -> dict[str, Any]:
-    pa, _ = mnist_mlp.parent("A", mnist_mlp.DEEP, seed, train, val)
-    pb, _ = mnist_mlp.parent("B", mnist_mlp.SHALLOW, seed + 1, train, val)
-    a, b = api.load_model(pa), api.load_model(pb)
+    a, b = load_pair(seed, train, val)
     ma, mb = a.module(), b.module()
     out: dict[str, Any] = {"pair": index, "seeds": [seed, seed + 1],
                            "A": {"val": accuracy(ma, val), "test": accuracy(ma, test)},

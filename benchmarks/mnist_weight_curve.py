@@ -26,33 +26,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mnist_mlp  # noqa: E402
-from mnist_search import SAMPLES, accuracy, fusion_layouts, pair_run_setup, write_results  # noqa: E402
+from mnist_search import (BUILD, HOLDOUT, SAMPLES, accuracy, ensemble_accuracy, fusion_layouts,  # noqa: E402
+                          load_pair, pair_run_setup, write_results)
 
-from clafuse import api  # noqa: E402
 from clafuse.search.builders import Alternatives, PlanBuilder  # noqa: E402
 from clafuse.search.split import split_dataset  # noqa: E402
 
 WEIGHTS = [round(0.1 * i, 1) for i in range(11)]
-BUILD = 5000
-HOLDOUT = 2000
-
-
-def weighted_ensemble_accuracy(target: torch.nn.Module, other: torch.nn.Module, w: float, ds) -> float:
-    with torch.no_grad():
-        p = w * torch.softmax(target(ds.x).double(), 1) + (1 - w) * torch.softmax(other(ds.x).double(), 1)
-    return float((p.argmax(1) == ds.y).double().mean())
 
 
 def run_pair(index: int, train, val, test) -> dict[str, Any]:
-    seed = 2 * index
-    pa, _ = mnist_mlp.parent("A", mnist_mlp.DEEP, seed, train, val)
-    pb, _ = mnist_mlp.parent("B", mnist_mlp.SHALLOW, seed + 1, train, val)
-    a, b = api.load_model(pa), api.load_model(pb)
+    a, b = load_pair(2 * index, train, val)
     modules = {"A": a.module(), "B": b.module()}
     splits = {"val": val, "test": test}
     parents = {name: {s: accuracy(m, ds) for s, ds in splits.items()} for name, m in modules.items()}
@@ -69,7 +55,7 @@ def run_pair(index: int, train, val, test) -> dict[str, Any]:
             for refit in (False, True):
                 fused = builder(layout.start.with_(weights=(w, round(1 - w, 1)), refit=refit, samples=SAMPLES))
                 row["fused_refit" if refit else "fused"] = {s: accuracy(fused, ds) for s, ds in splits.items()}
-            row["ensemble"] = {s: weighted_ensemble_accuracy(target_module, other_module, w, ds)
+            row["ensemble"] = {s: ensemble_accuracy([target_module, other_module], ds, [w, 1 - w])
                                for s, ds in splits.items()}
             row["line"] = {s: w * parents[layout.arch][s] + (1 - w) * parents[other][s] for s in splits}
             rows.append(row)
